@@ -1,0 +1,63 @@
+"""Test fixtures shared by the suite.
+
+The CPU is split into two logical devices before TensorFlow starts, so that
+`tf.distribute.MirroredStrategy` can be exercised on a machine without GPUs.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import larq as lq  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
+
+BINARY = dict(
+    input_quantizer="ste_sign",
+    kernel_quantizer="ste_sign",
+    kernel_constraint="weight_clip",
+    use_bias=False,
+)
+
+
+def tiny_bnn(input_shape=(12, 12, 1), num_classes=10, kernel_quantizer="ste_sign"):
+    """A small functional BNN: FP stem, two binary convs, a binary dense, FP head."""
+    kw = {**BINARY, "kernel_quantizer": kernel_quantizer}
+    inputs = tf.keras.Input(input_shape)
+    x = tf.keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inputs)
+    x = tf.keras.layers.BatchNormalization(momentum=0.9)(x)
+    x = lq.layers.QuantConv2D(16, 3, padding="same", name="bconv1", **kw)(x)
+    x = tf.keras.layers.BatchNormalization(momentum=0.9)(x)
+    x = tf.keras.layers.MaxPool2D()(x)
+    x = lq.layers.QuantConv2D(16, 3, padding="same", name="bconv2", **kw)(x)
+    x = tf.keras.layers.BatchNormalization(momentum=0.9)(x)
+    x = tf.keras.layers.GlobalAveragePooling2D()(x)
+    x = lq.layers.QuantDense(16, name="bdense", **kw)(x)
+    x = tf.keras.layers.BatchNormalization(momentum=0.9)(x)
+    x = tf.keras.layers.Dense(num_classes, name="head")(x)
+    outputs = tf.keras.layers.Activation("softmax", dtype="float32")(x)
+    return tf.keras.Model(inputs, outputs, name="tiny_bnn")
+
+
+@pytest.fixture
+def tiny_model():
+    tf.keras.utils.set_random_seed(0)
+    return tiny_bnn()
+
+
+@pytest.fixture
+def toy_data():
+    """A learnable 4-class problem on 12x12 images (class = brightest quadrant)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 12, 12, 1)).astype("float32")
+    y = rng.integers(0, 4, size=256)
+    for i, label in enumerate(y):
+        r, c = divmod(int(label), 2)
+        x[i, r * 6 : r * 6 + 6, c * 6 : c * 6 + 6] += 1.5
+    return x, y

@@ -1,0 +1,231 @@
+import csv
+import io
+import os
+
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import tiny_bnn
+
+import larq_noisy
+from larq_noisy import NoisyMappedQuantizer, bake, flip_rates, mapped_layers, to_mapped
+
+
+def _compile(model, lr=0.01):
+    model.compile(
+        tf.keras.optimizers.Adam(lr),
+        tf.keras.losses.SparseCategoricalCrossentropy(),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def _mapped_tiny(**options):
+    tf.keras.utils.set_random_seed(0)
+    return to_mapped(tiny_bnn(input_shape=(28, 28, 1)), **options)
+
+
+@pytest.fixture(scope="module")
+def fashion_test_images():
+    from larq_noisy import datasets
+
+    dataset, _ = datasets.load("fashion_mnist", "test", batch_size=64, limit=64)
+    images, labels = next(iter(dataset))
+    return images.numpy(), labels.numpy()
+
+
+def test_identity_start_predicts_exactly_what_the_sign_model_predicts(tiny_model, toy_data):
+    x, _ = toy_data
+    mapped = to_mapped(tiny_model)
+    np.testing.assert_array_equal(mapped.predict(x, verbose=0), tiny_model.predict(x, verbose=0))
+    assert [l.name for l in mapped_layers(mapped)] == ["bconv1", "bconv2", "bdense"]
+    assert len(mapped.losses) == 3  # one auxiliary term per binarized layer
+
+
+def test_to_mapped_copies_weights_and_leaves_the_original_alone(tiny_model):
+    mapped = to_mapped(tiny_model, mapper="mlp", alpha=0.5)
+    assert tiny_model.get_layer("bconv1").kernel_quantizer.__class__.__name__ == "SteSign"
+    for name in ("stem", "bconv1", "bdense", "head"):
+        np.testing.assert_array_equal(
+            mapped.get_layer(name).get_weights()[0], tiny_model.get_layer(name).get_weights()[0]
+        )
+    bn, bn_mapped = tiny_model.layers[2], mapped.layers[2]
+    np.testing.assert_array_equal(bn.moving_variance, bn_mapped.moving_variance)
+    q = mapped.get_layer("bconv1").kernel_quantizer
+    assert (q.mapper_kind, q.alpha) == ("mlp", 0.5)
+    assert q is not mapped.get_layer("bconv2").kernel_quantizer  # one mapper per layer
+
+
+def test_sequential_model_is_mapped(toy_data):
+    x, _ = toy_data
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input((12, 12, 1)),
+            tf.keras.layers.Flatten(),
+            lq.layers.QuantDense(8, kernel_quantizer="ste_sign", kernel_constraint="weight_clip"),
+            tf.keras.layers.Dense(3),
+        ]
+    )
+    mapped = to_mapped(model, mapper="linear")
+    assert isinstance(mapped, tf.keras.Sequential)
+    np.testing.assert_array_equal(mapped(x[:8]), model(x[:8]))
+
+
+def test_birealnet_keeps_its_scaled_sign():
+    import larq_zoo as lqz
+
+    tf.keras.utils.set_random_seed(0)
+    model = lqz.literature.BiRealNet(input_shape=(32, 32, 3), num_classes=5, weights=None)
+    binarized = larq_noisy.binarized_layers(model)
+    assert all(isinstance(l.kernel_quantizer, lq.quantizers.MagnitudeAwareSign) for l in binarized)
+    mapped = to_mapped(model, width=0.25)
+    assert {l.kernel_quantizer.scale for l in mapped_layers(mapped)} == {"channel"}
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_array_equal(mapped(x, training=False), model(x, training=False))
+
+
+@pytest.mark.parametrize("start", ["warmup", "identity"])
+def test_gradients_reach_every_mapper_variable_and_latent_kernel(start, toy_data):
+    x, y = toy_data
+    tf.keras.utils.set_random_seed(0)
+    model = to_mapped(tiny_bnn(), start=start)
+    optimizer = tf.keras.optimizers.SGD(0.05)
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy()
+
+    def step():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y[:64], model(x[:64], training=True)) + tf.add_n(model.losses)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return grads
+
+    if start == "identity":
+        # The residual branch's last layer starts at zero, so its inner layers only get a
+        # gradient once it has moved: take one step first.
+        step()
+    grads = dict(zip((v.name for v in model.trainable_variables), step()))
+    mapper_vars = [v for l in mapped_layers(model) for v in l.kernel_quantizer.trainable_variables]
+    kernels = [l.kernel.latent_variable for l in mapped_layers(model)]
+    assert len(mapper_vars) == 3 * 8  # cnn: 3 convs + 2 norms (gamma, beta) + 1 bias
+    for v in mapper_vars + kernels:
+        g = grads[v.name]
+        assert g is not None and float(tf.reduce_max(tf.abs(g))) > 0, v.name
+
+
+def test_fit_lowers_the_loss_and_logs_flip_rates(toy_data, tmp_path):
+    x, y = toy_data
+    model = _compile(to_mapped(tiny_bnn(), alpha=1e-3))
+    history = model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=4,
+        verbose=0,
+        callbacks=[
+            larq_noisy.FlipRateCallback(),
+            tf.keras.callbacks.CSVLogger(str(tmp_path / "log.csv")),
+            tf.keras.callbacks.TensorBoard(str(tmp_path / "tb")),
+        ],
+    ).history
+    assert history["loss"][-1] < history["loss"][0]
+    assert set(history) >= {"flip_rate", "aux_loss", "flip_rate/bconv1", "flip_rate/bdense"}
+    assert history["flip_rate/bconv1"][-1] == flip_rates(model)["bconv1"] > 0
+    expected_aux = sum(larq_noisy.auxiliary_losses(model).values())
+    assert history["aux_loss"][-1] == pytest.approx(expected_aux, rel=1e-5)
+    with open(tmp_path / "log.csv") as f:
+        assert "flip_rate/bconv2" in next(csv.reader(f))
+    events = [f for _, _, fs in os.walk(tmp_path / "tb" / "train") for f in fs]
+    assert events
+
+
+def test_flip_rates_against_a_reference_model(tiny_model, toy_data):
+    x, y = toy_data
+    mapped = _compile(to_mapped(tiny_model, alpha=0.0), lr=0.05)
+    assert set(flip_rates(mapped, reference=tiny_model).values()) == {0.0}
+    mapped.fit(x, y, epochs=2, verbose=0)
+    since_start = flip_rates(mapped, reference=tiny_model)
+    assert max(since_start.values()) > 0
+    assert set(flip_rates(tiny_model).values()) == {0.0}  # sign layers never flip vs sign(W)
+
+
+def test_bake_after_training_matches_on_real_images(fashion_test_images):
+    x, y = fashion_test_images
+    mapped = _compile(_mapped_tiny(mapper="cnn", scale="channel"), lr=0.05)
+    mapped.fit(x, y, epochs=3, verbose=0)
+    assert max(flip_rates(mapped).values()) > 0  # the mapper moved away from sign(W)
+    baked = bake(mapped)
+    assert not mapped_layers(baked)
+    assert len(larq_noisy.binarized_layers(baked)) == 3
+    assert not baked.losses
+    diff = np.abs(baked.predict(x, verbose=0) - mapped.predict(x, verbose=0)).max()
+    assert diff <= 1e-5
+
+
+def test_save_and_load_round_trip(tmp_path, toy_data):
+    x, y = toy_data
+    model = _compile(to_mapped(tiny_bnn(), labels="frozen", mapper="mlp", start="warmup"))
+    model.fit(x, y, epochs=1, verbose=0)
+    expected = model.predict(x[:16], verbose=0)
+
+    again = tf.keras.Model.from_config(model.get_config())
+    again.set_weights(model.get_weights())
+    np.testing.assert_array_equal(again.predict(x[:16], verbose=0), expected)
+
+    for path in (tmp_path / "model.h5", tmp_path / "saved_model"):
+        model.save(path)
+        loaded = tf.keras.models.load_model(path)
+        q = loaded.get_layer("bconv1").kernel_quantizer
+        assert isinstance(q, NoisyMappedQuantizer) and q.labels == "frozen"
+        np.testing.assert_allclose(loaded.predict(x[:16], verbose=0), expected, atol=1e-6)
+        assert len(loaded.losses) == 3
+
+
+def test_one_fit_step_under_mirrored_strategy(toy_data):
+    x, y = toy_data
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == 2
+    with strategy.scope():
+        model = _compile(to_mapped(tiny_bnn()))
+    history = model.fit(x[:64], y[:64], batch_size=32, epochs=1, verbose=0).history
+    assert np.isfinite(history["loss"][0])
+    # Keras keeps BatchNorm moving statistics per replica (sync-on-read): outside the
+    # replica context, as here and in bake, they read as their mean over replicas.
+    np.testing.assert_array_equal(bake(model)(x[:8]), model(x[:8], training=False))
+
+
+def test_mixed_precision_and_jit(toy_data):
+    x, y = toy_data
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = to_mapped(tiny_bnn())
+        model.compile("adam", "sparse_categorical_crossentropy", jit_compile=True)
+        history = model.fit(x[:64], y[:64], epochs=2, verbose=0).history
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert np.isfinite(history["loss"]).all()
+    assert all(l.dtype == tf.float32 for l in model.losses)
+
+
+def test_summary_counts_mapped_kernels_as_binary(tiny_model):
+    lines = io.StringIO()
+    lq.models.summary(to_mapped(tiny_model), print_fn=lambda s: lines.write(s + "\n"))
+    table = lines.getvalue()
+    binary_params = sum(int(np.prod(l.kernel.shape)) for l in larq_noisy.binarized_layers(tiny_model))
+    total_row = next(r for r in table.splitlines() if r.startswith("| Total"))
+    assert int(total_row.split()[2]) == binary_params  # the "# 1-bit" column
+
+
+def test_bad_inputs(tiny_model):
+    plain = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match=r"no binarized layer to map.*\['Dense'"):
+        to_mapped(plain)
+    with pytest.raises(ValueError, match="no mapped layer"):
+        bake(tiny_model)
+    with pytest.raises(ValueError, match=r"rho_pos \+ rho_neg"):
+        to_mapped(tiny_model, rho_pos=0.6, rho_neg=0.4)
+    with pytest.raises(ValueError, match="'gru'"):
+        to_mapped(tiny_model, mapper="gru")
+    with pytest.raises(ValueError, match="already mapped"):
+        to_mapped(to_mapped(tiny_model))

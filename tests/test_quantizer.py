@@ -1,0 +1,144 @@
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import BINARY
+
+import larq_noisy
+from larq_noisy import NoisyMappedQuantizer
+from larq_noisy.quantizers import filters_to_kernel, kernel_to_filters
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 4, 5), (7, 6), (5, 4, 3)])
+def test_filter_layout_round_trips(shape):
+    kernel = tf.random.normal(shape)
+    filters = kernel_to_filters(kernel)
+    assert filters.shape[0] == shape[-1] and filters.shape[-1] == shape[-2]
+    # Filter j is W[..., j].
+    np.testing.assert_array_equal(
+        tf.reshape(filters[2], [-1]), tf.reshape(kernel[..., 2], [-1])
+    )
+    np.testing.assert_array_equal(filters_to_kernel(filters, shape), kernel)
+
+
+def _layer(quantizer, filters=6):
+    return lq.layers.QuantConv2D(
+        filters, 3, padding="same", **{**BINARY, "kernel_quantizer": quantizer}
+    )
+
+
+@pytest.mark.parametrize("mapper", sorted(larq_noisy.MAPPERS))
+def test_binary_kernel_is_binary_and_deterministic(mapper):
+    tf.keras.utils.set_random_seed(1)
+    layer = _layer(NoisyMappedQuantizer(mapper=mapper, start="warmup"))
+    x = tf.random.normal((2, 5, 5, 4))
+    out_train, out_eval = layer(x, training=True), layer(x, training=False)
+    np.testing.assert_array_equal(out_train, out_eval)
+    kernel = layer.kernel_quantizer.binary_kernel(layer.kernel)
+    assert set(np.unique(kernel)) <= {-1.0, 1.0}
+    np.testing.assert_array_equal(kernel, layer.kernel_quantizer.binary_kernel(layer.kernel))
+
+
+def test_identity_start_is_sign_binarization():
+    tf.keras.utils.set_random_seed(2)
+    layer = _layer(NoisyMappedQuantizer(mapper="cnn", start="identity"))
+    layer.build((None, 5, 5, 4))
+    np.testing.assert_array_equal(
+        layer.kernel_quantizer.binary_kernel(layer.kernel), lq.math.sign(layer.kernel)
+    )
+
+
+def test_channel_scale_is_mean_absolute_latent_weight():
+    tf.keras.utils.set_random_seed(3)
+    layer = _layer(NoisyMappedQuantizer(scale="channel"))
+    layer.build((None, 5, 5, 4))
+    kernel = layer.kernel_quantizer.binary_kernel(layer.kernel)
+    np.testing.assert_allclose(
+        np.abs(kernel).max(axis=(0, 1, 2)),
+        np.abs(layer.kernel.numpy()).mean(axis=(0, 1, 2)),
+        rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("mapper", sorted(larq_noisy.MAPPERS))
+def test_mapper_width_sets_hidden_size(mapper):
+    narrow = NoisyMappedQuantizer(mapper=mapper, width=0.5)
+    wide = NoisyMappedQuantizer(mapper=mapper, width=2.0)
+    narrow.build((3, 3, 8, 4))
+    wide.build((3, 3, 8, 4))
+    if mapper == "linear":  # no hidden layer
+        assert narrow.count_params() == wide.count_params() == 72 * 72 + 72
+    else:
+        assert narrow.count_params() < wide.count_params()
+    if mapper == "cnn":  # the paper's 72 c^2 weights for width 2 (3x3 convs, c=8)
+        conv_weights = sum(
+            int(np.prod(w.shape)) for w in wide.weights if "kernel" in w.name
+        )
+        assert conv_weights == 72 * 8 * 8
+
+
+def test_auxiliary_loss_matches_definition():
+    tf.keras.utils.set_random_seed(4)
+    q = NoisyMappedQuantizer(alpha=0.5, rho_pos=0.01, rho_neg=0.02, start="warmup")
+    kernel = tf.random.uniform((3, 3, 4, 6), -1, 1)
+    q.build(kernel.shape)
+    t = q.logits(kernel)
+    y = lq.math.sign(kernel)
+    expected = 0.5 * tf.reduce_sum(larq_noisy.unbiased_loss(t, y, 0.01, 0.02))
+    np.testing.assert_allclose(q.auxiliary_loss(kernel), expected, rtol=1e-5)
+    q_mean = NoisyMappedQuantizer.from_config({**q.get_config(), "reduction": "mean"})
+    q_mean.build(kernel.shape)
+    q_mean.set_weights(q.get_weights())
+    np.testing.assert_allclose(
+        q_mean.auxiliary_loss(kernel), expected / np.prod(kernel.shape), rtol=1e-5
+    )
+
+
+def test_frozen_labels_keep_the_captured_signs():
+    q = NoisyMappedQuantizer(labels="frozen")
+    kernel = tf.Variable(tf.random.uniform((3, 3, 2, 4), -1, 1))
+    q.build(kernel.shape)
+    np.testing.assert_array_equal(q.noisy_labels(kernel), lq.math.sign(kernel))  # not captured
+    q.freeze_labels(kernel)
+    captured = lq.math.sign(kernel).numpy()
+    kernel.assign(-kernel)
+    np.testing.assert_array_equal(q.noisy_labels(kernel), captured)
+    current = NoisyMappedQuantizer(labels="current")
+    current.build(kernel.shape)
+    np.testing.assert_array_equal(current.noisy_labels(kernel), lq.math.sign(kernel))
+    with pytest.raises(ValueError, match="labels='frozen'"):
+        current.freeze_labels(kernel)
+
+
+def test_config_round_trip():
+    q = NoisyMappedQuantizer(
+        mapper="mlp", alpha=0.3, rho_pos=0.01, rho_neg=0.02, width=1.5,
+        reduction="mean", labels="frozen", start="warmup", scale="channel",
+    )
+    config = q.get_config()
+    again = NoisyMappedQuantizer.from_config(config)
+    assert again.get_config() == config
+    assert again.precision == 1
+    serialized = tf.keras.utils.serialize_keras_object(q)
+    assert isinstance(tf.keras.utils.deserialize_keras_object(serialized), NoisyMappedQuantizer)
+    assert isinstance(lq.quantizers.get(serialized), NoisyMappedQuantizer)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(rho_pos=1.0), r"rho_pos=1.0 .*\[0, 1\)"),
+        (dict(rho_neg=-0.01), r"rho_neg=-0.01 .*\[0, 1\)"),
+        (dict(rho_pos=0.5, rho_neg=0.5), "must be < 1"),
+        (dict(alpha=-1.0), r"alpha=-1.0 must be a number >= 0"),
+        (dict(mapper="transformer"), r"'transformer'.*\['cnn', 'mlp', 'linear'\]"),
+        (dict(reduction="max"), r"'max'.*\['sum', 'mean'\]"),
+        (dict(labels="clean"), r"'clean'.*\['current', 'frozen'\]"),
+        (dict(start="cold"), r"'cold'.*\['identity', 'warmup'\]"),
+        (dict(scale="layer"), r"'layer'.*\[None, 'channel'\]"),
+        (dict(width=0), r"width=0 must be a number > 0"),
+    ],
+)
+def test_bad_options_are_refused(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        NoisyMappedQuantizer(**kwargs)
