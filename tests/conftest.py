@@ -4,6 +4,7 @@ The CPU is split into two logical devices before TensorFlow starts, so that
 `tf.distribute.MirroredStrategy` can be exercised on a machine without GPUs.
 """
 
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -12,6 +13,9 @@ import larq as lq  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
+from larq_noisy.datasets import get_spec  # noqa: E402
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
@@ -61,3 +65,21 @@ def toy_data():
         r, c = divmod(int(label), 2)
         x[i, r * 6 : r * 6 + 6, c * 6 : c * 6 + 6] += 1.5
     return x, y
+
+
+@contextlib.contextmanager
+def mocked_tfds(name, data_dir, num_examples):
+    """tfds yielding random examples, as if `name` were prepared in `data_dir`.
+
+    The builder's metadata is written there, so `datasets.load` sees a prepared
+    dataset and the mocked run goes through the same code as a real one.
+    """
+    builder = tfds.builder(get_spec(name).tfds_name, data_dir=str(data_dir))
+    builder.data_path.mkdir(parents=True)
+    builder.info.write_to_directory(builder.data_path)
+    with tfds.testing.mock_data(
+        num_examples=num_examples,
+        policy=tfds.testing.MockPolicy.USE_FILES,
+        data_dir=str(data_dir),
+    ):
+        yield

@@ -1,0 +1,256 @@
+"""Tests of `larq_noisy.datasets`: real Fashion-MNIST IDX files, mocked tfds else.
+
+Fashion-MNIST is read from `/usr/share/datasets/fashion-mnist/` (Debian package
+`dataset-fashion-mnist`). CIFAR-10 and ImageNet go through the same `load()` with
+`tfds.testing.mock_data`, after writing the builder's metadata into a temporary data
+dir so that the dataset looks prepared there.
+"""
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import mocked_tfds
+
+from larq_noisy import datasets
+from larq_noisy.datasets import DATASETS, get_spec, load, prepare
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION = DATASETS["fashion_mnist"]
+
+
+def batches(dataset):
+    """All `(images, labels)` of a dataset as two numpy arrays."""
+    images, labels = zip(*((x.numpy(), y.numpy()) for x, y in dataset))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def raw_fashion(split):
+    """The uint8 images and labels of the Fashion-MNIST IDX files."""
+    return datasets._read_idx_pair(FASHION_DIR, *datasets.IDX_FILES[split])
+
+
+def normalized(images, spec=FASHION):
+    return ((images[..., np.newaxis] / 255.0 - spec.mean) / spec.std).astype(np.float32)
+
+
+# --- names and errors ----------------------------------------------------------
+
+
+def test_specs_are_consistent():
+    assert set(DATASETS) == {
+        "cifar10",
+        "imagenet2012",
+        "imagenette",
+        "mnist",
+        "fashion_mnist",
+    }
+    for name, spec in DATASETS.items():
+        assert spec.name == name
+        assert get_spec(name) is spec
+        assert 0 < spec.validation_size < spec.train_size
+        assert sum(spec.split_sizes.values()) == spec.train_size + spec.test_size
+    assert DATASETS["cifar10"].validation_size == 10_000
+    assert DATASETS["imagenet2012"].image_shape == (224, 224, 3)
+
+
+def test_unknown_name_and_split_name_the_choices():
+    with pytest.raises(ValueError, match=r"'svhn'.*cifar10.*fashion_mnist"):
+        get_spec("svhn")
+    with pytest.raises(ValueError, match=r"'svhn'.*cifar10"):
+        load("svhn", "train", 8)
+    with pytest.raises(ValueError, match=r"'val'.*train, validation, test"):
+        load("fashion_mnist", "val", 8)
+
+
+def test_imagenet_missing_files_says_where_to_put_them(tmp_path):
+    manual_dir = os.path.join(tmp_path, "downloads", "manual")
+    for call in (
+        lambda: load("imagenet2012", "train", 8, data_dir=str(tmp_path)),
+        lambda: prepare("imagenet2012", data_dir=str(tmp_path)),
+    ):
+        with pytest.raises(FileNotFoundError) as error:
+            call()
+        message = str(error.value)
+        assert manual_dir in message
+        assert "ILSVRC2012_img_train.tar" in message
+        assert "ILSVRC2012_img_val.tar" in message
+    assert not os.path.exists(manual_dir)  # nothing was attempted
+
+
+def test_unprepared_tfds_dataset_fails_fast(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(
+        FileNotFoundError, match=r"cifar10.*not prepared.*prepare\('cifar10'\)"
+    ):
+        load("cifar10", "train", 8, data_dir=str(tmp_path))
+    assert time.perf_counter() - start < 5  # no download attempt
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_idx_files_name_the_paths_and_the_package(tmp_path, monkeypatch):
+    nowhere = str(tmp_path / "nowhere")
+    spec = dataclasses.replace(FASHION, idx_dirs=(nowhere,))
+    monkeypatch.setitem(DATASETS, "fashion_mnist", spec)
+    with pytest.raises(FileNotFoundError) as error:
+        load("fashion_mnist", "test", 8, data_dir=str(tmp_path))
+    message = str(error.value)
+    assert nowhere in message and str(tmp_path) in message
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "t10k-images-idx3-ubyte.gz" in message
+
+
+# --- Fashion-MNIST from the real IDX files -------------------------------------
+
+
+def test_fashion_mnist_splits_add_up_and_are_disjoint():
+    train_images, train_labels = raw_fashion("train")
+    assert len(train_images) == 60_000
+
+    validation, n_validation = load("fashion_mnist", "validation", 1000)
+    x, y = batches(validation)
+    assert n_validation == len(x) == 10_000
+    # The held-out examples are the last 10000 of the train files, untouched.
+    np.testing.assert_allclose(x, normalized(train_images[-10_000:]), atol=1e-5)
+    np.testing.assert_array_equal(y, train_labels[-10_000:])
+
+    # Training sees exactly the other 50000 (labels survive augmentation).
+    train, n_train = load("fashion_mnist", "train", 1000, drop_remainder=False)
+    _, y = batches(train)
+    assert n_train == len(y) == 50_000
+    np.testing.assert_array_equal(
+        np.bincount(y, minlength=10), np.bincount(train_labels[:-10_000], minlength=10)
+    )
+
+    test, n_test = load("fashion_mnist", "test", 1000, limit=2000)
+    x, y = batches(test)
+    test_images, test_labels = raw_fashion("test")
+    assert n_test == len(x) == 2000
+    np.testing.assert_allclose(x, normalized(test_images[:2000]), atol=1e-5)
+    np.testing.assert_array_equal(y, test_labels[:2000])
+    assert get_spec("fashion_mnist").split_sizes["test"] == len(test_images) == 10_000
+
+
+def test_fashion_mnist_batches_have_model_shapes_and_ranges():
+    low, high = (
+        (0 - FASHION.mean[0]) / FASHION.std[0],
+        (1 - FASHION.mean[0]) / FASHION.std[0],
+    )
+    for split in ("train", "validation", "test"):
+        dataset, n = load("fashion_mnist", split, 32, limit=100)
+        assert n == 100
+        x, y = next(iter(dataset))
+        assert x.shape == (32, 28, 28, 1) and x.dtype == tf.float32
+        assert y.shape == (32,) and y.dtype == tf.int32
+        assert low - 1e-5 <= x.numpy().min() and x.numpy().max() <= high + 1e-5
+        assert set(y.numpy()) <= set(range(10))
+    x, _ = next(iter(load("fashion_mnist", "validation", 1000)[0]))
+    assert abs(x.numpy().mean()) < 0.1 and abs(x.numpy().std() - 1) < 0.1
+
+
+def test_limit_batch_count_and_drop_remainder():
+    train, n = load("fashion_mnist", "train", 128, limit=300)
+    assert n == 300 and [len(y) for _, y in train] == [128, 128]  # drops the remainder
+    evaluation, n = load("fashion_mnist", "test", 128, limit=300)
+    assert n == 300 and [len(y) for _, y in evaluation] == [128, 128, 44]
+    tiny, n = load(
+        "fashion_mnist", "train", 128, limit=50
+    )  # less than a batch: keep it
+    assert n == 50 and [len(y) for _, y in tiny] == [50]
+
+
+def test_validation_and_test_are_deterministic():
+    for split in ("validation", "test"):
+        first = batches(load("fashion_mnist", split, 64, seed=0, limit=256)[0])
+        again = batches(load("fashion_mnist", split, 64, seed=7, limit=256)[0])
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_training_order_and_augmentation_follow_the_seed():
+    def first_batch(dataset):
+        return next(iter(dataset))[0].numpy()
+
+    seed0, _ = load("fashion_mnist", "train", 64, seed=0, limit=512)
+    seed0_again, _ = load("fashion_mnist", "train", 64, seed=0, limit=512)
+    seed1, _ = load("fashion_mnist", "train", 64, seed=1, limit=512)
+    epoch1 = first_batch(seed0)
+    np.testing.assert_array_equal(epoch1, first_batch(seed0_again))  # reproducible
+    assert not np.array_equal(epoch1, first_batch(seed1))
+    assert not np.array_equal(epoch1, first_batch(seed0))  # a new epoch reshuffles
+
+
+def test_augmentation_crops_and_flips_reproducibly():
+    image = tf.constant(raw_fashion("train")[0][0][..., np.newaxis])
+    augmented = [
+        datasets._augment_small_image(FASHION, (image, 0), tf.constant(seed, tf.int64))[
+            0
+        ]
+        for seed in range(20)
+    ]
+    assert all(x.shape == (28, 28, 1) and x.dtype == tf.uint8 for x in augmented)
+    assert len({x.numpy().tobytes() for x in augmented}) > 10
+    again = datasets._augment_small_image(
+        FASHION, (image, 0), tf.constant(5, tf.int64)
+    )[0]
+    np.testing.assert_array_equal(augmented[5], again)
+
+
+def test_image_size_and_in_memory_sharding():
+    dataset, _ = load("fashion_mnist", "train", 16, image_size=32, limit=16)
+    x, _ = next(iter(dataset))
+    assert x.shape == (16, 32, 32, 1)
+    policy = dataset.options().experimental_distribute.auto_shard_policy
+    assert policy == tf.data.experimental.AutoShardPolicy.DATA
+
+
+def test_idx_files_are_read_from_data_dir(tmp_path):
+    # Fashion-MNIST's files stand in for MNIST's (same names and format).
+    (tmp_path / "mnist").mkdir()
+    for name in os.listdir(FASHION_DIR):
+        os.symlink(os.path.join(FASHION_DIR, name), tmp_path / "mnist" / name)
+    dataset, n = load("mnist", "test", 50, data_dir=str(tmp_path), limit=50)
+    x, y = next(iter(dataset))
+    spec = get_spec("mnist")
+    assert n == 50 and x.shape == (50, 28, 28, 1)
+    np.testing.assert_allclose(
+        x, normalized(raw_fashion("test")[0][:50], spec), atol=1e-5
+    )
+
+
+# --- tfds datasets, mocked -----------------------------------------------------
+
+
+def test_mocked_cifar10_pipeline(tmp_path):
+    with mocked_tfds("cifar10", tmp_path, num_examples=24):
+        for split in ("train", "validation", "test"):
+            dataset, n = load("cifar10", split, 8, data_dir=str(tmp_path), limit=16)
+            x, y = batches(dataset)
+            assert n == 16 and x.shape == (16, 32, 32, 3) and x.dtype == np.float32
+            assert y.dtype == np.int32 and set(y) <= set(range(10))
+            assert np.isfinite(x).all() and -2.1 < x.min() and x.max() < 2.2
+        dataset, _ = load(
+            "cifar10", "train", 4, data_dir=str(tmp_path), image_size=16, limit=4
+        )
+        assert next(iter(dataset))[0].shape == (4, 16, 16, 3)
+
+
+@pytest.mark.parametrize("name", ["imagenet2012", "imagenette"])
+def test_mocked_imagenet_style_pipeline(tmp_path, name):
+    with mocked_tfds(name, tmp_path, num_examples=8):
+        for split in ("train", "test"):
+            dataset, n = load(
+                name, split, 4, data_dir=str(tmp_path), image_size=32, limit=8
+            )
+            x, y = batches(dataset)
+            assert n == 8 and x.shape == (8, 32, 32, 3) and x.dtype == np.float32
+            assert y.dtype == np.int32 and set(y) <= set(
+                range(get_spec(name).num_classes)
+            )
+            # ImageNet mean/std of 0-255 pixels: [-2.12, 2.64], plus bicubic overshoot.
+            assert np.isfinite(x).all() and -3.5 < x.min() and x.max() < 3.5
+            assert np.mean((-2.12 <= x) & (x <= 2.64)) > 0.95
