@@ -10,7 +10,7 @@ import larq as lq
 import numpy as np
 import tensorflow as tf
 
-from larq_noisy.quantizers import NoisyMappedQuantizer
+from larq_noisy.quantizers import NoisyMappedQuantizer, check_options
 
 __all__ = [
     "binarized_layers",
@@ -132,7 +132,7 @@ def to_mapped(model, **quantizer_options):
     # Returns
         A new functional or Sequential `tf.keras.Model`; `model` is not changed.
     """
-    NoisyMappedQuantizer(**quantizer_options)  # bad options fail before any work
+    check_options(**quantizer_options)  # bad options fail before any work
     targets = binarized_layers(model)
     _check_has(targets, model, "binarized layer to map")
     already = [l.name for l in targets if isinstance(l.kernel_quantizer, NoisyMappedQuantizer)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
 
 import larq as lq
@@ -10,7 +11,7 @@ import tensorflow as tf
 from larq_noisy.losses import check_noise_rates, unbiased_loss
 from larq_noisy.mappers import MAPPERS, build_mapper
 
-__all__ = ["NoisyMappedQuantizer", "filters_to_kernel", "kernel_to_filters"]
+__all__ = ["NoisyMappedQuantizer", "check_options", "filters_to_kernel", "kernel_to_filters"]
 
 REDUCTIONS = ("sum", "mean")
 LABELS = ("current", "frozen")
@@ -21,6 +22,34 @@ SCALES = (None, "channel")
 def _choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"Unknown {name} {value!r}; choose one of {list(choices)}.")
+
+
+#: The options of `NoisyMappedQuantizer` (its signature holds their defaults).
+OPTIONS = ("mapper", "alpha", "rho_pos", "rho_neg", "width", "reduction", "labels", "start", "scale")
+
+
+def check_options(**options) -> None:
+    """Raise `ValueError` naming any bad `NoisyMappedQuantizer` option.
+
+    Options not given take the quantizer's defaults. Pure Python, so settings can be
+    checked before TensorFlow starts (multi-worker training needs that).
+    """
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"Unknown NoisyMappedQuantizer options {unknown}; valid: {list(OPTIONS)}.")
+    defaults = inspect.signature(NoisyMappedQuantizer.__init__).parameters
+    o = {name: options.get(name, defaults[name].default) for name in OPTIONS}
+    _choice("mapper", o["mapper"], tuple(MAPPERS))
+    _choice("reduction", o["reduction"], REDUCTIONS)
+    _choice("labels", o["labels"], LABELS)
+    _choice("start", o["start"], STARTS)
+    _choice("scale", o["scale"], SCALES)
+    alpha, width = o["alpha"], o["width"]
+    if not isinstance(alpha, numbers.Real) or alpha < 0:
+        raise ValueError(f"alpha={alpha!r} must be a number >= 0.")
+    if width is not None and (not isinstance(width, numbers.Real) or width <= 0):
+        raise ValueError(f"width={width!r} must be a number > 0 or None.")
+    check_noise_rates(o["rho_pos"], o["rho_neg"])
 
 
 def kernel_to_filters(kernel):
@@ -125,16 +154,10 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
         scale: str | None = None,
         **kwargs,
     ):
-        _choice("mapper", mapper, tuple(MAPPERS))
-        _choice("reduction", reduction, REDUCTIONS)
-        _choice("labels", labels, LABELS)
-        _choice("start", start, STARTS)
-        _choice("scale", scale, SCALES)
-        if not isinstance(alpha, numbers.Real) or alpha < 0:
-            raise ValueError(f"alpha={alpha!r} must be a number >= 0.")
-        if width is not None and (not isinstance(width, numbers.Real) or width <= 0):
-            raise ValueError(f"width={width!r} must be a number > 0 or None.")
-        check_noise_rates(rho_pos, rho_neg)
+        check_options(
+            mapper=mapper, alpha=alpha, rho_pos=rho_pos, rho_neg=rho_neg, width=width,
+            reduction=reduction, labels=labels, start=start, scale=scale,
+        )
         super().__init__(**kwargs)
         self.mapper_kind = mapper
         self.alpha = float(alpha)

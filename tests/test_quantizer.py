@@ -142,3 +142,13 @@ def test_config_round_trip():
 def test_bad_options_are_refused(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         NoisyMappedQuantizer(**kwargs)
+
+
+def test_check_options_uses_the_quantizer_defaults_and_names_unknown_options():
+    from larq_noisy.quantizers import check_options
+
+    check_options(rho_pos=0.9)  # with the default rho_neg (0.005) the sum is < 1
+    with pytest.raises(ValueError, match=r"rho_pos \+ rho_neg"):
+        check_options(rho_pos=0.996)
+    with pytest.raises(ValueError, match=r"\['temperature'\]"):
+        check_options(temperature=2.0)

@@ -1,0 +1,154 @@
+"""Sign-binarized baseline BNNs for larq-noisy: a registry `name -> builder`.
+
+```python
+import models
+model = models.build("resnet20", (32, 32, 3), 10, kernel_quantizer="ste_sign")
+mapped = larq_noisy.to_mapped(model)
+```
+
+| name          | architecture                                   | binarized convs | default weight quantizer |
+| ------------- | ---------------------------------------------- | --------------- | ------------------------ |
+| `bnn_small`   | small Bi-Real-style binary ResNet (28x28 CPU)  | 6               | `ste_sign`               |
+| `resnet20`    | CIFAR ResNet-20, Bi-Real-style blocks          | 18              | `ste_sign`               |
+| `birealnet18` | larq-zoo Bi-Real Net 18                        | 16              | `magnitude_aware_sign`   |
+| `resnet_e18`  | larq-zoo BinaryResNetE18                       | 16              | `SteSign(clip 1.25)`     |
+
+All: binary activations and binary weights in the binarized convs; stem conv,
+downsampling 1x1 shortcut convs and the dense classifier in full precision; softmax
+output computed in float32 (works under `mixed_float16`). Functional Keras models.
+"""
+
+import os
+from typing import Callable, Dict, Optional, Tuple
+
+import tensorflow as tf
+
+from models.bireal_resnet import BiRealResNetFactory, BNNSmallFactory, ResNet20Factory
+from models.zoo import BiRealNet18Factory, ResNetE18Factory
+
+__all__ = [
+    "DEFAULT_KERNEL_QUANTIZERS",
+    "MODELS",
+    "WEIGHT_QUANTIZERS",
+    "BNNSmallFactory",
+    "BiRealNet18Factory",
+    "BiRealResNetFactory",
+    "ResNet20Factory",
+    "ResNetE18Factory",
+    "build",
+]
+
+# The selectable baseline weight binarizations: plain sign, and sign scaled per output
+# channel by the mean absolute latent weight (XNOR-Net / Bi-Real Net).
+WEIGHT_QUANTIZERS = ("ste_sign", "magnitude_aware_sign")
+
+# What `kernel_quantizer=None` means for each model: the architecture's own choice.
+DEFAULT_KERNEL_QUANTIZERS = {
+    "bnn_small": "ste_sign",
+    "resnet20": "ste_sign",
+    "birealnet18": "magnitude_aware_sign",
+    "resnet_e18": "ste_sign (larq-zoo's SteSign(clip_value=1.25), WeightClip(1.25))",
+}
+
+
+def _check_choice(what: str, value, choices, note: str = "") -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {what} {value!r}; choose one of {list(choices)}{note}.")
+
+
+def _check_options(kernel_quantizer: Optional[str], weights: Optional[str]) -> None:
+    if kernel_quantizer is not None:
+        _check_choice(
+            "kernel_quantizer",
+            kernel_quantizer,
+            WEIGHT_QUANTIZERS,
+            " (or None for the architecture's default)",
+        )
+    if weights is None:
+        return
+    if not isinstance(weights, (str, os.PathLike)):
+        raise ValueError(f"weights must be None or a local file path, not {weights!r}.")
+    if str(weights) == "imagenet":
+        raise ValueError(
+            "weights='imagenet' would download pretrained weights, and larq-noisy runs "
+            "offline: pass weights=None or the path of a local weights file."
+        )
+    path = os.fspath(weights)
+    if not (os.path.exists(path) or os.path.exists(path + ".index")):
+        raise ValueError(f"weights file {path!r} does not exist.")
+
+
+def _quantizer_fields(kernel_quantizer: Optional[str]) -> dict:
+    """Factory overrides: none for the default, else the quantizer + `weight_clip`."""
+    if kernel_quantizer is None:
+        return {}
+    return {"kernel_quantizer": kernel_quantizer, "kernel_constraint": "weight_clip"}
+
+
+def _builder(factory_class, name: str, doc: str) -> Callable[..., tf.keras.Model]:
+    def builder(
+        input_shape: Tuple[int, int, int],
+        num_classes: int,
+        *,
+        kernel_quantizer: Optional[str] = None,
+        weights: Optional[str] = None,
+    ) -> tf.keras.Model:
+        _check_options(kernel_quantizer, weights)
+        model = factory_class(
+            input_shape=tuple(input_shape),
+            num_classes=int(num_classes),
+            weights=None,
+            include_top=True,
+            **_quantizer_fields(kernel_quantizer),
+        ).build()
+        if weights is not None:
+            model.load_weights(os.fspath(weights))
+        return model
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = doc
+    return builder
+
+
+bnn_small = _builder(BNNSmallFactory, "bnn_small", BNNSmallFactory.__doc__)
+resnet20 = _builder(ResNet20Factory, "resnet20", ResNet20Factory.__doc__)
+birealnet18 = _builder(BiRealNet18Factory, "birealnet18", BiRealNet18Factory.__doc__)
+resnet_e18 = _builder(ResNetE18Factory, "resnet_e18", ResNetE18Factory.__doc__)
+
+MODELS: Dict[str, Callable[..., tf.keras.Model]] = {
+    "bnn_small": bnn_small,
+    "resnet20": resnet20,
+    "birealnet18": birealnet18,
+    "resnet_e18": resnet_e18,
+}
+
+
+def build(
+    name: str,
+    input_shape: Tuple[int, int, int],
+    num_classes: int,
+    *,
+    kernel_quantizer: Optional[str] = None,
+    weights: Optional[str] = None,
+) -> tf.keras.Model:
+    """Build the registered model `name` (a functional Keras model, softmax output).
+
+    # Arguments
+        name: one of `MODELS`.
+        input_shape: `(height, width, channels)`.
+        num_classes: size of the softmax output.
+        kernel_quantizer: the weight binarization of the binarized layers, one of
+            `WEIGHT_QUANTIZERS` (with `kernel_constraint="weight_clip"`), or `None`
+            for the architecture's own default (`DEFAULT_KERNEL_QUANTIZERS`:
+            `magnitude_aware_sign` for Bi-Real Net, `ste_sign` elsewhere).
+        weights: `None` (random initialization) or the path of a local weights file
+            (Keras `.h5` or TF checkpoint prefix). Nothing is ever downloaded.
+
+    # Raises
+        ValueError: unknown `name` or `kernel_quantizer` (the message lists the
+            choices), `weights="imagenet"`, or a weights path that does not exist.
+    """
+    _check_choice("model name", name, MODELS)
+    return MODELS[name](
+        input_shape, num_classes, kernel_quantizer=kernel_quantizer, weights=weights
+    )

@@ -1,0 +1,159 @@
+"""Binary ResNets built from Bi-Real-style blocks: ResNet-20 for CIFAR and a small BNN.
+
+Every binary 3x3 convolution has its own real-valued shortcut (Liu et al., Bi-Real Net,
+ECCV 2018), so a ResNet basic block of two binary convolutions reads
+
+    x = shortcut(x) + BN(QConv3x3(sign(x)))    # stride 2 and 2x channels when downsampling
+    x = x + BN(QConv3x3(sign(x)))
+
+where `shortcut` is the identity, or `AvgPool2D(2) -> Conv1x1 -> BN` with a
+*full-precision* 1x1 conv when the block downsamples (as Bi-Real Net and BinaryResNetE18
+in larq-zoo; the LNS method keeps downsampling shortcut convs full precision, so they
+are not binarized layers). The binary convs binarize their inputs with `ste_sign` and
+their weights with the chosen kernel quantizer (latent weights clipped to [-1, 1]).
+The stem conv and the dense classifier stay full precision; a ReLU on the real-valued
+stream before global average pooling (as BinaryResNetE18) gives the classifier a
+non-linear feature; the final softmax runs in float32 so that the models also train
+under the `mixed_float16` policy.
+"""
+
+from typing import Optional, Sequence, Union
+
+import larq as lq
+import tensorflow as tf
+from larq_zoo.core.model_factory import ModelFactory
+from zookeeper import Field, factory
+
+__all__ = ["BNNSmallFactory", "BiRealResNetFactory", "ResNet20Factory"]
+
+QuantizerType = Union[str, dict, lq.quantizers.Quantizer]
+ConstraintType = Union[str, dict, tf.keras.constraints.Constraint]
+
+
+@factory
+class BiRealResNetFactory(ModelFactory):
+    """A binary ResNet of basic blocks whose binary convs each have a real shortcut.
+
+    Stem: full-precision 3x3 conv (`stem_strides`), BN, optional 3x3/2 max pool.
+    Stage `i` has `stage_filters[i]` channels and `blocks_per_stage` basic blocks of two
+    binary convs; every stage after the first starts by halving the resolution. So
+    the network has `2 * blocks_per_stage * len(stage_filters)` binarized layers and
+    `len(stage_filters) - 1` full-precision 1x1 shortcut convs.
+    """
+
+    model_name: str = Field("bireal_resnet")
+
+    stem_filters: int = Field(16)
+    stem_strides: int = Field(1)
+    stem_pool: bool = Field(False)
+    stage_filters: Sequence[int] = Field((16, 32, 64))
+    blocks_per_stage: int = Field(3)
+    final_activation: Optional[str] = Field("relu")
+
+    input_quantizer: QuantizerType = Field("ste_sign")
+    kernel_quantizer: QuantizerType = Field("ste_sign")
+    kernel_constraint: ConstraintType = Field("weight_clip")
+    kernel_initializer: str = Field("glorot_normal")
+    momentum: float = Field(0.9)
+
+    def batch_norm(self, x):
+        return tf.keras.layers.BatchNormalization(momentum=self.momentum, epsilon=1e-5)(x)
+
+    def shortcut(self, x, filters: int, strides: int):
+        """Identity, or AvgPool + full-precision 1x1 conv + BN when the shape changes."""
+        if strides == 1 and x.shape[-1] == filters:
+            return x
+        if strides > 1:
+            x = tf.keras.layers.AvgPool2D(strides, strides=strides, padding="same")(x)
+        x = tf.keras.layers.Conv2D(
+            filters, 1, use_bias=False, kernel_initializer=self.kernel_initializer
+        )(x)
+        return self.batch_norm(x)
+
+    def binary_conv(self, x, filters: int, strides: int = 1):
+        """`shortcut(x) + BN(binary conv3x3(x))`: binary activations, binary weights."""
+        shortcut = self.shortcut(x, filters, strides)
+        x = lq.layers.QuantConv2D(
+            filters,
+            3,
+            strides=strides,
+            padding="same",
+            input_quantizer=self.input_quantizer,
+            kernel_quantizer=self.kernel_quantizer,
+            kernel_constraint=self.kernel_constraint,
+            kernel_initializer=self.kernel_initializer,
+            use_bias=False,
+        )(x)
+        x = self.batch_norm(x)
+        return tf.keras.layers.add([x, shortcut])
+
+    def basic_block(self, x, filters: int, strides: int = 1):
+        """A ResNet basic block: two binary convs, each with its own shortcut."""
+        x = self.binary_conv(x, filters, strides)
+        return self.binary_conv(x, filters)
+
+    def build(self) -> tf.keras.Model:
+        # Full-precision stem.
+        x = tf.keras.layers.Conv2D(
+            self.stem_filters,
+            3,
+            strides=self.stem_strides,
+            padding="same",
+            use_bias=False,
+            kernel_initializer="he_normal",
+        )(self.image_input)
+        x = self.batch_norm(x)
+        if self.stem_pool:
+            x = tf.keras.layers.MaxPool2D(3, strides=2, padding="same")(x)
+
+        # Binary stages.
+        for stage, filters in enumerate(self.stage_filters):
+            for block in range(self.blocks_per_stage):
+                strides = 2 if stage > 0 and block == 0 else 1
+                x = self.basic_block(x, filters, strides)
+
+        # Full-precision classifier.
+        if self.final_activation:
+            x = tf.keras.layers.Activation(self.final_activation)(x)
+        if self.include_top:
+            x = tf.keras.layers.GlobalAveragePooling2D()(x)
+            x = tf.keras.layers.Dense(self.num_classes, kernel_initializer="glorot_normal")(x)
+            x = tf.keras.layers.Activation("softmax", dtype="float32")(x)
+
+        model = tf.keras.Model(inputs=self.image_input, outputs=x, name=self.model_name)
+        if self.weights is not None:
+            model.load_weights(self.weights)
+        return model
+
+
+@factory
+class ResNet20Factory(BiRealResNetFactory):
+    """CIFAR ResNet-20 (He et al. 2016): 3 stages x 3 basic blocks, 16/32/64 channels.
+
+    Stem conv (FP) -> 18 binary convs -> ReLU -> global pool -> dense (FP); the two
+    downsampling shortcuts are full-precision 1x1 convs.
+    """
+
+    model_name: str = Field("resnet20")
+    stem_filters: int = Field(16)
+    stem_strides: int = Field(1)
+    stem_pool: bool = Field(False)
+    stage_filters: Sequence[int] = Field((16, 32, 64))
+    blocks_per_stage: int = Field(3)
+
+
+@factory
+class BNNSmallFactory(BiRealResNetFactory):
+    """A small, fast binary ResNet for 28x28 images (Fashion-MNIST on a CPU).
+
+    Stem conv (FP, 16 ch) + 3x3/2 max pool (28 -> 14), then 3 stages of one basic
+    block at 16/32/64 channels (14 -> 7 -> 4): 6 binary convs -> ReLU -> global pool
+    -> dense (FP).
+    """
+
+    model_name: str = Field("bnn_small")
+    stem_filters: int = Field(16)
+    stem_strides: int = Field(1)
+    stem_pool: bool = Field(True)
+    stage_filters: Sequence[int] = Field((16, 32, 64))
+    blocks_per_stage: int = Field(1)

@@ -1,0 +1,53 @@
+"""larq-zoo ImageNet BNNs whose weight binarization can be chosen.
+
+larq-zoo models are zookeeper factories; these subclasses turn the kernel quantizer and
+its constraint into configurable fields (defaults: the architecture's own), so that a
+sign-binarized baseline can be built for `larq_noisy.to_mapped`. Everything else,
+including each architecture's input (activation) quantizer, is larq-zoo's:
+
+- Bi-Real Net 18: `approx_sign` activations, `magnitude_aware_sign` weights
+  (sign scaled per output channel by mean |W|), `weight_clip`.
+- BinaryResNetE18: `SteSign(clip_value=1.25)` activations and weights,
+  `WeightClip(1.25)`. Below 50 pixels it uses a 3x3 stride-1 stem without pooling.
+
+Both keep the stem conv, the 1x1 downsampling shortcut convs and the classifier in full
+precision and have 16 binarized convs. Never build them with `weights="imagenet"`:
+that downloads, and this project runs offline.
+"""
+
+from typing import Union
+
+import larq as lq
+import tensorflow as tf
+from larq_zoo.literature.birealnet import BiRealNetFactory
+from larq_zoo.literature.resnet_e import BinaryResNetE18Factory
+from zookeeper import Field, factory
+
+__all__ = ["BiRealNet18Factory", "ResNetE18Factory"]
+
+QuantizerType = Union[str, dict, lq.quantizers.Quantizer]
+ConstraintType = Union[str, dict, tf.keras.constraints.Constraint]
+
+
+@factory
+class BiRealNet18Factory(BiRealNetFactory):
+    """Bi-Real Net 18 (larq-zoo) with a selectable weight quantizer."""
+
+    kernel_quantizer: QuantizerType = Field("magnitude_aware_sign")
+    kernel_constraint: ConstraintType = Field("weight_clip")
+
+
+@factory
+class ResNetE18Factory(BinaryResNetE18Factory):
+    """BinaryResNetE18 (larq-zoo) with a selectable weight quantizer.
+
+    The defaults are larq-zoo's, given as serialized configs so that each layer
+    deserializes its own quantizer and constraint objects.
+    """
+
+    kernel_quantizer: QuantizerType = Field(
+        lambda: {"class_name": "SteSign", "config": {"clip_value": 1.25}}
+    )
+    kernel_constraint: ConstraintType = Field(
+        lambda: {"class_name": "WeightClip", "config": {"clip_value": 1.25}}
+    )

@@ -1,0 +1,118 @@
+"""Train a BNN with the paper's protocol: sign pretraining, then fine-tuning arms.
+
+    python train.py                                  # offline default: Fashion-MNIST, CPU
+    python train.py --dataset cifar10                # the paper's CIFAR-10 ResNet-20 (GPU)
+    python train.py --dataset imagenet2012 --data-dir /data/tfds --strategy mirrored
+
+Every default comes from the dataset's protocol (larq_noisy/protocols.py); run the same
+command again to resume an interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import models
+from larq_noisy import datasets, training
+from larq_noisy.distribute import STRATEGIES
+from larq_noisy.mappers import MAPPERS
+from larq_noisy.protocols import ARMS
+from larq_noisy.quantizers import LABELS, REDUCTIONS, STARTS
+
+
+def parse_args(argv=None) -> training.TrainConfig:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    run = p.add_argument_group("what to run")
+    run.add_argument("--dataset", default="fashion_mnist", choices=sorted(datasets.DATASETS))
+    run.add_argument("--model", choices=sorted(models.MODELS), help="default: the dataset's")
+    run.add_argument("--arms", nargs="+", choices=list(ARMS), help="fine-tuning arms")
+    run.add_argument("--kernel-quantizer", choices=models.WEIGHT_QUANTIZERS,
+                     help="the baseline's weight binarization (default: the model's own)")
+    run.add_argument("--pretrained", metavar="PATH",
+                     help="skip phase 1: a train.py output dir or its pretrain/weights.h5")
+    run.add_argument("--hparams", metavar="FILE", help="JSON from tune.py (flags win over it)")
+    run.add_argument("--output-dir", help="default: runs/<dataset>")
+    run.add_argument("--seed", type=int, default=0)
+
+    sched = p.add_argument_group("schedule (default: the dataset's protocol)")
+    sched.add_argument("--pretrain-epochs", type=int)
+    sched.add_argument("--finetune-epochs", type=int)
+    sched.add_argument("--warmup-epochs", type=int, default=0,
+                       help="train the mappers alone first (the paper's warm-up)")
+    sched.add_argument("--steps-per-epoch", type=int, help="cap, for smoke runs")
+    sched.add_argument("--limit", type=int, help="examples per split, for smoke runs")
+    sched.add_argument("--batch-size", type=int, help="global batch size")
+    sched.add_argument("--optimizer", choices=training.OPTIMIZERS)
+    sched.add_argument("--lr", type=float, help="pretraining learning rate")
+    sched.add_argument("--finetune-lr", type=float)
+
+    lns = p.add_argument_group("LNS (default: larq_noisy.NoisyMappedQuantizer's)")
+    lns.add_argument("--alpha", type=float, help="weight of the noisy-supervision loss")
+    lns.add_argument("--rho", type=float, help="sets both --rho-pos and --rho-neg")
+    lns.add_argument("--rho-pos", type=float)
+    lns.add_argument("--rho-neg", type=float)
+    lns.add_argument("--mapper", choices=list(MAPPERS))
+    lns.add_argument("--width", type=float, help="mapper hidden width, x c_in")
+    lns.add_argument("--start", choices=STARTS)
+    lns.add_argument("--labels", choices=LABELS)
+    lns.add_argument("--reduction", choices=REDUCTIONS)
+
+    hw = p.add_argument_group("hardware")
+    hw.add_argument("--strategy", default="auto", choices=STRATEGIES)
+    hw.add_argument("--data-dir", help="tfds data dir (and Fashion-MNIST IDX files)")
+    hw.add_argument("--image-size", type=int, help="override the input size")
+    hw.add_argument("--mixed-precision", action="store_true", help="mixed_float16 (GPU)")
+    hw.add_argument("--jit", action="store_true", help="XLA-compile the train step")
+    hw.add_argument("--backup-every", type=int, metavar="STEPS",
+                    help="back up every STEPS steps for preemption (default: every epoch)")
+    hw.add_argument("--quiet", action="store_true")
+
+    args = p.parse_args(argv)
+    values = vars(args)
+    if args.rho is not None:
+        for side in ("rho_pos", "rho_neg"):
+            values[side] = args.rho if values[side] is None else values[side]
+    if args.hparams:
+        try:
+            with open(args.hparams) as f:
+                hparams = json.load(f)
+        except (OSError, json.JSONDecodeError) as error:
+            p.error(f"--hparams {args.hparams!r}: {error}")
+        fields = {f for f in training.TrainConfig.__dataclass_fields__}
+        unknown = sorted(set(hparams) - fields)
+        if unknown:
+            p.error(f"--hparams {args.hparams!r} has unknown keys {unknown}; valid keys are {sorted(fields)}")
+        for key, value in hparams.items():
+            if values.get(key) is None:  # an explicit flag wins
+                values[key] = value
+    values["output_dir"] = values["output_dir"] or f"runs/{args.dataset}"
+    values["verbose"] = 0 if values.pop("quiet") else 1
+    for key in ("rho", "hparams"):
+        values.pop(key)
+    config = training.TrainConfig(**values)
+    try:
+        config.resolved()  # every bad value is reported now, before any work
+    except ValueError as error:
+        p.error(str(error))
+    return config
+
+
+def main(argv=None) -> int:
+    config = parse_args(argv)
+    try:
+        training.run(config)
+    except (ValueError, FileNotFoundError) as error:  # bad settings, missing data
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    except training.TrainingDiverged as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
