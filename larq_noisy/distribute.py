@@ -33,12 +33,8 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     """
     if name not in STRATEGIES:
         raise ValueError(f"Unknown strategy {name!r}; choose one of {list(STRATEGIES)}.")
-    gpus = tf.config.list_logical_devices("GPU")
-    first_device = gpus[0].name if gpus else "/cpu:0"
-    if name == "mirrored" or (name == "auto" and gpus):
-        return tf.distribute.MirroredStrategy()
-    if name == "auto":
-        return tf.distribute.get_strategy()
+    # Multi-worker and TPU first: they must come before anything that starts TensorFlow,
+    # and listing devices does.
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise ValueError(
@@ -58,6 +54,12 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "mirrored" or (name == "auto" and gpus):
+        return tf.distribute.MirroredStrategy()
+    if name == "auto":
+        return tf.distribute.get_strategy()
+    first_device = gpus[0].name if gpus else "/cpu:0"
     return tf.distribute.MirroredStrategy([first_device])
 
 

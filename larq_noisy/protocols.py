@@ -42,15 +42,17 @@ class Protocol:
 
 PROTOCOLS = {
     # Offline default: real data with no download, a whole protocol in < 10 min on 2 CPU
-    # cores. Adam, as larq recommends for BNN latent weights. [project decision]
+    # cores. Adam, as larq recommends for BNN latent weights; 3e-3 measured better than
+    # 1e-3 for bnn_small in 2 epochs (86.7% against 84.4%). The fine-tuning rate is a
+    # tenth, the paper's ratio. [project decision]
     "fashion_mnist": Protocol(
         model="bnn_small",
         pretrain_epochs=3,
         finetune_epochs=1,
         batch_size=128,
         optimizer="adam",
-        lr=1e-3,
-        finetune_lr=1e-4,
+        lr=3e-3,
+        finetune_lr=3e-4,
         pretrain_cosine=True,
         note="offline default [project decision]",
     ),

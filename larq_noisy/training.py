@@ -421,6 +421,9 @@ class _Run:
             model.save_weights(weights)
             _write_json(os.path.join(phase_dir, "result.json"),
                         {"epochs": c.pretrain_epochs, "wall_seconds": time.time() - start})
+        else:  # its own copy: the chief may still be writing weights.h5
+            weights = os.path.join(tempfile.mkdtemp(), "weights.h5")
+            model.save_weights(weights)
         return weights
 
     # Phase 2 ---------------------------------------------------------------
@@ -458,10 +461,13 @@ class _Run:
             deployable = bake(model)
         else:
             deployable = model
+        # Every worker saves (a distributed model's variables are read with collectives);
+        # only the chief's copy is kept.
+        saved = os.path.join(arm_dir if self.chief else tempfile.mkdtemp(), "model.h5")
+        with warnings.catch_warnings():  # h5 is what LCE's tooling and larq expect
+            warnings.filterwarnings("ignore", message="You are saving your model as an HDF5")
+            deployable.save(saved, include_optimizer=False)
         if self.chief:
-            with warnings.catch_warnings():  # h5 is what LCE's tooling and larq expect
-                warnings.filterwarnings("ignore", message="You are saving your model as an HDF5")
-                deployable.save(os.path.join(arm_dir, "model.h5"), include_optimizer=False)
             _write_json(os.path.join(arm_dir, "result.json"), result)
         self.log(
             f"arm '{arm}': val accuracy {result['val_accuracy']:.4f}, test accuracy "

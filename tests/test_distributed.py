@@ -1,0 +1,133 @@
+"""Scale-out and fault tolerance: two workers on 127.0.0.1, SIGKILL mid-phase, bad files."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--dataset", "fashion_mnist", "--pretrain-epochs", "1", "--finetune-epochs", "1",
+    "--limit", "256", "--batch-size", "32", "--quiet",
+]
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _env(**extra):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def test_two_workers_train_and_only_the_chief_writes_results(tmp_path):
+    out = str(tmp_path / "mw")
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    argv = [sys.executable, "train.py", *TINY, "--steps-per-epoch", "3", "--arms", "lns",
+            "--strategy", "multi_worker", "--output-dir", out]
+    procs = []
+    try:
+        for index in range(2):
+            tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+            procs.append(subprocess.Popen(
+                argv, cwd=ROOT, env=_env(TF_CONFIG=json.dumps(tf_config)),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            ))
+        outputs = [p.communicate(timeout=420)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, output in zip(procs, outputs):
+        assert p.returncode == 0, output[-3000:]
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert list(results["arms"]) == ["lns"]
+    # Nothing but the chief's files: no second results file, no worker copies left.
+    found = [os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs]
+    assert sum(f.endswith("results.json") for f in found) == 1
+    assert not [f for f in found if "workertemp" in f], found
+
+
+def test_sigkill_mid_phase_resumes_from_the_backup(tmp_path):
+    out = str(tmp_path / "killed")
+    argv = [*TINY, "--steps-per-epoch", "8", "--arms", "sign", "--finetune-epochs", "2",
+            "--backup-every", "2", "--output-dir", out]
+    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill once the sign arm has finished its first epoch (its CSV has a row).
+    history = os.path.join(out, "arms", "sign", "history.csv")
+    deadline = time.time() + 300
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            if os.path.exists(history) and len(open(history).readlines()) >= 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert os.listdir(os.path.join(out, "arms", "sign", "backup"))
+    assert not os.path.exists(os.path.join(out, "arms", "sign", "result.json"))
+
+    assert train.main(argv) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert list(results["arms"]) == ["sign"]
+    assert results["arms"]["sign"]["resumed"] is True
+    with open(history) as f:
+        epochs = sorted({int(row["epoch"]) for row in csv.DictReader(f)})
+    assert epochs == [0, 1]  # epoch 1 continued after the backup, not from scratch
+    backup = os.path.join(out, "arms", "sign", "backup")  # done: its checkpoints are removed
+    assert not [f for _, _, fs in os.walk(backup) for f in fs]
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pre") / "run")
+    assert train.main([*TINY, "--steps-per-epoch", "2", "--arms", "sign", "--output-dir", out]) == 0
+    return out
+
+
+def test_truncated_checkpoint_gets_an_error_naming_the_file(pretrained_run, tmp_path, capsys):
+    weights = os.path.join(pretrained_run, "pretrain", "weights.h5")
+    truncated = tmp_path / "weights.h5"
+    truncated.write_bytes(open(weights, "rb").read()[:4096])
+    argv = [*TINY, "--steps-per-epoch", "2", "--arms", "lns", "--pretrained", str(truncated),
+            "--output-dir", str(tmp_path / "out")]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(truncated) in err and "corrupted, truncated" in err
+    assert "Traceback" not in err
+
+
+def test_corrupted_backup_gets_an_error_naming_the_directory(pretrained_run, tmp_path, capsys):
+    out = tmp_path / "resume"
+    argv = [*TINY, "--steps-per-epoch", "2", "--arms", "sign", "--pretrained", pretrained_run,
+            "--output-dir", str(out)]
+    backup = out / "arms" / "sign" / "backup" / "chief"
+    backup.mkdir(parents=True)
+    (backup / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
+    (backup / "ckpt-1.index").write_bytes(b"\x00garbage" * 16)
+    (backup / "ckpt-1.data-00000-of-00001").write_bytes(b"\x00garbage")
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(out / "arms" / "sign" / "backup") in err and "corrupted or truncated" in err
