@@ -15,7 +15,7 @@ import json
 import sys
 
 import models
-from larq_noisy import datasets, training
+from larq_noisy import datasets, export, training
 from larq_noisy.distribute import STRATEGIES
 from larq_noisy.mappers import MAPPERS
 from larq_noisy.protocols import ARMS
@@ -36,6 +36,9 @@ def parse_args(argv=None) -> training.TrainConfig:
                      help="skip phase 1: a train.py output dir or its pretrain/weights.h5")
     run.add_argument("--hparams", metavar="FILE", help="JSON from tune.py (flags win over it)")
     run.add_argument("--output-dir", help="default: runs/<dataset>")
+    run.add_argument("--export", action="store_true",
+                     help="convert each arm with Larq Compute Engine and verify it "
+                          "(arms/<arm>/model.tflite, as python -m larq_noisy.export)")
     run.add_argument("--seed", type=int, default=0)
 
     sched = p.add_argument_group("schedule (default: the dataset's protocol)")
@@ -108,6 +111,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as error:  # bad settings, missing data
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
+    except export.VerificationError as error:  # the .tflite would not be what was trained
+        print(f"train.py: export failed: {error}", file=sys.stderr)
+        return 1
     except training.TrainingDiverged as error:
         print(f"train.py: {error}", file=sys.stderr)
         return 1

@@ -64,27 +64,38 @@ def _own_weights(layer):
     return [w for w in layer.weights if id(w) not in owned]
 
 
-def _rebuild(model, new_quantizer):
-    """Clone `model`, giving each layer the kernel quantizer `new_quantizer(layer)`
-    (`None` keeps the layer as it is), then copy every weight the layers share."""
+def rebuild(model, edit_config):
+    """A clone of `model` whose layers are rebuilt from `edit_config(layer, config)`.
 
-    def clone_layer(layer):
-        if isinstance(layer, tf.keras.Model):
-            return _rebuild(layer, new_quantizer)
-        config = layer.get_config()
-        quantizer = new_quantizer(layer)
-        if quantizer is not None:
-            config["kernel_quantizer"] = quantizer
-        return layer.__class__.from_config(config)
-
+    `config` is `layer.get_config()`; nested models are entered. Every weight that a
+    layer and its rebuilt copy share (all but their quantizers', such as a mapper's) is
+    copied, shape-checked.
+    """
     if not (isinstance(model, tf.keras.Sequential) or getattr(model, "_is_graph_network", False)):
         raise ValueError(
             f"Cannot rebuild model {model.name!r} of type {type(model).__name__}: only "
             "functional and Sequential Keras models are supported, not subclassed ones."
         )
+
+    def clone_layer(layer):
+        if isinstance(layer, tf.keras.Model):
+            return rebuild(layer, edit_config)
+        return layer.__class__.from_config(edit_config(layer, layer.get_config()))
+
     clone = tf.keras.models.clone_model(model, clone_function=clone_layer)
     _copy_weights(model, clone)
     return clone
+
+
+def _with_kernel_quantizer(new_quantizer):
+    """An `edit_config` giving each layer the kernel quantizer `new_quantizer(layer)`
+    (`None`: the layer as it is)."""
+
+    def edit_config(layer, config):
+        quantizer = new_quantizer(layer)
+        return config if quantizer is None else {**config, "kernel_quantizer": quantizer}
+
+    return edit_config
 
 
 def _copy_weights(source, target):
@@ -146,9 +157,12 @@ def to_mapped(model, **quantizer_options):
         options = dict(quantizer_options)
         if isinstance(layer.kernel_quantizer, lq.quantizers.MagnitudeAwareSign):
             options.setdefault("scale", "channel")
-        return NoisyMappedQuantizer(**options, name=f"{layer.name}_quantizer")
+        # The layer's dtype policy: a mixed_float16 layer computes its kernel in float16.
+        return NoisyMappedQuantizer(
+            **options, name=f"{layer.name}_quantizer", dtype=layer.dtype_policy
+        )
 
-    mapped = _rebuild(model, new_quantizer)
+    mapped = rebuild(model, _with_kernel_quantizer(new_quantizer))
     for layer in mapped_layers(mapped):
         if layer.kernel_quantizer.labels == "frozen":
             layer.kernel_quantizer.freeze_labels(layer.kernel)
@@ -178,9 +192,11 @@ def bake(model):
     def new_quantizer(layer):
         if id(layer) not in by_id:
             return None
-        return "magnitude_aware_sign" if layer.kernel_quantizer.scale else "ste_sign"
+        scaled = layer.kernel_quantizer.scale
+        sign = lq.quantizers.MagnitudeAwareSign if scaled else lq.quantizers.SteSign
+        return sign(dtype=layer.dtype_policy)  # the layer's policy, as in to_mapped
 
-    baked = _rebuild(model, new_quantizer)
+    baked = rebuild(model, _with_kernel_quantizer(new_quantizer))
     for layer in layers:
         kernel = layer.kernel_quantizer.binary_kernel(layer.kernel)
         target = _find(baked, layer.name)

@@ -74,6 +74,7 @@ def build_mapper(
     width: float | None = None,
     zero_init_output: bool = False,
     name: str = "mapper",
+    dtype=None,
 ) -> tf.keras.Sequential:
     """Build the mapper network for filters of shape `(h, w, c_in)`.
 
@@ -87,6 +88,7 @@ def build_mapper(
             outputs exactly zero at step 0 (the identity-preserving start).
         name: Name of the Keras model, also the prefix of its layers' names (variable
             names must be unique across a model for h5 files and optimizer slots).
+        dtype: The layers' dtype policy (the quantizer's; `None`: the global policy).
 
     # Returns
         A `tf.keras.Sequential` mapping `(c_out, h, w, c_in)` to the same shape.
@@ -97,36 +99,39 @@ def build_mapper(
     width = default_width(kind) if width is None else width
     out_init = "zeros" if zero_init_output else "glorot_uniform"
 
+    def named(suffix):
+        return dict(name=f"{name}_{suffix}", dtype=dtype)
+
     if kind == "cnn":
         hidden = _hidden_units(width, c)
         # A 3x3 conv on a 1x1 "image" only ever uses its centre tap.
         size = (min(3, h), min(3, w))
         conv = dict(kernel_size=size, padding="same")
         body = [
-            tf.keras.layers.Conv2D(hidden, use_bias=False, **conv, name=f"{name}_conv1"),
-            BatchStatNormalization(name=f"{name}_norm1"),
-            tf.keras.layers.ReLU(name=f"{name}_relu1"),
-            tf.keras.layers.Conv2D(hidden, use_bias=False, **conv, name=f"{name}_conv2"),
-            BatchStatNormalization(name=f"{name}_norm2"),
-            tf.keras.layers.ReLU(name=f"{name}_relu2"),
+            tf.keras.layers.Conv2D(hidden, use_bias=False, **conv, **named("conv1")),
+            BatchStatNormalization(**named("norm1")),
+            tf.keras.layers.ReLU(**named("relu1")),
+            tf.keras.layers.Conv2D(hidden, use_bias=False, **conv, **named("conv2")),
+            BatchStatNormalization(**named("norm2")),
+            tf.keras.layers.ReLU(**named("relu2")),
             tf.keras.layers.Conv2D(
-                c, **conv, kernel_initializer=out_init, name=f"{name}_conv3"
+                c, **conv, kernel_initializer=out_init, **named("conv3")
             ),
         ]
     elif kind == "mlp":
         hidden = _hidden_units(width, c)
         body = [
-            tf.keras.layers.Flatten(name=f"{name}_flatten"),
-            tf.keras.layers.Dense(hidden, use_bias=False, name=f"{name}_dense1"),
-            BatchStatNormalization(name=f"{name}_norm1"),
-            tf.keras.layers.ReLU(name=f"{name}_relu1"),
-            tf.keras.layers.Dense(h * w * c, kernel_initializer=out_init, name=f"{name}_dense2"),
-            tf.keras.layers.Reshape((h, w, c), name=f"{name}_unflatten"),
+            tf.keras.layers.Flatten(**named("flatten")),
+            tf.keras.layers.Dense(hidden, use_bias=False, **named("dense1")),
+            BatchStatNormalization(**named("norm1")),
+            tf.keras.layers.ReLU(**named("relu1")),
+            tf.keras.layers.Dense(h * w * c, kernel_initializer=out_init, **named("dense2")),
+            tf.keras.layers.Reshape((h, w, c), **named("unflatten")),
         ]
     else:  # linear
         body = [
-            tf.keras.layers.Flatten(name=f"{name}_flatten"),
-            tf.keras.layers.Dense(h * w * c, kernel_initializer=out_init, name=f"{name}_dense"),
-            tf.keras.layers.Reshape((h, w, c), name=f"{name}_unflatten"),
+            tf.keras.layers.Flatten(**named("flatten")),
+            tf.keras.layers.Dense(h * w * c, kernel_initializer=out_init, **named("dense")),
+            tf.keras.layers.Reshape((h, w, c), **named("unflatten")),
         ]
     return tf.keras.Sequential(body, name=name)

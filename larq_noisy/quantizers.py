@@ -178,6 +178,7 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
             width=self.width,
             zero_init_output=self.start == "identity",
             name=f"{self.name}_mapper",
+            dtype=self.dtype_policy,
         )
         self.mapper.build((None, *filter_shape))
         if self.labels == "frozen":

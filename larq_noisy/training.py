@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 import models
-from larq_noisy import datasets, report
+from larq_noisy import datasets, export, report
 from larq_noisy.callbacks import FlipRateCallback, auxiliary_losses
 from larq_noisy.conversion import bake, flip_rates, mapped_layers, mean_flip_rate, to_mapped
 from larq_noisy.distribute import STRATEGIES, is_chief, make_strategy
@@ -43,7 +43,7 @@ __all__ = ["CheckpointError", "TrainConfig", "TrainingDiverged", "build_arm", "r
 
 OPTIMIZERS = ("sgd", "adam")
 # Settings that may change between a run and its resumption without changing results.
-_RESUMABLE = ("arms", "strategy", "verbose", "output_dir", "backup_every")
+_RESUMABLE = ("arms", "strategy", "verbose", "output_dir", "backup_every", "export")
 
 
 class TrainingDiverged(RuntimeError):
@@ -85,6 +85,7 @@ class TrainConfig:
     mixed_precision: bool = False
     jit: bool = False
     backup_every: int | None = None  # steps between backups; None: every epoch
+    export: bool = False  # convert each finished arm with LCE (larq_noisy.export)
     verbose: int = 1
 
     def resolved(self) -> TrainConfig:
@@ -528,6 +529,9 @@ class _Run:
                 results["arms"][arm] = _read_json(result_path)
             else:
                 results["arms"][arm] = self.finetune(arm, weights, reference)
+            if c.export and self.chief:
+                report = export.export_run(self.out, arm=arm, verbose=bool(c.verbose))
+                results["arms"][arm]["tflite"] = report["tflite"]
             self.publish(results)
         self.header(f"Done: {os.path.join(self.out, 'results.md')}")
         if self.chief and c.verbose:

@@ -229,3 +229,17 @@ def test_bad_inputs(tiny_model):
         to_mapped(tiny_model, mapper="gru")
     with pytest.raises(ValueError, match="already mapped"):
         to_mapped(to_mapped(tiny_model))
+
+
+def test_mixed_precision_model_converts_under_a_float32_global_policy(toy_data):
+    x, _ = toy_data
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = tiny_bnn()
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    mapped = to_mapped(model, start="warmup")
+    assert mapped.get_layer("bconv1").kernel_quantizer.dtype_policy.name == "mixed_float16"
+    baked = bake(mapped)
+    assert baked.get_layer("bconv1").kernel_quantizer.dtype_policy.name == "mixed_float16"
+    np.testing.assert_array_equal(baked(x[:8]), mapped(x[:8], training=False))

@@ -213,3 +213,17 @@ def test_nan_loss_stops_with_a_message_and_keeps_what_was_written(full_run, tmp_
     weights = training.pretrained_weights_path(full_run)
     model = training.build_baseline(training.TrainConfig().resolved(), weights)
     assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_export_flag_converts_and_verifies_each_arm(full_run, tmp_path):
+    out = str(tmp_path / "exported")
+    argv = SMOKE + ["--arms", "sign", "lns", "--pretrained", full_run, "--export",
+                    "--output-dir", out]
+    assert train.main(argv) == 0
+    results = _results(out)
+    for arm in ("sign", "lns"):
+        tflite = results["arms"][arm]["tflite"]
+        assert tflite == os.path.join(out, "arms", arm, "model.tflite")
+        with open(tflite + ".json") as f:
+            report = json.load(f)
+        assert report["ops"]["LceBconv2d"] == report["binarized_convs"] == 6

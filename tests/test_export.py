@@ -1,0 +1,188 @@
+"""`larq_noisy.export`: baked, converted, verified LCE flatbuffers, and its CLI."""
+
+import json
+
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import larq_noisy
+import models
+from conftest import tiny_bnn
+from larq_noisy import datasets, export
+from larq_noisy.export import VerificationError, export_model, export_run, main
+
+FASHION_SHAPE = (28, 28, 1)
+
+
+def _flip_rate(mapped):
+    return larq_noisy.mean_flip_rate(mapped, larq_noisy.flip_rates(mapped))
+
+
+@pytest.fixture(scope="module")
+def fashion_test_images():
+    batches, _ = datasets.load("fashion_mnist", "test", 128, limit=128)
+    return np.concatenate([images.numpy() for images, _ in batches])
+
+
+@pytest.fixture(scope="module")
+def trained_small():
+    """bnn_small, mapped and fitted for a few steps on Fashion-MNIST."""
+    tf.keras.utils.set_random_seed(0)
+    mapped = larq_noisy.to_mapped(models.build("bnn_small", FASHION_SHAPE, 10), start="warmup")
+    mapped.compile("adam", "sparse_categorical_crossentropy", run_eagerly=True)  # no tracing
+    train, _ = datasets.load("fashion_mnist", "train", 64, limit=128)
+    mapped.fit(train, epochs=1, verbose=0)
+    assert _flip_rate(mapped) > 0.01  # the mapper departs from sign(W)
+    return mapped
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, trained_small):
+    """A train.py run directory: config.json and the baked lns model (sign: a stand-in)."""
+    run = tmp_path_factory.mktemp("run")
+    (run / "config.json").write_text(json.dumps(
+        {"dataset": "fashion_mnist", "image_size": None, "data_dir": None, "limit": None}
+    ))
+    for arm in ("lns", "sign"):
+        (run / "arms" / arm).mkdir(parents=True)
+    larq_noisy.bake(trained_small).save(run / "arms" / "lns" / "model.h5")
+    (run / "arms" / "sign" / "model.h5").write_bytes(b"")  # listed, never loaded
+    (run / "arms" / "mapped").mkdir()  # an arm still training: no model.h5
+    return run
+
+
+def _float_input_bnn():
+    """A BNN whose first binarized conv takes float inputs: LCE keeps it a float conv."""
+    inputs = tf.keras.Input((8, 8, 3))
+    x = tf.keras.layers.Conv2D(16, 3, padding="same")(inputs)
+    x = lq.layers.QuantConv2D(16, 3, padding="same", kernel_quantizer="ste_sign")(x)
+    x = tf.keras.layers.BatchNormalization()(x)
+    x = lq.layers.QuantConv2D(16, 3, padding="same", input_quantizer="ste_sign",
+                              kernel_quantizer="ste_sign")(x)
+    x = tf.keras.layers.GlobalAveragePooling2D()(x)
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(10, activation="softmax")(x))
+
+
+def test_small_mapped_model_exports_to_binary_convs_that_agree_on_fashion(
+    trained_small, fashion_test_images, tmp_path
+):
+    out = tmp_path / "small.tflite"
+    report = export_model(trained_small, out, verify_images=fashion_test_images,
+                          verify_source="fashion_mnist test", verbose=False)
+
+    convs = export.binarized_convs(trained_small)
+    assert len(convs) == 6
+    assert report["ops"][export.BINARY_CONV_OP] == len(convs) == report["binarized_convs"]
+    assert export.BINARY_CONV_OP not in report["float_ops"]
+    assert report["prepared"] == ["baked"]
+    assert report["agreement"]["images"] == 128
+    assert report["agreement"]["top1_agreement"] >= 0.99
+    assert report["size_ratio"] > 5
+    assert out.read_bytes()[4:8] == b"TFL3" and out.stat().st_size == report["bytes"]
+    assert json.loads((tmp_path / "small.tflite.json").read_text()) == report
+    assert isinstance(convs[0].kernel_quantizer, larq_noisy.NoisyMappedQuantizer)  # untouched
+
+
+def test_mapped_resnet20_exports_every_binarized_conv_as_lce_bconv(tmp_path):
+    tf.keras.utils.set_random_seed(1)
+    mapped = larq_noisy.to_mapped(models.build("resnet20", (32, 32, 3), 10), start="warmup")
+    assert _flip_rate(mapped) > 0.01
+    report = export_model(mapped, tmp_path / "r20.tflite", verify_images=16, verbose=False)
+    assert report["binarized_convs"] == 18
+    assert report["ops"][export.BINARY_CONV_OP] == 18
+    assert report["agreement"]["inputs"] == "16 random inputs"
+    assert report["agreement"]["top1_agreement"] >= 0.99
+    assert report["size_ratio"] > 5
+
+
+def test_a_binarized_conv_left_in_float_fails_loudly_and_writes_nothing(tmp_path):
+    out = tmp_path / "model.tflite"
+    with pytest.raises(VerificationError, match=r"1 LceBconv2d ops .* 2 binarized convs"):
+        export_model(_float_input_bnn(), out, verify_images=0, verbose=False)
+    assert not out.exists() and not (tmp_path / "model.tflite.json").exists()
+
+
+def test_agreement_below_the_threshold_fails_loudly():
+    agreement = {"images": 100, "top1_agreement": 0.95, "max_abs_diff": 0.4}
+    with pytest.raises(VerificationError, match="95.00% of 100 images"):
+        export.check_agreement(agreement, 0.99)
+    export.check_agreement(agreement, 0.95)
+
+
+def test_prepare_bakes_a_mixed_precision_model_then_rebuilds_it_in_float32():
+    policy = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        tf.keras.utils.set_random_seed(2)
+        mapped = larq_noisy.to_mapped(tiny_bnn(), start="warmup")
+        baked_in_training = larq_noisy.bake(mapped)  # as train.py bakes it
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy)
+    prepared, steps = export.prepare_for_export(mapped)
+    assert steps == ["baked", "float32"]
+    assert not larq_noisy.mapped_layers(prepared)
+    assert not export._is_mixed_precision(prepared)
+    for layer in larq_noisy.binarized_layers(baked_in_training):
+        np.testing.assert_array_equal(prepared.get_layer(layer.name).kernel, layer.kernel)
+    x = np.random.default_rng(0).standard_normal((4, 12, 12, 1)).astype("float32")
+    assert prepared.predict(x, verbose=0).dtype == np.float32
+
+
+def test_cli_exports_the_lns_arm_of_a_run(run_dir, capsys):
+    assert main([str(run_dir), "--verify", "64"]) == 0
+    out = run_dir / "arms" / "lns" / "model.tflite"
+    report = json.loads((run_dir / "arms" / "lns" / "model.tflite.json").read_text())
+    assert out.stat().st_size == report["bytes"]
+    assert report["prepared"] == []  # train.py saves baked models
+    assert report["ops"][export.BINARY_CONV_OP] == 6
+    assert report["agreement"]["inputs"] == "64 fashion_mnist test images"
+    assert report["agreement"]["top1_agreement"] >= 0.99
+    assert "6 binarized convs -> 6 LceBconv2d: ok" in capsys.readouterr().out
+
+
+def test_cli_exits_1_and_writes_nothing_when_a_model_file_fails_a_check(tmp_path, capsys):
+    source = tmp_path / "float_input.h5"
+    _float_input_bnn().save(source)
+    assert main([str(source), "--verify", "0"]) == 1
+    assert "verification failed, nothing written" in capsys.readouterr().err
+    assert not (tmp_path / "float_input.tflite").exists()  # the default output
+
+
+def test_missing_test_data_falls_back_to_random_inputs_and_says_so(tmp_path):
+    images, source = export._test_images("cifar10", _float_input_bnn(), 8, data_dir=tmp_path)
+    assert images is None and source == "8 random inputs (cifar10 is not on this machine)"
+
+
+def test_cli_exits_2_on_a_missing_source(tmp_path, capsys):
+    assert main([str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("export: error: ") and "nowhere" in err
+
+
+def test_an_untrained_arm_lists_the_trained_ones(run_dir):
+    for arm in ("mapped", "lns_rho0"):
+        with pytest.raises(ValueError, match=rf"Arm '{arm}' was not trained.*\['lns', 'sign'\]"):
+            export_run(run_dir, arm=arm)
+
+
+def test_a_model_without_binarized_layers_is_refused(tmp_path):
+    inputs = tf.keras.Input(FASHION_SHAPE)
+    x = tf.keras.layers.Flatten()(inputs)
+    plain = tf.keras.Model(inputs, tf.keras.layers.Dense(10)(x), name="plain")
+    with pytest.raises(ValueError, match="'plain' has no binarized layer"):
+        export_model(plain, tmp_path / "plain.tflite", verbose=False)
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "parent_is_a_file", "a_directory"])
+def test_an_unwritable_output_is_refused_before_converting(where, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    out = {
+        "missing_dir": tmp_path / "missing" / "model.tflite",
+        "parent_is_a_file": tmp_path / "file" / "model.tflite",
+        "a_directory": tmp_path,
+    }[where]
+    monkeypatch.setattr(export, "convert", lambda model: pytest.fail("converted"))
+    with pytest.raises(ValueError, match="Output"):
+        export_model(_float_input_bnn(), out, verbose=False)
