@@ -162,7 +162,7 @@ class TrainConfig:
 # --------------------------------------------------------------------------- files
 
 
-def _write_json(path, data) -> None:
+def write_json(path, data) -> None:
     """Write atomically: an interrupted write never loses the previous file."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -170,35 +170,47 @@ def _write_json(path, data) -> None:
     os.replace(tmp, path)
 
 
-def _read_json(path):
+def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def ensure_writable_dir(path: str) -> None:
+    """Create `path` if needed; `ValueError` if nothing can be written there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"Output directory {path!r} is not writable: {error.strerror}.") from error
 
 
 def prepare_output_dir(config: TrainConfig) -> None:
     """Create the output directory, or check that it holds a run with the same settings."""
     out = config.output_dir
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
-        probe.close()
-    except OSError as error:
-        raise ValueError(f"Output directory {out!r} is not writable: {error.strerror}.") from error
+    ensure_writable_dir(out)
     path = os.path.join(out, "config.json")
     current = config.to_json()
-    if os.path.exists(path):
-        saved = _read_json(path)
-        changed = {
-            k: (saved.get(k), v) for k, v in current.items()
-            if k not in _RESUMABLE and saved.get(k) != v
-        }
-        if changed:
-            diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
-            raise ValueError(
-                f"{out!r} holds a run with other settings ({diff}). Resume it with the same "
-                "settings, or choose a new --output-dir."
-            )
-    _write_json(path, current)
+    check_same_settings(path, current, _RESUMABLE, "a run")
+    write_json(path, current)
+
+
+def check_same_settings(path: str, current: dict, resumable, what: str) -> None:
+    """Refuse to resume the `what` saved at `path` with other settings than `current`
+    (those named in `resumable` may change)."""
+    if not os.path.exists(path):
+        return
+    saved = read_json(path)
+    changed = {
+        k: (saved.get(k), v) for k, v in current.items()
+        if k not in resumable and saved.get(k) != v
+    }
+    if changed:
+        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise ValueError(
+            f"{os.path.dirname(path)!r} holds {what} with other settings ({diff}). Resume "
+            "it with the same settings, or choose a new --output-dir."
+        )
 
 
 def pretrained_weights_path(path: str) -> str:
@@ -420,7 +432,7 @@ class _Run:
                  protocol.pretrain_milestones, protocol.pretrain_cosine)
         if self.chief:
             model.save_weights(weights)
-            _write_json(os.path.join(phase_dir, "result.json"),
+            write_json(os.path.join(phase_dir, "result.json"),
                         {"epochs": c.pretrain_epochs, "wall_seconds": time.time() - start})
         else:  # its own copy: the chief may still be writing weights.h5
             weights = os.path.join(tempfile.mkdtemp(), "weights.h5")
@@ -469,7 +481,7 @@ class _Run:
             warnings.filterwarnings("ignore", message="You are saving your model as an HDF5")
             deployable.save(saved, include_optimizer=False)
         if self.chief:
-            _write_json(os.path.join(arm_dir, "result.json"), result)
+            write_json(os.path.join(arm_dir, "result.json"), result)
         self.log(
             f"arm '{arm}': val accuracy {result['val_accuracy']:.4f}, test accuracy "
             f"{result['test_accuracy']:.4f}, flipped {result['flip_rate']:.2%} of the binary "
@@ -497,7 +509,7 @@ class _Run:
     def publish(self, results):
         if not self.chief:
             return
-        _write_json(os.path.join(self.out, "results.json"), results)
+        write_json(os.path.join(self.out, "results.json"), results)
         report.write_results_md(results, os.path.join(self.out, "results.md"))
         report.plot_accuracy(self.out, os.path.join(self.out, "accuracy.png"))
         report.plot_flip_rates(results, os.path.join(self.out, "flip_rates.png"))
@@ -509,7 +521,7 @@ class _Run:
         self.chief = is_chief(self.strategy)
         self.load_data()  # missing data fails here, before any training
         results_path = os.path.join(self.out, "results.json")
-        results = _read_json(results_path) if os.path.exists(results_path) else {}
+        results = read_json(results_path) if os.path.exists(results_path) else {}
         results.update(config=c.to_json(), dataset=c.dataset, model=c.model)
         results.setdefault("arms", {})
 
@@ -526,7 +538,7 @@ class _Run:
             result_path = os.path.join(self.out, "arms", arm, "result.json")
             if os.path.exists(result_path):
                 self.header(f"Phase 2/2: arm '{arm}' already done, skipping")
-                results["arms"][arm] = _read_json(result_path)
+                results["arms"][arm] = read_json(result_path)
             else:
                 results["arms"][arm] = self.finetune(arm, weights, reference)
             if c.export and self.chief:

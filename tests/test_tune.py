@@ -1,0 +1,244 @@
+"""tune.py: a tiny search that train.py can use, resuming, bad inputs, chief + workers."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import tensorflow as tf
+
+import train
+import tune
+from larq_noisy import training, tuning
+from larq_noisy.protocols import get_protocol
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A few steps on a few real images per trial; the linear mapper traces fastest.
+TINY = ["--limit", "64", "--batch-size", "16", "--steps-per-epoch", "2", "--epochs", "1",
+        "--quiet"]
+
+
+def _trials(out):
+    """The keras-tuner trials of a search, by id."""
+    search = os.path.join(out, tuning.PROJECT)
+    trials = {}
+    for name in sorted(os.listdir(search)):
+        path = os.path.join(search, name, "trial.json")
+        if name.startswith("trial_") and os.path.exists(path):
+            with open(path) as f:
+                trial = json.load(f)
+            trials[trial["trial_id"]] = trial
+    return trials
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pretrained") / "run")
+    training.run(training.TrainConfig(
+        dataset="fashion_mnist", arms=(), pretrain_epochs=1, steps_per_epoch=2, limit=64,
+        batch_size=32, output_dir=out, verbose=0,
+    ))
+    return out
+
+
+@pytest.fixture(scope="module")
+def searched(pretrained, tmp_path_factory):
+    """One trial, then the same search resumed with a budget of two."""
+    out = str(tmp_path_factory.mktemp("search") / "tune")
+    argv = TINY + ["--pretrained", pretrained, "--tuner", "random", "--search-mapper",
+                   "linear", "mlp", "--output-dir", out]
+    assert tune.main(argv + ["--max-trials", "1"]) == 0
+    first = _trials(out)
+    stamp = os.path.getmtime(os.path.join(out, tuning.PROJECT, "trial_0", "trial.json"))
+    assert tune.main(argv + ["--max-trials", "2"]) == 0
+    return {"out": out, "first": first, "stamp": stamp}
+
+
+def test_search_writes_best_hparams_table_and_plot(searched):
+    out = searched["out"]
+    with open(os.path.join(out, "best_hparams.json")) as f:
+        best = json.load(f)
+    assert sorted(best) == ["alpha", "mapper", "rho_neg", "rho_pos"]
+    assert 1e-3 <= best["alpha"] <= 10 and 0 <= best["rho_pos"] <= 0.2
+    assert best["rho_pos"] == best["rho_neg"] and best["mapper"] in ("linear", "mlp")
+    trials = _trials(out)
+    assert len(trials) == 2 and all(t["status"] == "COMPLETED" for t in trials.values())
+    top = max(trials.values(), key=lambda t: t["score"])
+    assert best["alpha"] == pytest.approx(top["hyperparameters"]["values"]["alpha"])
+    table = open(os.path.join(out, "trials.md")).read()
+    assert len(re.findall(r"^\| [12] \| ", table, re.M)) == 2
+    assert "validation split" in table and "| rank | trial | alpha | rho | mapper |" in table
+    with open(os.path.join(out, "trials.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_resumes_without_redoing_trials(searched):
+    assert list(searched["first"]) == ["0"]
+    assert sorted(_trials(searched["out"])) == ["0", "1"]
+    trial = os.path.join(searched["out"], tuning.PROJECT, "trial_0", "trial.json")
+    assert os.path.getmtime(trial) == searched["stamp"]
+
+
+def test_train_py_accepts_and_runs_the_best_hparams(searched, pretrained, tmp_path):
+    path = os.path.join(searched["out"], "best_hparams.json")
+    with open(path) as f:
+        best = json.load(f)
+    config = train.parse_args(["--hparams", path, "--output-dir", str(tmp_path / "parsed")])
+    assert (config.alpha, config.rho_pos, config.rho_neg, config.mapper) == (
+        best["alpha"], best["rho_pos"], best["rho_neg"], best["mapper"])
+    out = str(tmp_path / "train")
+    argv = ["--hparams", path, "--pretrained", pretrained, "--arms", "lns",
+            "--finetune-epochs", "1", "--steps-per-epoch", "2", "--limit", "64",
+            "--batch-size", "32", "--quiet", "--output-dir", out]
+    assert train.main(argv) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        quantizer = json.load(f)["arms"]["lns"]["quantizer"]
+    assert quantizer["alpha"] == best["alpha"] and quantizer["mapper"] == best["mapper"]
+
+
+def test_options_become_the_search_space():
+    config, _, _ = tune.parse_args(["--asymmetric-rho", "--search-lr", "--rho-range", "0", "0.3",
+                                    "--alpha-range", "0.01", "5"])
+    space = config.space
+    assert space.alpha == (0.01, 5.0) and space.rho == (0.0, 0.3) and space.asymmetric_rho
+    lr = get_protocol("fashion_mnist").finetune_lr
+    assert space.finetune_lr == pytest.approx((lr / 10, lr * 10))  # a decade either side
+    assert config.tuner == "hyperband" and config.epochs == tuning.SMALL_BUDGET["epochs"]
+    hp = __import__("keras_tuner").HyperParameters()
+    model = tuning.LNSHyperModel(config.train_config(), None, space, 1).build(hp)
+    assert model.optimizer is not None  # compiled, ready for the tuner's fit
+    assert sorted(hp.values) == ["alpha", "finetune_lr", "rho_neg", "rho_pos"]
+    values = {"alpha": 2.0, "rho_pos": 0.1, "rho_neg": 0.2, "finetune_lr": 3e-4}
+    assert space.hparams(values) == values  # every key is a TrainConfig field
+    assert set(values) <= set(training.TrainConfig.__dataclass_fields__)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--alpha-range", "10", "1"], "alpha range 10 1 is inverted"),
+        (["--alpha-range", "0", "1"], "low end must be > 0"),
+        (["--rho-range", "0.3", "0.3"], "rho range 0.3 0.3 is empty"),
+        (["--rho-range", "0", "0.5"], "rho_pos + rho_neg = 1 >= 1"),
+        (["--asymmetric-rho", "--rho-range", "0", "0.6"], "rho_pos + rho_neg = 1.2 >= 1"),
+        (["--rho-range", "-0.1", "0.2"], "reaches below 0"),
+        (["--lr-range", "1e-3", "1e-5"], "finetune_lr range 0.001 1e-05 is inverted"),
+        (["--tuner", "grid"], "invalid choice: 'grid' (choose from 'hyperband', 'bayesian', 'random')"),
+        (["--search-mapper", "gru"], "invalid choice: 'gru'"),
+        (["--search-mapper", "--mapper", "cnn"], "give one or the other"),
+        (["--max-trials", "0"], "max_trials=0 must be >= 1"),
+        (["--pretrained", "/nonexistent/run"], "does not exist"),
+    ],
+)
+def test_bad_arguments_fail_before_any_trial(argv, needle, capsys, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(argv + ["--output-dir", str(out)])
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bayesian_tuner_without_its_packages_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(tuning, "_missing_packages", lambda needs: ["scipy"])
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(["--tuner", "bayesian"])
+    assert exit_info.value.code == 2
+    assert "`pip install scipy`, or choose one of ['hyperband', 'random']" in capsys.readouterr().err
+
+
+def test_incompatible_checkpoints_are_refused_before_any_trial(pretrained, tmp_path, capsys):
+    other = str(tmp_path / "other_model.h5")  # the weights of another model
+    tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(3)]).save_weights(other)
+    out = tmp_path / "search"
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(TINY + ["--pretrained", other, "--output-dir", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert other in err and "does not fit model 'bnn_small'" in err
+    assert not (out / tuning.PROJECT).exists()
+    # A train.py run of another model, told by its config.json: no model is even built.
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(TINY + ["--pretrained", pretrained, "--model", "resnet20",
+                          "--output-dir", str(out)])
+    assert exit_info.value.code == 2
+    assert "trained with model='bnn_small'" in capsys.readouterr().err
+
+
+def test_changed_settings_on_a_resumed_search_are_refused(searched, capsys):
+    argv = TINY + ["--tuner", "random", "--search-mapper", "linear", "mlp",
+                   "--rho-range", "0", "0.1", "--output-dir", searched["out"]]
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(argv)
+    assert exit_info.value.code == 2
+    assert "holds a search with other settings" in capsys.readouterr().err
+
+
+def test_distributed_search_without_checkpoint_does_not_pretrain(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no runs/fashion_mnist here
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "tuner0")
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(TINY + ["--output-dir", str(tmp_path / "search")])
+    assert exit_info.value.code == 2
+    assert "a distributed search does not pretrain" in capsys.readouterr().err
+    assert not (tmp_path / "search" / "pretrain_run").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_chief_and_two_workers_finish_the_search(pretrained, tmp_path):
+    out = tmp_path / "distributed"
+    argv = [sys.executable, "tune.py", *TINY[:-1], "--pretrained", pretrained, "--tuner",
+            "random", "--max-trials", "3", "--mapper", "linear", "--output-dir", str(out)]
+    env = {**os.environ, "KERASTUNER_ORACLE_IP": "127.0.0.1",
+           "KERASTUNER_ORACLE_PORT": str(_free_port()), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    procs, logs = {}, {}
+    try:
+        for tuner_id in ("chief", "tuner0", "tuner1"):
+            logs[tuner_id] = tmp_path / f"{tuner_id}.log"
+            with open(logs[tuner_id], "w") as log:
+                procs[tuner_id] = subprocess.Popen(
+                    argv, cwd=ROOT, env={**env, "KERASTUNER_TUNER_ID": tuner_id},
+                    stdout=log, stderr=subprocess.STDOUT,
+                )
+        deadline = time.time() + 300
+        for tuner_id, proc in procs.items():
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{tuner_id} still running after 300 s:\n{logs[tuner_id].read_text()[-3000:]}")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = {k: v.read_text() for k, v in logs.items()}
+    for tuner_id, proc in procs.items():
+        assert proc.returncode == 0, f"{tuner_id}:\n{text[tuner_id][-3000:]}"
+
+    trials = _trials(out)
+    assert sorted(trials) == ["0", "1", "2"]
+    assert all(t["status"] == "COMPLETED" and t["score"] is not None for t in trials.values())
+    ran = {}
+    for worker in ("tuner0", "tuner1"):
+        match = re.search(rf"worker {worker} ran trials (\[.*\])", text[worker])
+        assert match, text[worker][-3000:]
+        ran[worker] = json.loads(match.group(1).replace("'", '"'))
+        assert ran[worker], f"{worker} ran no trial"
+        assert "best_hparams.json" not in text[worker]
+    assert sorted(ran["tuner0"] + ran["tuner1"]) == ["0", "1", "2"]
+    assert "wrote" in text["chief"] and "best_hparams.json" in text["chief"]
+    with open(out / "best_hparams.json") as f:
+        best = json.load(f)
+    assert best["alpha"] == pytest.approx(
+        max(trials.values(), key=lambda t: t["score"])["hyperparameters"]["values"]["alpha"])

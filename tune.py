@@ -1,0 +1,122 @@
+"""Search LNS' alpha and rho (optionally the mapper and the fine-tuning learning rate).
+
+    python tune.py                                   # offline default: Fashion-MNIST, CPU
+    python tune.py --pretrained runs/fashion_mnist --tuner bayesian --max-trials 20
+    python train.py --hparams tune_runs/fashion_mnist/best_hparams.json
+
+Each trial fine-tunes the `lns` arm from a pretrained sign checkpoint (--pretrained;
+else train.py's runs/<dataset>, else a one-time pretraining) and is scored on the
+validation split. Run the same command again to resume the search. Distributed: set
+KERASTUNER_TUNER_ID (one id containing "chief"), KERASTUNER_ORACLE_IP and
+KERASTUNER_ORACLE_PORT and start the same command once per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import models
+from larq_noisy import datasets, tuning
+from larq_noisy.distribute import STRATEGIES
+from larq_noisy.mappers import MAPPERS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    run = p.add_argument_group("what to tune")
+    run.add_argument("--dataset", default="fashion_mnist", choices=sorted(datasets.DATASETS))
+    run.add_argument("--model", choices=sorted(models.MODELS), help="default: the dataset's")
+    run.add_argument("--pretrained", metavar="PATH",
+                     help="a train.py output dir or its pretrain/weights.h5 (default: "
+                          "runs/<dataset> if pretrained, else pretrain once)")
+    run.add_argument("--output-dir", help="default: tune_runs/<dataset>")
+    run.add_argument("--seed", type=int, default=0)
+
+    s = p.add_argument_group("search")
+    s.add_argument("--tuner", default="hyperband", choices=tuning.TUNERS)
+    s.add_argument("--max-trials", type=int,
+                   help=f"bayesian/random: default {tuning.DEFAULT_MAX_TRIALS}; hyperband: a cap "
+                        "(default: one full Hyperband iteration)")
+    s.add_argument("--epochs", type=int,
+                   help="fine-tuning epochs per trial (hyperband: the most); default "
+                        f"{tuning.SMALL_BUDGET['epochs']} on (fashion_)mnist, else the protocol's")
+    s.add_argument("--steps-per-epoch", type=int,
+                   help=f"default {tuning.SMALL_BUDGET['steps_per_epoch']} on (fashion_)mnist, "
+                        "else full epochs")
+    s.add_argument("--alpha-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                   default=tuning.DEFAULT_ALPHA_RANGE, help="log-uniform (default: %(default)s)")
+    s.add_argument("--rho-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                   default=tuning.DEFAULT_RHO_RANGE, help="uniform (default: %(default)s)")
+    s.add_argument("--asymmetric-rho", action="store_true",
+                   help="search rho_pos and rho_neg separately (default: one rho for both)")
+    s.add_argument("--search-mapper", nargs="*", metavar="KIND", choices=list(MAPPERS),
+                   help=f"also search the mapper kind among KINDs (default: all of {list(MAPPERS)})")
+    s.add_argument("--mapper", choices=list(MAPPERS), help="fix the mapper kind (default: cnn)")
+    s.add_argument("--search-lr", action="store_true",
+                   help="also search the fine-tuning learning rate, log-uniform over a decade "
+                        "either side of the protocol's")
+    s.add_argument("--lr-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                   help="the fine-tuning learning rate range (implies --search-lr)")
+
+    hw = p.add_argument_group("data and hardware")
+    hw.add_argument("--batch-size", type=int, help="global batch size (default: the protocol's)")
+    hw.add_argument("--limit", type=int, help="examples per split, for smoke runs")
+    hw.add_argument("--data-dir", help="tfds data dir (and Fashion-MNIST IDX files)")
+    hw.add_argument("--strategy", default="auto", choices=STRATEGIES)
+    hw.add_argument("--pretrain-epochs", type=int,
+                    help="for the one-time pretraining (default: the protocol's)")
+    hw.add_argument("--pretrain-only", action="store_true",
+                    help="find or make the pretrained checkpoint, print its path and exit")
+    hw.add_argument("--quiet", action="store_true")
+    return p
+
+
+def parse_args(argv=None) -> tuple[tuning.TuneConfig, argparse.Namespace, argparse.ArgumentParser]:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.lr_range is not None:
+        lr_range = tuple(args.lr_range)
+    else:
+        lr_range = "protocol" if args.search_lr else None
+    space = tuning.SearchSpace(
+        alpha=tuple(args.alpha_range),
+        rho=tuple(args.rho_range),
+        asymmetric_rho=args.asymmetric_rho,
+        mappers=None if args.search_mapper is None else tuple(args.search_mapper),
+        finetune_lr=lr_range,
+    )
+    config = tuning.TuneConfig(
+        dataset=args.dataset, model=args.model, pretrained=args.pretrained,
+        output_dir=args.output_dir, tuner=args.tuner, max_trials=args.max_trials,
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+        limit=args.limit, seed=args.seed, strategy=args.strategy, data_dir=args.data_dir,
+        space=space, mapper=args.mapper, pretrain_epochs=args.pretrain_epochs,
+        verbose=0 if args.quiet else 1,
+    )
+    try:
+        config = config.resolved()  # every bad value is reported now, before any work
+    except ValueError as error:
+        p.error(str(error))
+    return config, args, p
+
+
+def main(argv=None) -> int:
+    config, args, p = parse_args(argv)
+    try:
+        if args.pretrain_only:
+            print(tuning.prepare_checkpoint(config))
+            return 0
+        tuning.search(config)
+    except tuning.SetupError as error:  # bad checkpoint, changed settings, missing data
+        p.error(str(error))
+    except RuntimeError as error:  # keras-tuner: too many failed trials in a row
+        print(f"tune.py: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
