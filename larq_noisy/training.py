@@ -155,6 +155,14 @@ class TrainConfig:
         h, w, c = self.spec.image_shape
         return (self.image_size, self.image_size, c) if self.image_size else (h, w, c)
 
+    def load_split(self, split: str):
+        """The batched dataset of `split` ("train", "validation" or "test") for this run."""
+        dataset, _ = datasets.load(
+            self.dataset, split, self.batch_size, seed=self.seed, data_dir=self.data_dir,
+            image_size=self.image_size, limit=self.limit,
+        )
+        return dataset
+
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
@@ -376,13 +384,11 @@ class _Run:
 
     def load_data(self):
         c = self.config
-        common = dict(data_dir=c.data_dir, image_size=c.image_size, limit=c.limit)
-        train, self.train_size = datasets.load(c.dataset, "train", c.batch_size, seed=c.seed, **common)
+        self.train = c.load_split("train")
         if c.steps_per_epoch:
-            train = train.take(c.steps_per_epoch)
-        self.train = train
-        self.validation, _ = datasets.load(c.dataset, "validation", c.batch_size, **common)
-        self.test, _ = datasets.load(c.dataset, "test", c.batch_size, **common)
+            self.train = self.train.take(c.steps_per_epoch)
+        self.validation = c.load_split("validation")
+        self.test = c.load_split("test")
 
     def evaluate(self, model) -> dict:
         scores = {}

@@ -461,12 +461,10 @@ def _check_resume(config: TuneConfig, weights: str) -> None:
 
 
 def _data(config: training.TrainConfig, steps_per_epoch):
-    common = dict(data_dir=config.data_dir, image_size=config.image_size, limit=config.limit)
-    train, _ = datasets.load(config.dataset, "train", config.batch_size, seed=config.seed, **common)
+    train = config.load_split("train")
     if steps_per_epoch:
         train = train.repeat()  # epochs of `steps_per_epoch` steps go on through the data
-    validation, _ = datasets.load(config.dataset, "validation", config.batch_size, **common)
-    return train, validation
+    return train, config.load_split("validation")
 
 
 def _logger(config: TuneConfig, log):
