@@ -37,6 +37,9 @@ class Protocol:
     # The phase ends with a cosine decay instead of steps. [project decision]
     pretrain_cosine: bool = False
     arms: tuple[str, ...] = ("sign", "mapped", "lns")
+    # NoisyMappedQuantizer options of the mapped arms on this dataset, over the
+    # quantizer's own defaults (the paper's CIFAR-10 values); flags and --hparams win.
+    lns: dict = dataclasses.field(default_factory=dict)
     note: str = ""
 
 

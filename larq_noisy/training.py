@@ -53,7 +53,8 @@ class TrainingDiverged(RuntimeError):
 @dataclasses.dataclass
 class TrainConfig:
     """Every setting of a run. `None` means the dataset's protocol default
-    (`protocols.PROTOCOLS`) or, for the LNS options, `NoisyMappedQuantizer`'s default."""
+    (`protocols.PROTOCOLS`, including its `lns` options) or else, for the LNS options,
+    `NoisyMappedQuantizer`'s default."""
 
     dataset: str = "fashion_mnist"
     model: str | None = None
@@ -97,6 +98,9 @@ class TrainConfig:
             if getattr(filled, field) is None:
                 setattr(filled, field, getattr(protocol, field))
         filled.arms = tuple(filled.arms)
+        for option, value in protocol.lns.items():  # recorded in config.json, so checked on resume
+            if getattr(filled, option) is None:
+                setattr(filled, option, value)
         filled.validate()
         return filled
 

@@ -36,3 +36,25 @@ def test_cosine_pretraining_starts_at_the_rate_and_decays():
 def test_unknown_dataset_names_the_choices():
     with pytest.raises(ValueError, match="'svhn'.*cifar10"):
         get_protocol("svhn")
+
+
+@pytest.mark.parametrize("dataset", sorted(PROTOCOLS))
+def test_lns_defaults_are_valid_options(dataset):
+    from larq_noisy.quantizers import check_options
+
+    check_options(**get_protocol(dataset).lns)
+
+
+def test_lns_defaults_fill_the_config_and_flags_win(monkeypatch):
+    import dataclasses
+
+    from larq_noisy.training import TrainConfig
+
+    protocol = dataclasses.replace(PROTOCOLS["mnist"], lns={"alpha": 0.25, "mapper": "mlp"})
+    monkeypatch.setitem(PROTOCOLS, "mnist", protocol)
+    config = TrainConfig(dataset="mnist", rho_pos=0.1, rho_neg=0.1).resolved()
+    assert (config.alpha, config.mapper) == (0.25, "mlp")  # in config.json: checked on resume
+    assert config.quantizer_options("lns") == {"alpha": 0.25, "mapper": "mlp", "rho_pos": 0.1,
+                                               "rho_neg": 0.1}
+    assert config.quantizer_options("mapped")["alpha"] == 0.0  # the arm's own option wins
+    assert TrainConfig(dataset="mnist", alpha=2.0).resolved().alpha == 2.0  # a flag wins

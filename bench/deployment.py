@@ -1,0 +1,99 @@
+"""Deployment: binary against float TFLite, size and latency, per model.
+
+Each model is built with LNS mappers (`to_mapped`), exported the way train.py --export
+does (`larq_noisy.export.export_model`: bake, convert with Larq Compute Engine, check
+that every binarized conv is an `LceBconv2d` and that LCE agrees with Keras), and
+compared with its float twin (the same network with the quantizers removed). Latency
+is the median of batch-1 inferences through LCE's Python interpreter on this machine.
+Sizes and op counts do not depend on the weights, so untrained models stand in;
+`--run` adds a trained train.py run, verified on its real test images.
+
+    .venv/bin/python bench/deployment.py                  # ~4 min on 2 CPU cores
+    .venv/bin/python bench/deployment.py --run bench_runs/accuracy/seed0/arms --threads 1 2
+
+LCE's optimized binary kernels target ARM (aarch64); on x86 they fall back to portable
+code, so measure the device itself with LCE's `lce_benchmark_model` (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+import models  # noqa: E402
+from larq_noisy import export, to_mapped  # noqa: E402
+
+#: model, input shape, classes
+MODELS = {
+    "bnn_small": ((28, 28, 1), 10),
+    "resnet20": ((32, 32, 3), 10),
+    "birealnet18": ((224, 224, 3), 1000),
+}
+
+
+def export_untrained(name: str, threads: int, out_dir: str) -> dict:
+    shape, classes = MODELS[name]
+    tf.keras.utils.set_random_seed(0)
+    model = to_mapped(models.build(name, shape, classes))
+    return export.export_model(model, os.path.join(out_dir, f"{name}.tflite"), verify_images=16,
+                               threads=threads, benchmark=True, verbose=False)
+
+
+def row(label: str, threads: int, r: dict) -> str:
+    b = r["benchmark"]
+    agreement = r["agreement"]
+    return (f"| {label} | {r['ops'].get(export.BINARY_CONV_OP, 0)}/{r['binarized_convs']} | "
+            f"{r['bytes'] / 1024:,.1f} | {r['float_bytes'] / 1024:,.1f} | {r['size_ratio']:.1f}x | "
+            f"{threads} | {b['binary']['median_ms']:.2f} | {b['float']['median_ms']:.2f} | "
+            f"{b['float']['median_ms'] / b['binary']['median_ms']:.2f}x | "
+            f"{100 * agreement['top1_agreement']:.1f}% of {agreement['images']} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--run", help="also export this train.py run's lns arm (real test images)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1])
+    p.add_argument("--json", help="also write the reports to this file")
+    args = p.parse_args()
+    if args.run and not os.path.isdir(os.path.join(args.run, "arms", "lns")):
+        p.error(f"--run {args.run!r} has no finished lns arm (arms/lns/)")
+
+    out_dir = tempfile.mkdtemp(prefix="deployment-")
+    reports, lines = {}, [
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, LCE interpreter, batch 1, median of "
+        f"{export.BENCHMARK_RUNS} runs",
+        "",
+        "| model | LceBconv2d / binarized convs | binary KiB | float KiB | smaller | threads "
+        "| binary ms | float ms | speed-up | top-1 agreement with Keras |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for threads in args.threads:
+        for name in args.models:
+            report = export_untrained(name, threads, out_dir)
+            reports[f"{name}/{threads}"] = report
+            lines.append(row(f"{name} (untrained)", threads, report))
+            print(lines[-1], flush=True)
+        if args.run:
+            report = export.export_run(args.run, os.path.join(out_dir, "run.tflite"), arm="lns",
+                                       threads=threads, benchmark=True, verbose=False)
+            reports[f"run/{threads}"] = report
+            lines.append(row(f"{report['model']} (trained, `{args.run}`)", threads, report))
+            print(lines[-1], flush=True)
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(reports, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Is training input-bound? Input-pipeline throughput against model throughput.
+
+1. The training split exactly as train.py reads it (`larq_noisy.datasets.load`: decode,
+   augmentation, shuffle, batch, prefetch), iterated alone: images/s it can deliver.
+2. Training-step throughput of the dataset's default model fed from memory (one cached
+   batch), with sign kernels and with the LNS mapper: images/s the model can consume.
+If (1) is well above (2) the accelerator never waits for data.
+
+    .venv/bin/python bench/input_pipeline.py                        # Fashion-MNIST, ~3 min
+    .venv/bin/python bench/input_pipeline.py --dataset imagenet2012 --data-dir /data/tfds
+
+Offline only Fashion-MNIST (and MNIST) have real data here; run the ImageNet line on the
+machine that holds the prepared tfds data, where JPEG decoding is what matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import models  # noqa: E402
+from larq_noisy import datasets, to_mapped  # noqa: E402
+from larq_noisy.protocols import get_protocol  # noqa: E402
+
+
+def pipeline_throughput(args, batch_size: int) -> float:
+    """Images/s of iterating the training split, after `--warmup` batches."""
+    dataset, _ = datasets.load(args.dataset, "train", batch_size, data_dir=args.data_dir)
+    iterator = iter(dataset.repeat())
+    for _ in range(args.warmup):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        next(iterator)
+    return args.steps * batch_size / (time.perf_counter() - start)
+
+
+def model_throughput(args, batch_size: int, mapper: str | None) -> float:
+    """Training images/s of the default model on one in-memory batch."""
+    spec = datasets.get_spec(args.dataset)
+    protocol = get_protocol(args.dataset)
+    tf.keras.utils.set_random_seed(0)
+    model = models.build(protocol.model, spec.image_shape, spec.num_classes)
+    if mapper:
+        model = to_mapped(model, mapper=mapper)
+    model.compile(tf.keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
+    dataset, _ = datasets.load(args.dataset, "train", batch_size, data_dir=args.data_dir)
+    batch = next(iter(dataset))
+    data = tf.data.Dataset.from_tensors(batch).repeat()
+    model.fit(data, steps_per_epoch=args.warmup, epochs=1, verbose=0)  # tracing
+    start = time.perf_counter()
+    model.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0)
+    return args.steps * batch_size / (time.perf_counter() - start)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion_mnist", choices=sorted(datasets.DATASETS))
+    p.add_argument("--data-dir")
+    p.add_argument("--batch-size", type=int, help="default: the dataset's protocol")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--json", help="also write the figures to this file")
+    args = p.parse_args()
+    batch_size = args.batch_size or get_protocol(args.dataset).batch_size
+    datasets.load(args.dataset, "train", batch_size, data_dir=args.data_dir)  # missing data: now
+
+    model = get_protocol(args.dataset).model
+    report = {"machine": f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}",
+              "dataset": args.dataset, "model": model, "batch_size": batch_size,
+              "pipeline": pipeline_throughput(args, batch_size),
+              "model_sign": model_throughput(args, batch_size, None),
+              "model_lns_cnn": model_throughput(args, batch_size, "cnn")}
+    print(f"{args.dataset}, batch {batch_size} ({report['machine']}), images/s:")
+    print(f"  input pipeline alone          {report['pipeline']:>10,.0f}")
+    print(f"  {model} training, sign      {report['model_sign']:>10,.0f}")
+    print(f"  {model} training, cnn mapper{report['model_lns_cnn']:>10,.0f}")
+    fastest = max(report["model_sign"], report["model_lns_cnn"])
+    print(f"  pipeline / faster model       {report['pipeline'] / fastest:>10.1f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
