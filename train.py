@@ -53,7 +53,8 @@ def parse_args(argv=None) -> training.TrainConfig:
     sched.add_argument("--lr", type=float, help="pretraining learning rate")
     sched.add_argument("--finetune-lr", type=float)
 
-    lns = p.add_argument_group("LNS (default: larq_noisy.NoisyMappedQuantizer's)")
+    lns = p.add_argument_group(
+        "LNS (default: the dataset's protocol, else larq_noisy.NoisyMappedQuantizer's)")
     lns.add_argument("--alpha", type=float, help="weight of the noisy-supervision loss")
     lns.add_argument("--rho", type=float, help="sets both --rho-pos and --rho-neg")
     lns.add_argument("--rho-pos", type=float)

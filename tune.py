@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search rho_pos and rho_neg separately (default: one rho for both)")
     s.add_argument("--search-mapper", nargs="*", metavar="KIND", choices=list(MAPPERS),
                    help=f"also search the mapper kind among KINDs (default: all of {list(MAPPERS)})")
-    s.add_argument("--mapper", choices=list(MAPPERS), help="fix the mapper kind (default: cnn)")
+    s.add_argument("--mapper", choices=list(MAPPERS),
+                   help="fix the mapper kind (default: the dataset's protocol)")
     s.add_argument("--search-lr", action="store_true",
                    help="also search the fine-tuning learning rate, log-uniform over a decade "
                         "either side of the protocol's")

@@ -4,20 +4,23 @@ Every run is train.py's protocol for `--dataset` (default Fashion-MNIST with its
 model), one pretraining per seed and every arm fine-tuned from that checkpoint:
 
     arms       baseline / sign / mapped / lns_rho0 / lns, with tune.py's best alpha
-               and rho (--hparams) or else the paper's (alpha 1, rho 0.005)
-    paper      lns with the paper's alpha 1, rho 0.005 (when --hparams is given)
+               and rho (--hparams) or else the paper's (alpha 1, rho 0.005), and the
+               dataset protocol's mapper (or --mapper)
+    paper      lns with the paper's alpha 1, rho 0.005
     mean       lns with the paper's alpha and rho, reduction="mean" instead of "sum"
     warmup     lns with the paper's start: a plain mapper, warmed up alone first
-    mlp        lns with the mlp mapper
-    linear     lns with the linear mapper
+    cnn, mlp, linear   lns with that mapper
+A study that would repeat the main lns arm (same options) is skipped.
 
     .venv/bin/python tune.py --quiet      # tune_runs/fashion_mnist/best_hparams.json
     .venv/bin/python bench/accuracy.py --hparams tune_runs/fashion_mnist/best_hparams.json
+    .venv/bin/python bench/accuracy.py --hparams tune_runs/fashion_mnist/best_hparams.json \
+        --mapper cnn                     # docs/RESULTS.md's figures (before linear became the default)
     .venv/bin/python bench/accuracy.py --seeds 0 1 --studies arms    # a subset
     .venv/bin/python bench/accuracy.py --dataset cifar10 --data-dir /data/tfds \
         --studies arms --strategy mirrored --mixed-precision              # the paper's table, GPUs
 
-About 12 min per seed for every study on 2 CPU cores. Each run is a train.py output
+About 17 min per seed for every study on 2 CPU cores (the arms 9, each ablation 1.5). Each run is a train.py output
 directory under --output-dir (seed<N>/<study>), so an interrupted benchmark resumes
 where it stopped; `--report-only` redoes the tables and plots from what is there.
 """
@@ -41,6 +44,7 @@ import numpy as np  # noqa: E402
 
 from larq_noisy import datasets, training  # noqa: E402
 from larq_noisy.distribute import STRATEGIES  # noqa: E402
+from larq_noisy.mappers import MAPPERS  # noqa: E402
 
 PAPER = {"alpha": 1.0, "rho_pos": 0.005, "rho_neg": 0.005}
 MAIN_ARMS = ("sign", "mapped", "lns_rho0", "lns")
@@ -50,6 +54,7 @@ STUDIES = {
     "paper": {**PAPER},
     "mean": {**PAPER, "reduction": "mean"},
     "warmup": {"start": "warmup", "warmup_epochs": 1},
+    "cnn": {"mapper": "cnn"},
     "mlp": {"mapper": "mlp"},
     "linear": {"mapper": "linear"},
 }
@@ -62,6 +67,7 @@ TITLES = {
     "paper": "LNS, paper's alpha 1, rho 0.005, sum",
     "mean": "LNS, paper's alpha 1, rho 0.005, reduction mean",
     "warmup": "LNS, warm-up start (1 epoch, mapper alone)",
+    "cnn": "LNS, cnn mapper (the paper's)",
     "mlp": "LNS, mlp mapper",
     "linear": "LNS, linear mapper",
 }
@@ -81,7 +87,7 @@ def configs(args, lns: dict) -> dict[tuple[int, str], training.TrainConfig]:
             output_dir=os.path.join(args.output_dir, f"seed{seed}", "arms"),
         )
     for study in args.studies:
-        if study == "arms" or (study == "paper" and lns == PAPER):
+        if study == "arms" or _repeats_main(out[args.seeds[0], "arms"], STUDIES[study]):
             continue
         for seed in args.seeds:
             main = out[seed, "arms"]
@@ -90,6 +96,23 @@ def configs(args, lns: dict) -> dict[tuple[int, str], training.TrainConfig]:
                 output_dir=os.path.join(args.output_dir, f"seed{seed}", study),
             )
     return out
+
+
+def _repeats_main(main: training.TrainConfig, options: dict) -> bool:
+    try:
+        resolved = dataclasses.replace(main, pretrained=None).resolved()
+    except ValueError:  # reported by main() with the other bad values
+        return False
+    return all(getattr(resolved, k) == v for k, v in options.items())
+
+
+def lns_options(main: training.TrainConfig) -> dict:
+    """The main lns arm's alpha, rho and mapper, whoever set them."""
+    from larq_noisy import NoisyMappedQuantizer
+
+    resolved = dataclasses.replace(main, pretrained=None).resolved()
+    options = {**NoisyMappedQuantizer().get_config(), **resolved.quantizer_options("lns")}
+    return {k: options[k] for k in ("alpha", "rho_pos", "rho_neg", "mapper")}
 
 
 def collect(runs) -> dict[str, dict[int, dict]]:
@@ -169,18 +192,36 @@ def plot(rows, names, path, title):
     plt.close(fig)
 
 
-def report(runs, lns, args) -> dict:
+def plot_paired(comparisons, path, title):
+    """Per-seed differences `a - b`: the seed-to-seed spread of pretraining cancels out."""
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(comparisons) + 1.6))
+    for i, c in enumerate(comparisons):
+        ax.plot(c["diff"], np.full(len(c["diff"]), i), "o", alpha=0.55, color="C0")
+        ax.errorbar(c["mean"], i, xerr=c["std"], fmt="D", color="C3", capsize=4)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(comparisons)))
+    ax.set_yticklabels([f"{c['a']} - {c['b']}" for c in comparisons], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("test accuracy difference, points (dots: seeds; diamond: mean +- std)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(runs, args) -> dict:
     rows = collect(runs)
     main_rows = ["baseline", *MAIN_ARMS]
     ablations = ["lns", *[s for s in args.studies if s in STUDIES]]
     comparisons = [paired(rows, a, b) for a, b in
                    [("lns", "sign"), ("lns", "mapped"), ("lns", "lns_rho0"), ("sign", "baseline"),
                     *[(s, "lns") for s in STUDIES]]]
-    summary = {"lns_options": lns, "rows": {k: {str(s): r for s, r in v.items()} for k, v in rows.items()},
+    summary = {"lns_options": lns_options(next(iter(runs.values()))), "rows": {k: {str(s): r for s, r in v.items()} for k, v in rows.items()},
                "paired": [c for c in comparisons if c]}
     os.makedirs(args.output_dir, exist_ok=True)
     training.write_json(os.path.join(args.output_dir, "summary.json"), summary)
-    text = [f"lns options: {lns}", "", table(rows, main_rows), "", table(rows, ablations), "",
+    text = [f"lns options: {summary['lns_options']}", "", table(rows, main_rows), "", table(rows, ablations), "",
             "Paired differences of test accuracy (same seed, same pretrained checkpoint):", ""]
     for c in summary["paired"]:
         text.append(f"- {c['a']} - {c['b']}: {c['mean']:+.2f} +- {c['std']:.2f} points "
@@ -196,6 +237,10 @@ def report(runs, lns, args) -> dict:
              f"{model} on {args.dataset}: arms over seeds")
         plot(rows, ablations, os.path.join(args.plots, f"accuracy_ablations_{args.dataset}.png"),
              f"{model} on {args.dataset}: LNS variants over seeds")
+        if summary["paired"]:
+            plot_paired(summary["paired"],
+                        os.path.join(args.plots, f"accuracy_paired_{args.dataset}.png"),
+                        f"{model} on {args.dataset}: paired differences, same seed and checkpoint")
     return summary
 
 
@@ -206,6 +251,8 @@ def main(argv=None):
     p.add_argument("--studies", nargs="+", choices=["arms", *STUDIES], default=["arms", *STUDIES])
     p.add_argument("--hparams", metavar="FILE",
                    help="tune.py's best_hparams.json for the lns arm (default: the paper's)")
+    p.add_argument("--mapper", choices=list(MAPPERS), help="the main arms' mapper "
+                   "(default: --hparams', else the dataset protocol's)")
     p.add_argument("--output-dir", default="bench_runs/accuracy")
     p.add_argument("--plots", default="docs", help="where the PNG files go ('' for none)")
     p.add_argument("--data-dir")
@@ -218,7 +265,7 @@ def main(argv=None):
     p.add_argument("--verbose", type=int, default=0)
     args = p.parse_args(argv)
 
-    lns = dict(PAPER)
+    lns = {}  # the dataset protocol's options, else the quantizer's (the paper's)
     if args.hparams:
         try:
             tuned = training.read_json(args.hparams)
@@ -227,6 +274,8 @@ def main(argv=None):
         if "rho" in tuned:
             tuned["rho_pos"] = tuned["rho_neg"] = tuned.pop("rho")
         lns = {k: tuned[k] for k in ("alpha", "rho_pos", "rho_neg", "mapper") if k in tuned}
+    if args.mapper:
+        lns["mapper"] = args.mapper
     runs = configs(args, lns)
     for config in runs.values():  # every bad value before the first run starts
         try:  # (an ablation's checkpoint is made by its seed's main study)
@@ -240,8 +289,8 @@ def main(argv=None):
             print(f"== seed {seed}, {study}: {config.output_dir}", flush=True)
             training.run(config)
             tf.keras.backend.clear_session()
-            report(runs, lns, args)  # the tables so far, after every run
-    report(runs, lns, args)
+            report(runs, args)  # the tables so far, after every run
+    report(runs, args)
 
 
 if __name__ == "__main__":

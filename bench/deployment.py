@@ -44,8 +44,11 @@ def export_untrained(name: str, threads: int, out_dir: str) -> dict:
     shape, classes = MODELS[name]
     tf.keras.utils.set_random_seed(0)
     model = to_mapped(models.build(name, shape, classes))
+    # An untrained model's outputs on random inputs are near ties (1000 classes: ~0.001
+    # each), so float rounding flips top-1 classes: report the agreement, don't enforce it.
     return export.export_model(model, os.path.join(out_dir, f"{name}.tflite"), verify_images=16,
-                               threads=threads, benchmark=True, verbose=False)
+                               min_agreement=0.0, threads=threads, benchmark=True,
+                               verbose=False)
 
 
 def row(label: str, threads: int, r: dict) -> str:
@@ -55,7 +58,8 @@ def row(label: str, threads: int, r: dict) -> str:
             f"{r['bytes'] / 1024:,.1f} | {r['float_bytes'] / 1024:,.1f} | {r['size_ratio']:.1f}x | "
             f"{threads} | {b['binary']['median_ms']:.2f} | {b['float']['median_ms']:.2f} | "
             f"{b['float']['median_ms'] / b['binary']['median_ms']:.2f}x | "
-            f"{100 * agreement['top1_agreement']:.1f}% of {agreement['images']} |")
+            f"{100 * agreement['top1_agreement']:.1f}% of {agreement['images']} "
+            f"(max abs diff {agreement['max_abs_diff']:.2g}) |")
 
 
 def main():

@@ -3,7 +3,7 @@
 1. The training split exactly as train.py reads it (`larq_noisy.datasets.load`: decode,
    augmentation, shuffle, batch, prefetch), iterated alone: images/s it can deliver.
 2. Training-step throughput of the dataset's default model fed from memory (one cached
-   batch), with sign kernels and with the LNS mapper: images/s the model can consume.
+   batch), with sign kernels and with each LNS mapper kind: images/s it can consume.
 If (1) is well above (2) the accelerator never waits for data.
 
     .venv/bin/python bench/input_pipeline.py                        # Fashion-MNIST, ~3 min
@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import models  # noqa: E402
-from larq_noisy import datasets, to_mapped  # noqa: E402
+from larq_noisy import MAPPERS, datasets, to_mapped  # noqa: E402
 from larq_noisy.protocols import get_protocol  # noqa: E402
 
 
@@ -78,14 +78,15 @@ def main():
     report = {"machine": f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}",
               "dataset": args.dataset, "model": model, "batch_size": batch_size,
               "pipeline": pipeline_throughput(args, batch_size),
-              "model_sign": model_throughput(args, batch_size, None),
-              "model_lns_cnn": model_throughput(args, batch_size, "cnn")}
+              "model": {kind: model_throughput(args, batch_size, None if kind == "sign" else kind)
+                        for kind in ("sign", *MAPPERS)}}
     print(f"{args.dataset}, batch {batch_size} ({report['machine']}), images/s:")
-    print(f"  input pipeline alone          {report['pipeline']:>10,.0f}")
-    print(f"  {model} training, sign      {report['model_sign']:>10,.0f}")
-    print(f"  {model} training, cnn mapper{report['model_lns_cnn']:>10,.0f}")
-    fastest = max(report["model_sign"], report["model_lns_cnn"])
-    print(f"  pipeline / faster model       {report['pipeline'] / fastest:>10.1f}x")
+    print(f"  {'input pipeline alone':<34}{report['pipeline']:>10,.0f}")
+    for kind, throughput in report["model"].items():
+        label = f"{model} training, {kind}" + (" mapper" if kind != "sign" else "")
+        print(f"  {label:<34}{throughput:>10,.0f}")
+    fastest = max(report["model"].values())
+    print(f"  {'pipeline / fastest model':<34}{report['pipeline'] / fastest:>10.1f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

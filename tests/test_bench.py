@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pytest
 
+from larq_noisy.protocols import get_protocol
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -45,7 +47,8 @@ def test_report_statistics_and_paired_differences(accuracy, tmp_path, capsys):
     accuracy.main(["--report-only", "--output-dir", str(out), "--plots", str(tmp_path / "png"),
                    "--seeds", "0", "1", "2", "--studies", "arms", "warmup"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["lns_options"] == accuracy.PAPER  # no --hparams: the paper's values
+    fashion = get_protocol("fashion_mnist").lns  # no --hparams: the protocol's options
+    assert summary["lns_options"] == {"mapper": "cnn", **accuracy.PAPER, **fashion}
     assert sorted(summary["rows"]) == ["baseline", "lns", "sign", "warmup"]
 
     text = (out / "summary.md").read_text()
@@ -64,6 +67,7 @@ def test_report_statistics_and_paired_differences(accuracy, tmp_path, capsys):
     assert ("mapped", "sign") not in paired and ("lns", "mapped") not in paired  # no data
     assert (tmp_path / "png" / "accuracy_arms_fashion_mnist.png").stat().st_size > 0
     assert (tmp_path / "png" / "accuracy_ablations_fashion_mnist.png").stat().st_size > 0
+    assert (tmp_path / "png" / "accuracy_paired_fashion_mnist.png").stat().st_size > 0
     assert "lns - sign: +0.27" in capsys.readouterr().out
 
 
@@ -73,10 +77,29 @@ def test_tuned_hparams_feed_the_lns_arm_and_bad_files_are_refused(accuracy, tmp_
     accuracy.main(["--report-only", "--output-dir", str(tmp_path / "r"), "--plots", "",
                    "--hparams", str(hparams), "--seeds", "3"])
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert summary["lns_options"] == {"alpha": 0.01, "rho_pos": 0.1, "rho_neg": 0.1}
+    mapper = get_protocol("fashion_mnist").lns.get("mapper", "cnn")  # not in the file
+    assert summary["lns_options"] == {"alpha": 0.01, "rho_pos": 0.1, "rho_neg": 0.1,
+                                      "mapper": mapper}
     assert summary["rows"] == {}  # nothing has run yet
 
     hparams.write_text(json.dumps({"alpha": -1.0}))  # refused before any training
     with pytest.raises(SystemExit):
         accuracy.main(["--output-dir", str(tmp_path / "r"), "--hparams", str(hparams)])
     assert "alpha=-1.0 must be a number >= 0" in capsys.readouterr().err
+
+
+def test_a_study_that_repeats_the_main_arm_is_skipped(accuracy, tmp_path):
+    import argparse
+
+    def studies(lns):
+        args = argparse.Namespace(
+            dataset="fashion_mnist", data_dir=None, verbose=0, limit=None, steps_per_epoch=None,
+            pretrain_epochs=None, strategy="auto", mixed_precision=False, seeds=[0, 1],
+            output_dir=str(tmp_path), studies=["arms", *accuracy.STUDIES])
+        runs = accuracy.configs(args, lns)
+        assert (1, "arms") in runs  # every seed's main study
+        return {study for _, study in runs}
+
+    assert studies(dict(accuracy.PAPER, mapper="cnn")) == {"arms", "mean", "warmup", "mlp", "linear"}
+    assert studies({"mapper": "mlp", "alpha": 0.5}) == {"arms", "paper", "mean", "warmup", "cnn",
+                                                        "linear"}

@@ -13,6 +13,7 @@ from conftest import mocked_tfds
 
 import train
 from larq_noisy import training
+from larq_noisy.protocols import get_protocol
 
 # A smoke run of the offline default: a few steps on a few hundred real images.
 SMOKE = [
@@ -170,7 +171,8 @@ def test_unwritable_output_and_missing_data_get_clear_messages(tmp_path, capsys)
 def test_changed_settings_on_a_resumed_run_are_refused(full_run, capsys):
     argv = SMOKE + ["--arms", "lns", "--alpha", "3", "--output-dir", full_run]
     assert train.main(argv) == 2
-    assert "alpha: None -> 3.0" in capsys.readouterr().err
+    recorded = get_protocol("fashion_mnist").lns.get("alpha")  # the protocol's, in config.json
+    assert f"alpha: {recorded} -> 3.0" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_what_was_written(full_run, tmp_path, capsys):
