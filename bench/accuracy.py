@@ -173,41 +173,37 @@ def paired(rows, a, b, key="test_accuracy") -> dict | None:
             "wins": int((diff > 0).sum()), "p_value": float(test.pvalue)}
 
 
-def plot(rows, names, path, title):
-    names = [n for n in names if n in rows]
-    fig, ax = plt.subplots(figsize=(8, 0.55 * len(names) + 1.6))
-    for i, name in enumerate(names):
-        values = 100 * np.array([r["test_accuracy"] for r in rows[name].values()])
-        ax.plot(values, np.full_like(values, i), "o", alpha=0.55, color="C0")
+def strip_plot(series: dict, path, title, xlabel, zero_line=False):
+    """One row per `{label: values}`: the seeds as dots, their mean +- std as a diamond."""
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(series) + 1.6))
+    for i, values in enumerate(series.values()):
+        values = np.asarray(values)
+        ax.plot(values, np.full(len(values), i), "o", alpha=0.55, color="C0")
         ax.errorbar(values.mean(), i, xerr=values.std(ddof=1) if len(values) > 1 else 0,
                     fmt="D", color="C3", capsize=4)
-    ax.set_yticks(range(len(names)))
-    ax.set_yticklabels([TITLES.get(n, n).replace("`", "") for n in names], fontsize=8)
+    if zero_line:
+        ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(series)))
+    ax.set_yticklabels(list(series), fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("test accuracy % (dots: seeds; diamond: mean +- std)")
+    ax.set_xlabel(f"{xlabel} (dots: seeds; diamond: mean +- std)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot(rows, names, path, title):
+    series = {TITLES.get(n, n).replace("`", ""): [100 * r["test_accuracy"] for r in rows[n].values()]
+              for n in names if n in rows}
+    strip_plot(series, path, title, "test accuracy %")
 
 
 def plot_paired(comparisons, path, title):
     """Per-seed differences `a - b`: the seed-to-seed spread of pretraining cancels out."""
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(comparisons) + 1.6))
-    for i, c in enumerate(comparisons):
-        ax.plot(c["diff"], np.full(len(c["diff"]), i), "o", alpha=0.55, color="C0")
-        ax.errorbar(c["mean"], i, xerr=c["std"], fmt="D", color="C3", capsize=4)
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(range(len(comparisons)))
-    ax.set_yticklabels([f"{c['a']} - {c['b']}" for c in comparisons], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("test accuracy difference, points (dots: seeds; diamond: mean +- std)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    series = {f"{c['a']} - {c['b']}": c["diff"] for c in comparisons}
+    strip_plot(series, path, title, "test accuracy difference, points", zero_line=True)
 
 
 def report(runs, args) -> dict:
