@@ -98,9 +98,15 @@ def configs(args, lns: dict) -> dict[tuple[int, str], training.TrainConfig]:
     return out
 
 
+def _resolved(config: training.TrainConfig) -> training.TrainConfig:
+    """`config.resolved()` before any run: an ablation's checkpoint is made by its
+    seed's main study, so it is not checked here."""
+    return dataclasses.replace(config, pretrained=None).resolved()
+
+
 def _repeats_main(main: training.TrainConfig, options: dict) -> bool:
     try:
-        resolved = dataclasses.replace(main, pretrained=None).resolved()
+        resolved = _resolved(main)
     except ValueError:  # reported by main() with the other bad values
         return False
     return all(getattr(resolved, k) == v for k, v in options.items())
@@ -110,7 +116,7 @@ def lns_options(main: training.TrainConfig) -> dict:
     """The main lns arm's alpha, rho and mapper, whoever set them."""
     from larq_noisy import NoisyMappedQuantizer
 
-    resolved = dataclasses.replace(main, pretrained=None).resolved()
+    resolved = _resolved(main)
     options = {**NoisyMappedQuantizer().get_config(), **resolved.quantizer_options("lns")}
     return {k: options[k] for k in ("alpha", "rho_pos", "rho_neg", "mapper")}
 
@@ -274,8 +280,8 @@ def main(argv=None):
         lns["mapper"] = args.mapper
     runs = configs(args, lns)
     for config in runs.values():  # every bad value before the first run starts
-        try:  # (an ablation's checkpoint is made by its seed's main study)
-            dataclasses.replace(config, pretrained=None).resolved()
+        try:
+            _resolved(config)
         except ValueError as error:
             p.error(str(error))
     if not args.report_only:
