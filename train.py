@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-import models
-from larq_noisy import datasets, export, training
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ notices: nothing to act on
+
+import models  # noqa: E402
+from larq_noisy import datasets, errors, training
 from larq_noisy.distribute import STRATEGIES
 from larq_noisy.mappers import MAPPERS
 from larq_noisy.protocols import ARMS
-from larq_noisy.quantizers import LABELS, REDUCTIONS, STARTS
+from larq_noisy.quantizers import CLIPS, LABELS, REDUCTIONS, STARTS
 
 
 def parse_args(argv=None) -> training.TrainConfig:
@@ -39,7 +42,8 @@ def parse_args(argv=None) -> training.TrainConfig:
     run.add_argument("--export", action="store_true",
                      help="convert each arm with Larq Compute Engine and verify it "
                           "(arms/<arm>/model.tflite, as python -m larq_noisy.export)")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0,
+                     help="seeds the data order, augmentation and initialisation (>= 0)")
 
     sched = p.add_argument_group("schedule (default: the dataset's protocol)")
     sched.add_argument("--pretrain-epochs", type=int)
@@ -64,6 +68,14 @@ def parse_args(argv=None) -> training.TrainConfig:
     lns.add_argument("--start", choices=STARTS)
     lns.add_argument("--labels", choices=LABELS)
     lns.add_argument("--reduction", choices=REDUCTIONS)
+    lns.add_argument("--clip", choices=CLIPS,
+                     help="hardtanh: t = clip(f(W)) (the paper); none: t = f(W), no dead zone")
+    lns.add_argument("--aux-to-latent", action=argparse.BooleanOptionalAction,
+                     help="whether the noisy-supervision loss also trains the latent "
+                          "weights W (the paper) or the mapper only")
+    bop = p.add_argument_group("Bop (the bop arm; default: larq's)")
+    bop.add_argument("--bop-threshold", type=float, help="flip threshold tau")
+    bop.add_argument("--bop-gamma", type=float, help="adaptivity rate of the momentum")
 
     hw = p.add_argument_group("hardware")
     hw.add_argument("--strategy", default="auto", choices=STRATEGIES)
@@ -73,7 +85,14 @@ def parse_args(argv=None) -> training.TrainConfig:
     hw.add_argument("--jit", action="store_true", help="XLA-compile the train step")
     hw.add_argument("--backup-every", type=int, metavar="STEPS",
                     help="back up every STEPS steps for preemption (default: every epoch)")
-    hw.add_argument("--quiet", action="store_true")
+    hw.add_argument("--nondeterministic", action="store_true",
+                    help="leave TensorFlow's op determinism off (faster on GPUs; results "
+                         "then vary from run to run)")
+    out = p.add_argument_group("output")
+    out.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
+                     help="1: progress bars (default); 2: one line per epoch; 0: as --quiet")
+    out.add_argument("--quiet", action="store_true",
+                     help="print only where the results are (and errors)")
 
     args = p.parse_args(argv)
     values = vars(args)
@@ -84,17 +103,25 @@ def parse_args(argv=None) -> training.TrainConfig:
         try:
             with open(args.hparams) as f:
                 hparams = json.load(f)
-        except (OSError, json.JSONDecodeError) as error:
-            p.error(f"--hparams {args.hparams!r}: {error}")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            p.error(f"--hparams {args.hparams!r} is unreadable: {error}")
+        if not isinstance(hparams, dict):
+            p.error(f"--hparams {args.hparams!r} must hold a JSON object of settings, "
+                    f"not {type(hparams).__name__} {hparams!r}")
         fields = {f for f in training.TrainConfig.__dataclass_fields__}
         unknown = sorted(set(hparams) - fields)
         if unknown:
             p.error(f"--hparams {args.hparams!r} has unknown keys {unknown}; valid keys are {sorted(fields)}")
+        try:
+            training.TrainConfig.check_types(hparams)
+        except ValueError as error:
+            p.error(f"--hparams {args.hparams!r}: {error}")
         for key, value in hparams.items():
             if values.get(key) is None:  # an explicit flag wins
                 values[key] = value
     values["output_dir"] = values["output_dir"] or f"runs/{args.dataset}"
-    values["verbose"] = 0 if values.pop("quiet") else 1
+    values["verbose"] = 0 if values.pop("quiet") else args.verbose
+    values["deterministic"] = not values.pop("nondeterministic")
     for key in ("rho", "hparams"):
         values.pop(key)
     config = training.TrainConfig(**values)
@@ -109,15 +136,15 @@ def main(argv=None) -> int:
     config = parse_args(argv)
     try:
         training.run(config)
-    except (ValueError, FileNotFoundError) as error:  # bad settings, missing data
-        print(f"train.py: error: {error}", file=sys.stderr)
-        return 2
-    except export.VerificationError as error:  # the .tflite would not be what was trained
-        print(f"train.py: export failed: {error}", file=sys.stderr)
-        return 1
     except training.TrainingDiverged as error:
         print(f"train.py: {error}", file=sys.stderr)
         return 1
+    except Exception as error:  # noqa: BLE001 - one line for what a user can act on
+        code, message = errors.describe(error)
+        if code is None:
+            raise
+        print(f"train.py: {message}", file=sys.stderr)
+        return code
     return 0
 
 

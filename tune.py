@@ -14,9 +14,12 @@ KERASTUNER_ORACLE_PORT and start the same command once per process.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-import models
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ notices: nothing to act on
+
+import models  # noqa: E402
 from larq_noisy import datasets, tuning
 from larq_noisy.distribute import STRATEGIES
 from larq_noisy.mappers import MAPPERS

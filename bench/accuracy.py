@@ -43,6 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from larq_noisy import datasets, training  # noqa: E402
+from larq_noisy.rundir import read_json, write_json  # noqa: E402
 from larq_noisy.distribute import STRATEGIES  # noqa: E402
 from larq_noisy.mappers import MAPPERS  # noqa: E402
 
@@ -128,7 +129,7 @@ def collect(runs) -> dict[str, dict[int, dict]]:
         path = os.path.join(config.output_dir, "results.json")
         if not os.path.exists(path):
             continue
-        results = training.read_json(path)
+        results = read_json(path, "delete that run's directory to redo it")
         if study == "arms":
             if "baseline" in results:
                 rows.setdefault("baseline", {})[seed] = results["baseline"]
@@ -222,7 +223,7 @@ def report(runs, args) -> dict:
     summary = {"lns_options": lns_options(next(iter(runs.values()))), "rows": {k: {str(s): r for s, r in v.items()} for k, v in rows.items()},
                "paired": [c for c in comparisons if c]}
     os.makedirs(args.output_dir, exist_ok=True)
-    training.write_json(os.path.join(args.output_dir, "summary.json"), summary)
+    write_json(os.path.join(args.output_dir, "summary.json"), summary)
     text = [f"lns options: {summary['lns_options']}", "", table(rows, main_rows), "", table(rows, ablations), "",
             "Paired differences of test accuracy (same seed, same pretrained checkpoint):", ""]
     for c in summary["paired"]:
@@ -270,9 +271,9 @@ def main(argv=None):
     lns = {}  # the dataset protocol's options, else the quantizer's (the paper's)
     if args.hparams:
         try:
-            tuned = training.read_json(args.hparams)
-        except (OSError, json.JSONDecodeError) as error:
-            p.error(f"--hparams {args.hparams!r}: {error}")
+            tuned = read_json(args.hparams, "give the best_hparams.json written by tune.py")
+        except ValueError as error:
+            p.error(str(error))
         if "rho" in tuned:
             tuned["rho_pos"] = tuned["rho_neg"] = tuned.pop("rho")
         lns = {k: tuned[k] for k in ("alpha", "rho_pos", "rho_neg", "mapper") if k in tuned}

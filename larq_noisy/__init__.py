@@ -12,6 +12,8 @@ from larq_noisy.conversion import (
     freeze_labels,
     mapped_layers,
     mean_flip_rate,
+    mean_saturation,
+    saturation,
     to_mapped,
 )
 from larq_noisy.losses import check_noise_rates, unbiased_loss
@@ -33,6 +35,8 @@ __all__ = [
     "freeze_labels",
     "mapped_layers",
     "mean_flip_rate",
+    "mean_saturation",
+    "saturation",
     "to_mapped",
     "unbiased_loss",
 ]

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from larq_noisy.conversion import flip_rates, mapped_layers, mean_flip_rate
+from larq_noisy.conversion import (
+    flip_rates,
+    mapped_layers,
+    mean_flip_rate,
+    mean_saturation,
+    saturation,
+)
 
 __all__ = ["FlipRateCallback", "auxiliary_losses"]
 
@@ -21,12 +27,13 @@ def auxiliary_losses(model) -> dict[str, float]:
 
 
 class FlipRateCallback(tf.keras.callbacks.Callback):
-    """Adds per-layer flip rates and the auxiliary loss to the epoch logs.
+    """Adds per-layer flip rates, saturation and the auxiliary loss to the epoch logs.
 
     Each epoch end it writes `flip_rate/<layer>`, the overall `flip_rate` (weighted by
-    layer size) and, for a mapped model, `aux_loss` (the sum of `alpha * l_i`) into
-    the logs, so that `History`, `CSVLogger` and `TensorBoard` record them. Put it
-    before those callbacks in the list.
+    layer size) and, for a mapped model, `saturation/<layer>` and `saturation` (the
+    fraction of binary weights no gradient reaches, see `saturation`) and `aux_loss`
+    (the sum of `alpha * l_i`) into the logs, so that `History`, `CSVLogger` and
+    `TensorBoard` record them. Put it before those callbacks in the list.
 
     # Arguments
         reference: Optional model to count flips against (see `flip_rates`), e.g. the
@@ -44,6 +51,10 @@ class FlipRateCallback(tf.keras.callbacks.Callback):
         for name, rate in rates.items():
             logs[f"flip_rate/{name}"] = rate
         logs["flip_rate"] = mean_flip_rate(self.model, rates)
-        aux = auxiliary_losses(self.model)
-        if aux:
-            logs["aux_loss"] = sum(aux.values())
+        if not mapped_layers(self.model):
+            return
+        fractions = saturation(self.model)
+        for name, fraction in fractions.items():
+            logs[f"saturation/{name}"] = fraction
+        logs["saturation"] = mean_saturation(self.model, fractions)
+        logs["aux_loss"] = sum(auxiliary_losses(self.model).values())

@@ -6,11 +6,20 @@ mapped model back into a stock Larq model whose kernels are the mapped binary ke
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import larq as lq
 import numpy as np
 import tensorflow as tf
 
-from larq_noisy.quantizers import NoisyMappedQuantizer, check_options
+from larq_noisy.mappers import BatchStatNormalization, build_mapper
+from larq_noisy.quantizers import (
+    NoisyMappedQuantizer,
+    binary_scale,
+    check_options,
+    kernel_to_filters,
+)
 
 __all__ = [
     "binarized_layers",
@@ -18,7 +27,9 @@ __all__ = [
     "flip_rates",
     "freeze_labels",
     "mean_flip_rate",
+    "mean_saturation",
     "mapped_layers",
+    "saturation",
     "to_mapped",
 ]
 
@@ -39,7 +50,12 @@ def _walk(model):
 
 
 def binarized_layers(model) -> list:
-    """The layers of `model` whose kernel quantizer binarizes (precision 1)."""
+    """The layers of `model` whose kernel quantizer binarizes (precision 1).
+
+    Larq's own test (`lq.models.summary` counts these as binary). A layer that
+    binarizes another weight (`QuantDepthwiseConv2D`'s `depthwise_quantizer`, ...)
+    is not one of them.
+    """
     return [l for l in _walk(model) if _is_binary(getattr(l, "kernel_quantizer", None))]
 
 
@@ -80,11 +96,25 @@ def rebuild(model, edit_config):
     def clone_layer(layer):
         if isinstance(layer, tf.keras.Model):
             return rebuild(layer, edit_config)
-        return layer.__class__.from_config(edit_config(layer, layer.get_config()))
+        return layer.__class__.from_config(edit_config(layer, _live_functions(layer)))
 
     clone = tf.keras.models.clone_model(model, clone_function=clone_layer)
     _copy_weights(model, clone)
     return clone
+
+
+def _live_functions(layer) -> dict:
+    """`layer.get_config()`, with its plain-function quantizers as the functions.
+
+    Keras serializes a function by its name only, and deserializes the name of an
+    unregistered one to a string: the copy would lose its quantizer.
+    """
+    config = layer.get_config()
+    for key in config:
+        live = getattr(layer, key, None)
+        if key.endswith("_quantizer") and callable(live) and not isinstance(live, tf.keras.layers.Layer):
+            config[key] = live
+    return config
 
 
 def _with_kernel_quantizer(new_quantizer):
@@ -124,15 +154,232 @@ def _check_has(layers, model, what):
         )
 
 
+#: The `NoisyMappedQuantizer` options that `to_mapped` reads off each layer's quantizer.
+SCALE_OPTIONS = ("scale", "scale_clip", "scale_gradient")
+_UNSCALED = {"scale": None, "scale_clip": None, "scale_gradient": False}
+
+# How closely two computations of one scale agree in each dtype (float32: the 1e-5
+# to_mapped promises; float16: a few units in the last place).
+_TOLERANCE = {tf.float16: 1e-2, tf.bfloat16: 6e-2}
+
+
+def _name(quantizer) -> str:
+    """How messages name a quantizer: its class, or `function <name>`."""
+    if isinstance(quantizer, tf.keras.layers.Layer):
+        return type(quantizer).__name__
+    return f"function {getattr(quantizer, '__qualname__', repr(quantizer))}"
+
+
+def _numpy(tensor) -> np.ndarray:
+    return np.asarray(tf.cast(tensor, tf.float64))
+
+
+def _scaled_sign(probe, options) -> np.ndarray:
+    """What `NoisyMappedQuantizer(**options)` computes from `probe` at the identity start."""
+    signs = lq.math.sign(probe)
+    if options["scale"] is None:
+        return _numpy(signs)
+    scale = binary_scale(probe, options["scale"], options["scale_clip"], options["scale_gradient"])
+    return _numpy(scale * signs)
+
+
+def _fitted_clip(magnitudes, scale, axes) -> float | None:
+    """The `c` with `mean |clip(W, -c, c)| = scale` over `axes` (the median over
+    channels), or `None` if `scale` exceeds `mean |W|`."""
+    if np.any(scale > magnitudes.mean(axis=axes, keepdims=True)):
+        return None
+    # mean |clip(W, -c, c)| grows with c from 0 to mean |W|: bisect each group's c.
+    low = np.zeros_like(scale)
+    high = magnitudes.max(axis=axes, keepdims=True)
+    for _ in range(60):
+        middle = (low + high) / 2
+        below = np.minimum(magnitudes, middle).mean(axis=axes, keepdims=True) < scale
+        low, high = np.where(below, middle, low), np.where(below, high, middle)
+    return float(np.median((low + high) / 2))
+
+
+def _scale_passes_gradient(quantizer, probe, scale) -> bool:
+    """Whether the scale has a gradient: does the first output depend on the other
+    weights of its layer (or output channel)? A sign alone depends on its own only."""
+    with tf.GradientTape() as tape:
+        tape.watch(probe)
+        first = tf.reshape(quantizer(probe), [-1])[0]
+    gradient = tape.gradient(first, probe)
+    if gradient is None:
+        return False
+    group = _numpy(gradient)
+    if scale == "channel":
+        group = group[..., 0]  # the first output is in channel 0
+    return bool(np.any(group.reshape(-1)[1:] != 0))  # [0] is the first weight itself
+
+
+def _source_scale(layer) -> tuple[dict, float]:
+    """`(options, miss)`: the `SCALE_OPTIONS` with which `NoisyMappedQuantizer` computes
+    what `layer`'s kernel quantizer computes, or `ValueError`, and how far apart
+    (relative) they compute the layer's own binary kernel (0: exactly).
+
+    The quantizer must compute `s * sign(W)` (larq's sign: +1 at 0) where `s` is 1, or
+    a mean of `|W|`, clipped at some `c` or not, over the whole kernel or over each
+    output channel (the kernel's last axis). It is probed in the layer's compute
+    dtype on two copies of the kernel with its signs and other magnitudes, spread
+    over (0, 3] and over (0, 0.5]: how `s` follows them tells how it is computed
+    (its group, its clip, and whether it passes a gradient). The options found must
+    then reproduce the quantizer on both copies and on the kernel itself.
+    """
+    quantizer = layer.kernel_quantizer
+    dtype = tf.as_dtype(layer.compute_dtype)
+    kernel = tf.cast(layer.kernel, dtype)
+    signs = np.where(_numpy(kernel) >= 0, 1.0, -1.0)
+    rng = np.random.default_rng(0)
+    spread, small = (
+        tf.constant(signs * rng.uniform(low, high, signs.shape), dtype)
+        for low, high in ((0.05, 3.0), (1e-3, 0.5))
+    )
+    tolerance = _TOLERANCE.get(dtype, 1e-5)
+
+    def refuse(why):
+        raise ValueError(
+            f"Layer {layer.name!r}: kernel quantizer {_name(quantizer)} does not compute "
+            "s * sign(W) with s = 1 or a mean of |W| (clipped or not) per layer or per "
+            f"output channel: {why}. to_mapped cannot map it without changing the "
+            "layer's outputs."
+        )
+
+    ratio = _numpy(quantizer(spread)) * signs  # s, where the output is s * sign(W)
+    if not np.all(ratio > 0) or not np.all(np.isfinite(ratio)):
+        refuse("on a probe kernel its output is 0, infinite or of the opposite sign somewhere")
+    if np.allclose(ratio, 1.0, rtol=tolerance, atol=0.0):
+        candidates = [dict(_UNSCALED)]
+    else:
+        for scale, axes in (("layer", None), ("channel", tuple(range(ratio.ndim - 1)))):
+            observed = ratio.mean(axis=axes, keepdims=True)
+            if np.allclose(ratio, observed, rtol=tolerance, atol=0.0):
+                break
+        else:
+            refuse("its scale |q(W)| varies within an output channel")
+        magnitudes = np.abs(_numpy(spread))
+        mean = magnitudes.mean(axis=axes, keepdims=True)
+        options = {**_UNSCALED, "scale": scale}
+        options["scale_gradient"] = _scale_passes_gradient(quantizer, spread, scale)
+        if np.allclose(observed, mean, rtol=tolerance, atol=0.0):
+            candidates = [options]
+        else:
+            clip = _fitted_clip(magnitudes, observed, axes)
+            if clip is None:
+                refuse(f"its scale ({observed.max():.4g}) exceeds mean |W| ({mean.max():.4g})")
+            # The shortest decimal that reproduces the quantizer (1.25, not 1.2500001).
+            candidates = [{**options, "scale_clip": float(f"{clip:.{d}g}")} for d in range(1, 9)]
+    for options in candidates:
+        misses = []
+        for probe in (kernel, spread, small):
+            expected = _numpy(quantizer(probe))
+            error = np.abs(_scaled_sign(probe, options) - expected).max()
+            misses.append(error / max(np.abs(expected).max(), np.finfo(float).tiny))
+        worst = max(misses)
+        if worst <= tolerance:
+            return options, misses[0]
+    refuse(f"the closest form, {options}, differs from it by up to {worst:.2g} (relative)")
+
+
+def _constant_for_one_filter(kernel_shape, kind: str, width) -> bool:
+    """Whether the mapper `kind` for a kernel of one filter gives every filter the same
+    output: its `BatchStatNormalization` normalises over the layer's filters (and, in
+    `cnn`, their positions), so over one value per channel for a dense kernel's lone
+    filter in `cnn`, for any lone filter in `mlp`. Tried on two random filters."""
+    probe = build_mapper(kind, (1, 1, 1), name="batch_statistics_probe")
+    if not any(isinstance(l, BatchStatNormalization) for l in probe.layers):
+        return False
+    filter_shape = tuple(kernel_to_filters(tf.zeros(kernel_shape)).shape[1:])
+    mapper = build_mapper(kind, filter_shape, width=width, name="one_filter_probe")
+    filters = tf.random.stateless_normal((2, 1, *filter_shape), seed=(0, 0))
+    return bool(np.array_equal(mapper(filters[0]), mapper(filters[1])))
+
+
+def _plan(model, mapper_kind: str, width):
+    """`(targets, skipped)`: the layers `to_mapped` maps, and `(layer, reason)` for each
+    layer that binarizes a weight and is left as it is."""
+    targets, skipped = [], []
+    for layer in _walk(model):
+        others = sorted(
+            name
+            for name, value in vars(layer).items()
+            if name.endswith("_quantizer")
+            and name not in ("input_quantizer", "kernel_quantizer")
+            and _is_binary(value)
+        )
+        reasons = []
+        if others:
+            reasons.append(
+                f"its {', '.join(others)} binarizes a weight other than a kernel (only "
+                "kernel_quantizer is mapped)"
+            )
+        if _is_binary(getattr(layer, "kernel_quantizer", None)):
+            shape = tuple(layer.kernel.shape)
+            if len(shape) not in (2, 3, 4):
+                reasons.append(
+                    f"its kernel has rank {len(shape)}, and the mappers take kernels of "
+                    "rank 2 (dense), 3 (conv1d) and 4 (conv2d)"
+                )
+            elif shape[-1] == 1 and _constant_for_one_filter(shape, mapper_kind, width):
+                reasons.append(
+                    f"its kernel has one filter (output channel), and the {mapper_kind!r} "
+                    "mapper's batch statistics over one filter would make its output "
+                    "constant (mapper='linear' maps it)"
+                )
+            else:
+                targets.append(layer)
+        if reasons:
+            skipped.append((layer, "; ".join(reasons)))
+    return targets, skipped
+
+
+def _scale_options(layer, quantizer_options) -> dict:
+    """The `SCALE_OPTIONS` of `layer`'s mapped quantizer: its own quantizer's, unless given."""
+    found, miss = _source_scale(layer)
+    given = {k: quantizer_options[k] for k in SCALE_OPTIONS if k in quantizer_options}
+    if not given:
+        if miss:
+            warnings.warn(
+                f"to_mapped: layer {layer.name!r}: its kernel quantizer "
+                f"{_name(layer.kernel_quantizer)} and the mapped one, {found}, compute its "
+                f"binary kernel up to {miss:.2g} (relative) apart: the same scale by "
+                "another formula. Where a binary activation is fed an exact 0 by one "
+                "and not by the other, outputs at step 0 differ.",
+                stacklevel=3,
+            )
+        return found
+    chosen = {**_UNSCALED, **given}
+    if chosen != found:
+        warnings.warn(
+            f"to_mapped: layer {layer.name!r} gets {chosen} as given, while its kernel "
+            f"quantizer {_name(layer.kernel_quantizer)} computes {found}: the mapped "
+            "layer's outputs differ from the original's from step 0.",
+            stacklevel=3,
+        )
+    return chosen
+
+
 def to_mapped(model, **quantizer_options):
     """A copy of `model` in which every binarized layer has its own mapper.
 
-    Every layer whose kernel quantizer binarizes (precision 1, e.g. `ste_sign`) gets
-    a new `NoisyMappedQuantizer(**quantizer_options)`; all latent weights and
-    BatchNorm statistics are copied, and other layers are left as they are. The
-    original scaling is kept: a layer that used `magnitude_aware_sign` (Bi-Real Net)
-    gets `scale="channel"` unless `scale` is given. With frozen labels, the labels
-    are the signs of the copied latent weights.
+    Every layer whose kernel quantizer binarizes (precision 1: a larq quantizer, a
+    class or a plain function, registered or not) gets a new
+    `NoisyMappedQuantizer(**quantizer_options)`; all latent weights and BatchNorm
+    statistics are copied, and other layers are left as they are. The copy predicts
+    exactly what `model` does (with `start="identity"`): each layer keeps its
+    quantizer's scale, which must be `s * sign(W)` with `s` = 1 (`ste_sign`,
+    `approx_sign`, ...), a mean of |W| per layer (DoReFa) or per output channel
+    (`magnitude_aware_sign`), clipped or not, with or without a gradient. It is
+    found by probing the quantizer (`scale`, `scale_clip` and `scale_gradient`
+    given here override it, with a warning). A quantizer of another form is refused
+    with a `ValueError` naming the layer, before anything is built. With frozen
+    labels, the labels are the signs of the copied latent weights.
+
+    Left as they are, with a warning naming each: layers whose binarized weight is
+    not a `kernel` (`QuantDepthwiseConv2D`, `QuantSeparableConv2D`), kernels of rank
+    5 (`QuantConv3D`), and kernels of one filter when the mapper's batch statistics
+    over one filter would make its output constant (`QuantDense(1)` with `cnn`, any
+    with `mlp`; `linear` maps them).
 
     !!! example
         ```python
@@ -144,22 +391,35 @@ def to_mapped(model, **quantizer_options):
         A new functional or Sequential `tf.keras.Model`; `model` is not changed.
     """
     check_options(**quantizer_options)  # bad options fail before any work
-    targets = binarized_layers(model)
-    _check_has(targets, model, "binarized layer to map")
-    already = [l.name for l in targets if isinstance(l.kernel_quantizer, NoisyMappedQuantizer)]
+    already = [
+        l.name
+        for l in binarized_layers(model)
+        if isinstance(l.kernel_quantizer, NoisyMappedQuantizer)
+    ]
     if already:
         raise ValueError(f"Model {model.name!r} is already mapped (layers {already}).")
-    target_ids = {id(l) for l in targets}
+    defaults = inspect.signature(NoisyMappedQuantizer.__init__).parameters
+    targets, skipped = _plan(
+        model,
+        quantizer_options.get("mapper", defaults["mapper"].default),
+        quantizer_options.get("width", defaults["width"].default),
+    )
+    for layer, reason in skipped:
+        warnings.warn(
+            f"to_mapped: layer {layer.name!r} keeps its own binarization, unmapped: {reason}.",
+            stacklevel=2,
+        )
+    _check_has(targets, model, "binarized layer to map")
+    scales = {id(l): _scale_options(l, quantizer_options) for l in targets}
 
     def new_quantizer(layer):
-        if id(layer) not in target_ids:
+        if id(layer) not in scales:
             return None
-        options = dict(quantizer_options)
-        if isinstance(layer.kernel_quantizer, lq.quantizers.MagnitudeAwareSign):
-            options.setdefault("scale", "channel")
         # The layer's dtype policy: a mixed_float16 layer computes its kernel in float16.
         return NoisyMappedQuantizer(
-            **options, name=f"{layer.name}_quantizer", dtype=layer.dtype_policy
+            **{**quantizer_options, **scales[id(layer)]},
+            name=f"{layer.name}_quantizer",
+            dtype=layer.dtype_policy,
         )
 
     mapped = rebuild(model, _with_kernel_quantizer(new_quantizer))
@@ -180,10 +440,12 @@ def bake(model):
     """A stock Larq model whose binarized kernels are `model`'s mapped binary kernels.
 
     The mapper is not needed at inference: once trained, the binary kernel `Q^` is a
-    constant. Each mapped layer becomes a layer with `ste_sign` (or
-    `magnitude_aware_sign` when `scale="channel"`) whose latent kernel holds `Q^`
-    (times the channel scale), so the baked model computes exactly what `model`
-    computes and converts to binary ops with Larq Compute Engine.
+    constant. Each mapped layer becomes a layer with `ste_sign`, or
+    `magnitude_aware_sign` when it is scaled (per layer or per channel), whose latent
+    kernel holds `Q^` times the scale (each channel's mean |W| is then its scale:
+    per layer, the layer's), so the baked model computes what `model` computes (to
+    float rounding) with stock larq quantizers, and converts to binary ops with Larq
+    Compute Engine.
     """
     layers = mapped_layers(model)
     _check_has(layers, model, "mapped layer (NoisyMappedQuantizer) to bake")
@@ -200,8 +462,59 @@ def bake(model):
     for layer in layers:
         kernel = layer.kernel_quantizer.binary_kernel(layer.kernel)
         target = _find(baked, layer.name)
-        target.kernel.assign(tf.cast(kernel, target.kernel.dtype))
+        latent, miss = _latent_quantized_to(target.kernel_quantizer, kernel)
+        if miss:
+            warnings.warn(
+                f"bake: layer {layer.name!r} computes its binary kernel up to {miss:.2g} "
+                "(relative) apart from the mapped layer's: no latent kernel gives "
+                f"{_name(target.kernel_quantizer)} exactly that kernel.",
+                stacklevel=2,
+            )
+        target.kernel.assign(tf.cast(latent, target.kernel.dtype))
     return baked
+
+
+def _latent_quantized_to(quantizer, kernel):
+    """`(latent, miss)`: a latent kernel that `quantizer` turns into `kernel` (`s * Q^`
+    in the layer's compute dtype), and the largest relative miss (0: exactly).
+
+    `kernel` itself, for `ste_sign`. `magnitude_aware_sign` recomputes each channel's
+    `s` as a mean, which can round an ulp off; that is not harmless: a convolution's
+    sum of `+-s` terms that is exactly 0 in one model can be 1e-9 in the other, and
+    the next binary activation flips. So the first weight of each channel is moved an
+    ulp of `s` at a time (the mean grows with it), bisecting for the magnitude whose
+    mean is `s` exactly; every sign stays `Q^`'s.
+    """
+    target = np.asarray(kernel)
+
+    def quantize(latent):
+        return np.asarray(tf.cast(quantizer(tf.constant(latent)), target.dtype))
+
+    latent = target.copy()
+    quantized = quantize(latent)
+    if np.array_equal(quantized, target):
+        return latent, 0.0
+    channels = target.shape[-1]
+    first = latent.reshape(-1, channels)[0]  # a view: writes go into latent
+    scale = np.abs(target.reshape(-1, channels)).max(axis=0).astype(np.float64)
+    ulp = np.spacing(scale.astype(target.dtype)).astype(np.float64)
+    sign = np.where(first >= 0, 1.0, -1.0)
+    weights = target.size // channels
+    low = np.maximum(-(4 * weights + 64), 1 - np.floor(scale / ulp)).astype(np.int64)
+    high = np.full(channels, 4 * weights + 64, np.int64)
+
+    def channel_means(steps):
+        first[...] = sign * (scale + steps * ulp)
+        return np.abs(quantize(latent).reshape(-1, channels)).max(axis=0)
+
+    while np.any(low < high):  # the fewest steps whose mean is >= s
+        middle = (low + high) // 2
+        below = channel_means(middle) < scale
+        low, high = np.where(below, middle + 1, low), np.where(below, high, middle)
+    channel_means(low)
+    quantized = quantize(latent)
+    miss = np.abs(quantized.astype(np.float64) - target).max() / np.abs(target).max()
+    return latent, float(miss)
 
 
 def _find(model, name):
@@ -211,14 +524,19 @@ def _find(model, name):
     raise KeyError(name)
 
 
+def _latent_signs(layer) -> np.ndarray:
+    """`sign(W) > 0` at the precision `layer` computes with (under mixed_float16 a
+    weight too small for float16 is 0 there, and sign(0) = +1)."""
+    return np.asarray(lq.math.sign(tf.cast(layer.kernel, layer.compute_dtype))) > 0
+
+
 def _binary_signs(layer) -> np.ndarray:
     """The signs of the binary kernel `layer` computes with."""
     quantizer = layer.kernel_quantizer
     if isinstance(quantizer, NoisyMappedQuantizer):
         signs = quantizer.binary_signs(tf.cast(layer.kernel, quantizer.compute_dtype))
-    else:
-        signs = lq.math.sign(tf.convert_to_tensor(layer.kernel))
-    return np.asarray(signs) > 0
+        return np.asarray(signs) > 0
+    return _latent_signs(layer)
 
 
 def flip_rates(model, reference=None) -> dict[str, float]:
@@ -249,7 +567,7 @@ def flip_rates(model, reference=None) -> dict[str, float]:
     for layer, ref in zip(layers, references):
         signs = _binary_signs(layer)
         if ref is None:
-            base = np.asarray(lq.math.sign(tf.convert_to_tensor(layer.kernel))) > 0
+            base = _latent_signs(layer)
         else:
             base = _binary_signs(ref)
         rates[layer.name] = float(np.mean(signs != base))
@@ -258,5 +576,39 @@ def flip_rates(model, reference=None) -> dict[str, float]:
 
 def mean_flip_rate(model, rates: dict[str, float]) -> float:
     """The fraction of all binary weights of `model` that flipped, from `flip_rates`."""
-    sizes = {l.name: int(np.prod(l.kernel.shape)) for l in binarized_layers(model)}
-    return sum(rates[name] * size for name, size in sizes.items()) / sum(sizes.values())
+    return _size_weighted_mean(model, rates)
+
+
+def _size_weighted_mean(model, per_layer: dict[str, float]) -> float:
+    """A per-layer fraction over all the binary weights of the layers in `per_layer`."""
+    layers = [l for l in binarized_layers(model) if l.name in per_layer]
+    sizes = {l.name: int(np.prod(l.kernel.shape)) for l in layers}
+    return sum(per_layer[name] * size for name, size in sizes.items()) / sum(sizes.values())
+
+
+def saturation(model) -> dict[str, float]:
+    """Per mapped layer, the fraction of binary weights that no gradient reaches.
+
+    A weight is saturated where its mapper output is past the clip, `|f(W)| > 1`
+    with `clip="hardtanh"`: the clip's gradient is 0 there, for the auxiliary loss
+    and the task loss's STE alike (`NoisyMappedQuantizer.saturated`). With
+    `clip="none"` the STE passes every gradient, so the fraction is exactly 0: a
+    threshold on `|f(W)|` would measure how far a weight is from flipping, not
+    whether it can, and `flip_rates` already tells how many do.
+
+    # Returns
+        `{layer name: fraction}` for every mapped layer (`ValueError` if none).
+    """
+    layers = mapped_layers(model)
+    _check_has(layers, model, "mapped layer (NoisyMappedQuantizer)")
+    return {
+        l.name: float(np.mean(l.kernel_quantizer.saturated(l.kernel))) for l in layers
+    }
+
+
+def mean_saturation(model, fractions: dict[str, float] | None = None) -> float:
+    """The fraction of all mapped binary weights of `model` that are saturated.
+
+    `fractions` is `saturation(model)`, computed if not given.
+    """
+    return _size_weighted_mean(model, saturation(model) if fractions is None else fractions)

@@ -37,9 +37,18 @@ Validation and test are deterministic: same order, eval transform only.
 `image_size` overrides the spatial size: ImageNet-style data is cropped to it; the
 fixed-size datasets are resized (bilinear) to it after augmentation.
 
-The small-image augmentation uses stateless random ops seeded per example from
-`tf.data.Dataset.random(seed)`, so one seed gives one reproducible sequence of epochs.
-(larq-zoo's ImageNet augmentation uses unseeded stateful ops; its shuffling is seeded.)
+# Reproducible epochs
+
+Epoch `e` of the training split is a function of `(seed, e)` alone: its shuffle is
+seeded with `epoch_key(seed, e)` and each example's augmentation with stateless random
+ops seeded from that key and the example's position. `load(..., epochs=(first, stop))`
+gives epochs `first .. stop - 1` back to back, so a run that resumes at epoch `first`
+(or `skip` batches into it) reads exactly the batches an uninterrupted run reads, and
+two models trained on the same `(seed, epochs)` see the same batches whatever ran
+before them in the process. Without `epochs`, each iteration of the dataset is a new
+epoch drawn from `seed` (what `model.fit(dataset, epochs=n)` expects). tfds files are
+read in one order per seed. ImageNet-style data goes through larq-zoo's preprocessing
+with its random crop and flip drawn the same way, from stateless ops.
 
 # Where the data comes from (offline-friendly)
 
@@ -49,8 +58,9 @@ data dir and otherwise raises `FileNotFoundError` saying what to do at once. `pr
 downloads and prepares a dataset on a machine with internet (ImageNet from the manual
 tars). mnist and fashion_mnist also read the four IDX files
 (`train-images-idx3-ubyte.gz`, ...) when tfds has not prepared them: from `data_dir`
-(or `data_dir/mnist`, `data_dir/fashion-mnist`), and for fashion_mnist from
-`/usr/share/datasets/fashion-mnist/` (Debian package `dataset-fashion-mnist`). The two
+(or `data_dir/mnist`, `data_dir/fashion-mnist`) when it is given, else for
+fashion_mnist from `/usr/share/datasets/fashion-mnist/` (Debian package
+`dataset-fashion-mnist`). The two
 datasets use the same IDX file names: a `data_dir` holding the files directly is read
 as whichever of the two is asked for.
 """
@@ -62,13 +72,17 @@ import functools
 import gzip
 import os
 import pathlib
+import zlib
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from larq_zoo.training.data import preprocess_image_bytes
+from larq_zoo.training import data as zoo_data
 
-__all__ = ["DATASETS", "SPLITS", "DatasetSpec", "get_spec", "load", "prepare"]
+__all__ = [
+    "DATASETS", "SPLITS", "DatasetSpec", "batches_per_epoch", "epoch_key", "get_spec", "load",
+    "prepare",
+]
 
 #: The split names `load()` accepts.
 SPLITS = ("train", "validation", "test")
@@ -222,6 +236,31 @@ def get_spec(name: str) -> DatasetSpec:
         ) from None
 
 
+def epoch_key(seed: int, epoch):
+    """The int64 key that seeds epoch `epoch` of a training split read with `seed`.
+
+    Works on Python ints and on tensors (inside a tf.data pipeline); distinct for
+    distinct `(seed, epoch)` pairs with `0 <= epoch < 2**20`.
+    """
+    return tf.cast(seed, tf.int64) * (1 << 20) + tf.cast(epoch, tf.int64)
+
+
+def batches_per_epoch(name: str, split: str, batch_size: int, limit: int | None = None) -> int:
+    """Batches in one epoch of `split`, as `load` batches it."""
+    spec = get_spec(name)
+    num_examples = spec.split_sizes[split]
+    if limit is not None:
+        num_examples = min(num_examples, limit)
+    if _drop_remainder(split, num_examples, batch_size):
+        return num_examples // batch_size
+    return -(-num_examples // batch_size)
+
+
+def _drop_remainder(split, num_examples, batch_size) -> bool:
+    # Training drops a last incomplete batch, unless that would leave none.
+    return split == "train" and num_examples >= batch_size
+
+
 def load(
     name: str,
     split: str,
@@ -232,6 +271,9 @@ def load(
     image_size: int | None = None,
     limit: int | None = None,
     drop_remainder: bool | None = None,
+    epochs: tuple[int, int] | None = None,
+    skip: int = 0,
+    steps_per_epoch: int | None = None,
 ) -> tuple[tf.data.Dataset, int]:
     """A batched split of a dataset and its number of examples.
 
@@ -240,17 +282,24 @@ def load(
         split: `"train"`, `"validation"` or `"test"` (see the module docstring).
         batch_size: Examples per batch.
         data_dir: The tfds data dir (default: tfds' own, `~/tensorflow_datasets`);
-            mnist/fashion_mnist also look for IDX files there.
+            mnist/fashion_mnist read IDX files only from there when it is given.
         seed: Seeds the training shuffle and augmentation; unused by validation/test.
         image_size: Spatial size of the images instead of the dataset's default.
         limit: Use only the first `limit` examples of the split (smoke runs, tests).
         drop_remainder: Drop the last incomplete batch. By default `True` for
             `"train"` when there is at least one full batch, `False` otherwise.
+        epochs: Training only: `(first, stop)` gives epochs `first .. stop - 1` back
+            to back, epoch `e` drawn from `(seed, e)` alone (see "Reproducible
+            epochs"). `None`: one epoch per iteration, a new one each time.
+        skip: Training with `epochs` only: batches to leave out at the start of epoch
+            `first` (a run resumed mid-epoch).
+        steps_per_epoch: Training only: keep the first `steps_per_epoch` batches of
+            each epoch (smoke runs).
 
     # Returns
         `(dataset, num_examples)`: a `tf.data.Dataset` of `(float32 images
-        [batch, h, w, c], int32 labels [batch])`, not repeated and prefetched, and the
-        number of examples in it (before batching).
+        [batch, h, w, c], int32 labels [batch])`, prefetched, and the number of
+        examples in one epoch (before batching).
 
     # Raises
         ValueError: For an unknown dataset or split, or a bad size.
@@ -263,13 +312,15 @@ def load(
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be positive or None, got {limit}.")
-
     training = split == "train"
+    if not training and (epochs is not None or skip or steps_per_epoch):
+        raise ValueError(f"epochs, skip and steps_per_epoch apply to 'train', not {split!r}.")
+
     num_examples = spec.split_sizes[split]
     if limit is not None:
         num_examples = min(num_examples, limit)
     if drop_remainder is None:
-        drop_remainder = training and num_examples >= batch_size
+        drop_remainder = _drop_remainder(split, num_examples, batch_size)
     size = image_size or spec.image_shape[0]
 
     # File shuffling would change which examples `limit` takes.
@@ -281,33 +332,77 @@ def load(
         examples = examples.take(limit)
     if spec.cache and not in_memory:
         examples = examples.cache()
-    if training:
-        buffer_size = min(num_examples, spec.shuffle_buffer)
-        examples = examples.shuffle(
-            buffer_size, seed=seed, reshuffle_each_iteration=True
-        )
 
-    if spec.jpeg:
-        examples = examples.map(
-            functools.partial(_imagenet_style, training=training, size=size),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
+    def batched(examples):
+        return examples.batch(batch_size, drop_remainder=drop_remainder)
+
+    if not training:
+        dataset = batched(_eval_transform(spec, examples, size))
+        if in_memory:
+            dataset = _shard_by_example(dataset)
+        return dataset.prefetch(tf.data.AUTOTUNE), num_examples
+
+    buffer_size = min(num_examples, spec.shuffle_buffer)
+
+    def one_epoch(key, skip_examples):
+        # The epoch depends on its key alone, not on the global seed of the moment
+        # (which would also make `shuffle` test a tensor seed as a Python bool).
+        tf.compat.v1.set_random_seed(None)  # the seed of this traced function's graph
+        shuffled = examples.shuffle(buffer_size, seed=key, reshuffle_each_iteration=False)
+        indexed = shuffled.enumerate().skip(skip_examples)
+        epoch = batched(_train_transform(spec, indexed, key, size))
+        return epoch.take(steps_per_epoch) if steps_per_epoch else epoch
+
+    if epochs is None:
+        # A new key each time the dataset is iterated, in a sequence fixed by `seed`.
+        keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+        dataset = keys.flat_map(lambda key: one_epoch(key, tf.constant(0, tf.int64)))
     else:
-        if training:
-            # One fresh random seed per example and epoch, reproducible from `seed`.
-            example_seeds = tf.data.Dataset.random(
-                seed=seed, rerandomize_each_iteration=True
+        first, stop = epochs
+        if not 0 <= first <= stop or skip < 0:
+            raise ValueError(f"epochs={epochs!r}, skip={skip!r}: need 0 <= first <= stop, skip >= 0.")
+        skip_examples = tf.constant(skip * batch_size, tf.int64)
+        dataset = tf.data.Dataset.range(first, stop).flat_map(
+            lambda e: one_epoch(
+                epoch_key(seed, e), tf.where(e == first, skip_examples, tf.constant(0, tf.int64))
             )
-            examples = tf.data.Dataset.zip((examples, example_seeds)).map(
-                functools.partial(_augment_small_image, spec),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
-        examples = examples.map(
-            functools.partial(_normalize_small_image, spec, size=size),
+        )
+    return _shard_by_example(dataset).prefetch(tf.data.AUTOTUNE), num_examples
+
+
+def _shard_by_example(dataset):
+    # Multi-worker training shards by example: in-memory data has no files, and the
+    # epochs of a training stream are built inside `flat_map`, where files are hidden.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def _train_transform(spec, indexed, key, size):
+    """`(index, example)` pairs of one epoch -> augmented, normalized examples."""
+    if spec.jpeg:
+        return indexed.map(
+            lambda index, example: _imagenet_train(*example, tf.stack([key, index]), size=size),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-    dataset = examples.batch(batch_size, drop_remainder=drop_remainder)
-    return dataset.prefetch(tf.data.AUTOTUNE), num_examples
+    return indexed.map(
+        lambda index, example: _normalize_small_image(
+            spec, *_augment_small_image(spec, example, tf.stack([key, index])), size=size
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+
+def _eval_transform(spec, examples, size):
+    if spec.jpeg:
+        return examples.map(
+            functools.partial(_imagenet_eval, size=size),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return examples.map(
+        functools.partial(_normalize_small_image, spec, size=size),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
 
 
 def prepare(name: str, data_dir: str | None = None) -> None:
@@ -365,7 +460,10 @@ def _read_tfds(spec, builder, split, *, seed, shuffle_files):
         as_supervised=True,
         shuffle_files=shuffle_files,
         decoders={"image": tfds.decode.SkipDecoding()} if spec.jpeg else None,
-        read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False),
+        # One file order per seed, the same every epoch (see "Reproducible epochs").
+        read_config=tfds.ReadConfig(
+            shuffle_seed=seed, shuffle_reshuffle_each_iteration=False, try_autocache=False
+        ),
     )
 
 
@@ -382,22 +480,15 @@ def _read_idx_split(spec, split, data_dir, builder):
         held_out = len(images) - spec.validation_size
         part = slice(None, held_out) if split == "train" else slice(held_out, None)
         images, labels = images[part], labels[part]
-    examples = tf.data.Dataset.from_tensor_slices((images[..., np.newaxis], labels))
-    # In-memory data has no files to shard: multi-worker training shards by example.
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.DATA
-    )
-    return examples.with_options(options)
+    return tf.data.Dataset.from_tensor_slices((images[..., np.newaxis], labels))
 
 
 def _idx_dir_candidates(spec: DatasetSpec, data_dir: str | None) -> list[str]:
     """Folders that may hold the IDX files of `spec`, in the order they are tried."""
-    candidates = []
-    if data_dir is not None:
+    if data_dir is not None:  # the user's folder only: never silently other files
         subdir = spec.name.replace("_", "-")  # "mnist", "fashion-mnist"
-        candidates += [os.path.join(data_dir, subdir), data_dir]
-    return candidates + list(spec.idx_dirs)
+        return [os.path.join(data_dir, subdir), data_dir]
+    return list(spec.idx_dirs)
 
 
 def _has_idx_files(directory: str) -> bool:
@@ -420,37 +511,70 @@ def _read_idx_pair(directory: str, images_file: str, labels_file: str):
 
 def _read_idx(path: str) -> np.ndarray:
     """The uint8 array stored in one gzipped IDX file (the MNIST format)."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    zero, dtype_code, ndim = data[:2], data[2], data[3]
-    if zero != b"\0\0" or dtype_code != 0x08:
-        raise ValueError(f"{path} is not a uint8 IDX file.")
+    fix = "replace it with a good copy (or reinstall the package that provides it)"
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as error:  # not gzip, truncated, unreadable
+        raise ValueError(f"{path} is not a readable gzip file ({error}): {fix}.") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise ValueError(f"{path} is not a uint8 IDX file: {fix}.")
+    ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is a truncated IDX file: {fix}.")
     shape = np.frombuffer(data, ">u4", count=ndim, offset=4)
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if body.size != np.prod(shape, dtype=np.int64):
+        raise ValueError(
+            f"{path} holds {body.size} values for an array of shape {tuple(shape)}: {fix}."
+        )
+    return body.reshape(shape)
 
 
 # ------------------------------------------------------------------------------
 # Transforms: one example in, (float32 image, int32 label) out.
 
 
-def _imagenet_style(image_bytes, label, *, training: bool, size: int):
-    """larq-zoo's ImageNet preprocessing of one JPEG (see the module docstring)."""
-    image = preprocess_image_bytes(image_bytes, is_training=training, image_size=size)
+def _imagenet_eval(image_bytes, label, *, size: int):
+    """larq-zoo's ImageNet evaluation preprocessing of one JPEG (a center crop)."""
+    image = zoo_data.preprocess_image_bytes(image_bytes, is_training=False, image_size=size)
     return image, tf.cast(label, tf.int32)
 
 
+def _imagenet_train(image_bytes, label, seed, *, size: int):
+    """larq-zoo's ImageNet training preprocessing of one JPEG, its random crop and flip
+    drawn from `seed` (shape [2]) with stateless ops, so that it is reproducible."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=crop_seed,
+        min_object_covered=0.1, aspect_ratio_range=(3.0 / 4, 4.0 / 3.0),
+        area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True,
+    )
+    window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+    image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+    # As larq-zoo: no acceptable crop was found -> the evaluation's center crop.
+    image = tf.cond(
+        zoo_data._at_least_x_are_equal(shape, tf.shape(image), 3),
+        lambda: zoo_data._decode_and_center_crop(image_bytes, size),
+        lambda: tf.compat.v1.image.resize_bicubic([image], [size, size])[0],
+    )
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    image = tf.cast(tf.reshape(image, [size, size, 3]), tf.float32)
+    return zoo_data._normalize(image, zoo_data.MEAN_RGB, zoo_data.STDDEV_RGB), tf.cast(label, tf.int32)
+
+
 def _augment_small_image(spec: DatasetSpec, example, seed):
-    """Random pad-and-crop and flip of one uint8 image, drawn from `seed` (a scalar)."""
+    """Random pad-and-crop and flip of one uint8 image, drawn from `seed` (shape [2])."""
     image, label = example
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     if spec.pad:
         paddings = [[spec.pad, spec.pad], [spec.pad, spec.pad], [0, 0]]
         image = tf.image.stateless_random_crop(
-            tf.pad(image, paddings), spec.image_shape, seed=tf.stack([seed, 0])
+            tf.pad(image, paddings), spec.image_shape, seed=crop_seed
         )
     if spec.flip:
-        image = tf.image.stateless_random_flip_left_right(
-            image, seed=tf.stack([seed, 1])
-        )
+        image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
     return image, label
 
 

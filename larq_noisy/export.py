@@ -6,7 +6,7 @@ python -m larq_noisy.export model.h5 --out model.tflite --dataset fashion_mnist
 python -m larq_noisy.export runs/fashion_mnist --benchmark --threads 2
 ```
 
-The steps (METHOD.md, section 5):
+The steps (docs/METHOD.md section 7):
 
 1. **Bake**: a model that still has mapped layers is baked (`larq_noisy.bake`), so that
    every binary kernel is a constant that LCE can pack into bits.
@@ -16,7 +16,7 @@ The steps (METHOD.md, section 5):
 3. **Convert** with Larq Compute Engine and check, failing loudly (`VerificationError`):
    * that every binarized conv (`QuantConv2D` with a precision-1 kernel quantizer)
      became an `LceBconv2d` op: LCE silently emits float convolutions otherwise
-     (METHOD.md reports it for un-baked mappers at 3x3x96x96 and larger; it always
+     (docs/METHOD.md section 7: seen for un-baked mappers at 3x3x96x96 and larger; it always
      happens to a binary-kernel conv whose inputs are not binarized);
    * that the LCE interpreter agrees with the Keras model on real test images (top-1
      agreement >= `min_agreement`; the max absolute output difference is reported).

@@ -1,6 +1,6 @@
 """The training protocol per dataset: one place for every default of a run.
 
-Values from the paper (METHOD.md section 3) where it gives them; where it is silent
+Values from the paper (docs/METHOD.md section 6) where it gives them; where it is silent
 the choice is marked **[project decision]**. Learning-rate milestones are fractions of
 a phase's length, so a shortened run keeps the shape of the schedule.
 """
@@ -9,14 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["ARMS", "PROTOCOLS", "Protocol", "get_protocol", "lr_at_epoch"]
+__all__ = ["ARMS", "PROTOCOLS", "Arm", "Protocol", "get_protocol", "lr_at_epoch"]
 
-#: Fine-tuning arms (METHOD.md section 3) and the quantizer options each one fixes.
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """A fine-tuning arm: what it changes from plain fine-tuning with sign weights."""
+
+    title: str  # its name in reports (the paper's, where it has one)
+    # The NoisyMappedQuantizer options it fixes over the run's; None: sign weights.
+    quantizer: dict | None = None
+    # The binary kernels are trained by larq's Bop (flips), everything else as usual.
+    bop: bool = False
+
+
+#: Fine-tuning arms (docs/METHOD.md section 6.1).
 ARMS = {
-    "sign": None,  # plain fine-tuning with sign weights ("Fine-tuning")
-    "mapped": {"alpha": 0.0},  # mapper without noisy supervision
-    "lns": {},  # the method: alpha > 0, rho > 0
-    "lns_rho0": {"rho_pos": 0.0, "rho_neg": 0.0},  # noisy labels, no correction
+    "sign": Arm("fine-tuning with sign weights"),  # the paper's "Fine-tuning"
+    "bop": Arm("fine-tuning with Bop", bop=True),  # Larq's flip-based optimizer
+    "mapped": Arm("mapper w/o noisy supervision", {"alpha": 0.0}),
+    "lns": Arm("LNS", {}),  # the method: alpha > 0, rho > 0
+    "lns_rho0": Arm("LNS with rho = 0", {"rho_pos": 0.0, "rho_neg": 0.0}),  # no correction
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 
 import larq as lq
@@ -11,12 +12,16 @@ import tensorflow as tf
 from larq_noisy.losses import check_noise_rates, unbiased_loss
 from larq_noisy.mappers import MAPPERS, build_mapper
 
-__all__ = ["NoisyMappedQuantizer", "check_options", "filters_to_kernel", "kernel_to_filters"]
+__all__ = [
+    "NoisyMappedQuantizer", "binary_scale", "check_options", "filters_to_kernel",
+    "kernel_to_filters",
+]
 
 REDUCTIONS = ("sum", "mean")
 LABELS = ("current", "frozen")
 STARTS = ("identity", "warmup")
-SCALES = (None, "channel")
+SCALES = (None, "layer", "channel")
+CLIPS = ("hardtanh", "none")
 
 
 def _choice(name, value, choices):
@@ -25,7 +30,10 @@ def _choice(name, value, choices):
 
 
 #: The options of `NoisyMappedQuantizer` (its signature holds their defaults).
-OPTIONS = ("mapper", "alpha", "rho_pos", "rho_neg", "width", "reduction", "labels", "start", "scale")
+OPTIONS = (
+    "mapper", "alpha", "rho_pos", "rho_neg", "width", "reduction", "labels", "start", "scale",
+    "clip", "aux_to_latent", "scale_clip", "scale_gradient",
+)
 
 
 def check_options(**options) -> None:
@@ -44,11 +52,21 @@ def check_options(**options) -> None:
     _choice("labels", o["labels"], LABELS)
     _choice("start", o["start"], STARTS)
     _choice("scale", o["scale"], SCALES)
+    scale_clip = o["scale_clip"]
+    if scale_clip is not None and (not isinstance(scale_clip, numbers.Real) or scale_clip <= 0):
+        raise ValueError(f"scale_clip={scale_clip!r} must be a number > 0 or None.")
+    if not isinstance(o["scale_gradient"], bool):
+        raise ValueError(f"scale_gradient={o['scale_gradient']!r} must be True or False.")
+    _choice("clip", o["clip"], CLIPS)
+    if not isinstance(o["aux_to_latent"], bool):
+        raise ValueError(f"aux_to_latent={o['aux_to_latent']!r} must be True or False.")
     alpha, width = o["alpha"], o["width"]
-    if not isinstance(alpha, numbers.Real) or alpha < 0:
-        raise ValueError(f"alpha={alpha!r} must be a number >= 0.")
-    if width is not None and (not isinstance(width, numbers.Real) or width <= 0):
-        raise ValueError(f"width={width!r} must be a number > 0 or None.")
+    if not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha={alpha!r} must be a finite number >= 0.")
+    if width is not None and (
+        not isinstance(width, numbers.Real) or not math.isfinite(width) or width <= 0
+    ):
+        raise ValueError(f"width={width!r} must be a finite number > 0 or None.")
     check_noise_rates(o["rho_pos"], o["rho_neg"])
 
 
@@ -78,6 +96,34 @@ def filters_to_kernel(filters, kernel_shape):
     return tf.transpose(filters, [*range(1, rank - 1), rank - 1, 0])
 
 
+def binary_scale(kernel, scale, clip=None, gradient=False):
+    r"""The $s$ of a scaled binary kernel $s \cdot \mathrm{sign}(W)$: a mean of $|W|$.
+
+    \\[ s = \mathrm{mean}\,|\mathrm{clip}(W, -c, c)| \\]
+
+    over the whole kernel with `scale="layer"` (one scale per layer: DoReFa-Net's
+    1-bit weights), or over all axes but the last with `scale="channel"` (one per
+    output channel: XNOR-Net, `magnitude_aware_sign`). `clip` is $c$ (`None`: no
+    clip). With `gradient=False` $s$ is a constant for backprop (`tf.stop_gradient`,
+    as `magnitude_aware_sign`); with `True` its gradient reaches $W$ (XNOR-Net's
+    paper).
+
+    !!! example
+        ```python
+        s = binary_scale(kernel, "layer")  # a scalar
+        ```
+    """
+    magnitude = tf.abs(kernel if clip is None else tf.clip_by_value(kernel, -clip, clip))
+    if scale == "layer":
+        # A float16 sum over a whole kernel overflows (3x3x512x512 weights of mean 0.03
+        # sum past 65504): accumulate in float32 at least.
+        wide = tf.float32 if kernel.dtype in (tf.float16, tf.bfloat16) else kernel.dtype
+        mean = tf.cast(tf.reduce_mean(tf.cast(magnitude, wide)), kernel.dtype)
+    else:  # in the kernel's dtype, exactly as magnitude_aware_sign
+        mean = tf.reduce_mean(magnitude, axis=list(range(len(kernel.shape) - 1)))
+    return mean if gradient else tf.stop_gradient(mean)
+
+
 def _ste_sign(x):
     """`sign(x)` (with sign(0) = +1, as larq) whose gradient is the identity."""
     return x + tf.stop_gradient(lq.math.sign(x) - x)
@@ -96,8 +142,9 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
     \\]
 
     with the straight-through estimator through the sign (the clip to $|t| \le 1$
-    comes from the hardtanh). The layer computes with $\hat Q$, scaled per output
-    channel by $\mathrm{mean}|W|$ when `scale="channel"`. The quantizer adds the
+    comes from the hardtanh). The layer computes with $\hat Q$, times
+    $\mathrm{mean}|W|$ of the layer or of each output channel when `scale` is set
+    (`binary_scale`). The quantizer adds the
     auxiliary loss $\alpha\, l_i$ with `add_loss`, where
 
     \\[
@@ -110,6 +157,34 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
     so $\hat Q = \mathrm{sign}(W)$ and a converted model starts at exactly the
     pretrained accuracy; `start="warmup"` is the paper's plain mapper, to be
     warmed up with all other weights frozen.
+
+    **The clip.** The corrected squared loss is a unit quadratic in $t$,
+    $\tilde l(t, y) = (t - t^*_y)^2 + c_y$ with the minimum at
+    $t^*_y = y\,(1 - \rho_{-y} + \rho_y) / (1 - \rho_{+1} - \rho_{-1})$
+    ($y / (1 - 2\rho)$ for equal rates), so $|t^*_y| > 1$ for every $\rho_y > 0$.
+    With `clip="hardtanh"` (the paper), $t = \mathrm{hardtanh}(f_\theta(W))$ and
+    $\partial t / \partial f = 1$ only where $|f_\theta(W)| \le 1$: the auxiliary
+    loss pushes $f_\theta(W)$ past $\pm 1$, where the clip stops every gradient
+    through that binary weight, the cross-entropy's (whose STE passes through $t$)
+    as well as its own (see `saturated`). With `clip="none"`, $t = f_\theta(W)$,
+    the same $t$ for the loss and the sign, and the STE of the sign is the identity
+    (not larq's `ste_sign`, whose gradient is 0 past $|x| > 1$, the same dead
+    zone): $t^*_y$ is reachable and no weight is cut off. The loss needs no clip
+    to be bounded below (the quadratic pulls $t$ back towards $t^*_y$ from either
+    side), but nothing cuts a too large step either: with `reduction="sum"` the
+    curvature in a mapper parameter shared by the layer's filters grows with their
+    number (for the `cnn` mapper's output bias, $2\alpha\, c_{out} k^2$), and SGD at
+    lr 0.01, momentum 0.9, $\alpha = 1$ diverged on `bnn_small` within 32 steps
+    where the hardtanh saturated instead; `reduction="mean"`, a small $\alpha$ or
+    Adam kept it finite.
+
+    **Where the auxiliary loss trains.** With `aux_to_latent=True` (the paper) the
+    gradient of $\alpha\, l_i$ reaches the latent weights through $f_\theta(W)$,
+    at step 0 $2(t - t^*_y)$ per weight, pulling $W$ towards its own sign. With
+    `aux_to_latent=False`, $l_i$ is computed from $f_\theta(\mathrm{sg}(W))$
+    ($\mathrm{sg}$: stop-gradient): the same value and the same gradient on
+    $\theta$, none on $W$; $W$ learns from the task loss alone, through the
+    forward path. It costs a second mapper pass when `alpha > 0`.
 
     !!! example
         ```python
@@ -135,8 +210,20 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
             by `larq_noisy.freeze_labels` (done by `to_mapped`); until captured,
             frozen labels fall back to the current signs.
         start: `"identity"` (residual mapper, zero-initialised output) or `"warmup"`.
-        scale: `None`, or `"channel"` to scale each output channel by the mean
-            absolute latent weight of its filter (as `magnitude_aware_sign`).
+        scale: `None`; `"layer"` to scale the binary kernel by the mean absolute
+            latent weight of the layer (DoReFa-Net); `"channel"` to scale each output
+            channel by that of its filter (as `magnitude_aware_sign`). See
+            `binary_scale`; `to_mapped` sets it (and the next two) to match the
+            layer's original quantizer.
+        scale_clip: `None`, or $c > 0$: the scale is the mean of $|\mathrm{clip}(W,
+            -c, c)|$.
+        scale_gradient: `False` (the scale is a constant for backprop, as
+            `magnitude_aware_sign`) or `True` (its gradient reaches the latent
+            weights, as XNOR-Net's paper).
+        clip: `"hardtanh"` ($t = \mathrm{hardtanh}(f_\theta(W))$, the paper) or
+            `"none"` ($t = f_\theta(W)$, no dead zone).
+        aux_to_latent: `True` (the auxiliary loss trains the mapper and the latent
+            weights, the paper) or `False` (the mapper only).
     """
 
     precision = 1
@@ -152,11 +239,16 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
         labels: str = "current",
         start: str = "identity",
         scale: str | None = None,
+        clip: str = "hardtanh",
+        aux_to_latent: bool = True,
+        scale_clip: float | None = None,
+        scale_gradient: bool = False,
         **kwargs,
     ):
         check_options(
             mapper=mapper, alpha=alpha, rho_pos=rho_pos, rho_neg=rho_neg, width=width,
-            reduction=reduction, labels=labels, start=start, scale=scale,
+            reduction=reduction, labels=labels, start=start, scale=scale, clip=clip,
+            aux_to_latent=aux_to_latent, scale_clip=scale_clip, scale_gradient=scale_gradient,
         )
         super().__init__(**kwargs)
         self.mapper_kind = mapper
@@ -168,6 +260,10 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
         self.labels = labels
         self.start = start
         self.scale = scale
+        self.clip = clip
+        self.aux_to_latent = aux_to_latent
+        self.scale_clip = None if scale_clip is None else float(scale_clip)
+        self.scale_gradient = scale_gradient
 
     def build(self, input_shape):
         kernel_shape = tf.TensorShape(input_shape).as_list()
@@ -191,19 +287,47 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
             )
         super().build(input_shape)
 
-    def logits(self, kernel):
-        """`t = hardtanh(f(W))`, the continuous output that the labels supervise."""
+    def mapped(self, kernel):
+        """`f(W)`, the mapper's output in the kernel's layout, before any clip."""
         filters = kernel_to_filters(kernel)
         mapped = self.mapper(filters)
         if self.start == "identity":
             mapped = filters + mapped
-        return tf.clip_by_value(filters_to_kernel(mapped, kernel.shape), -1.0, 1.0)
+        return filters_to_kernel(mapped, kernel.shape)
+
+    def logits(self, kernel):
+        """`t`, what the labels supervise and the sign binarizes: `hardtanh(f(W))`,
+        or `f(W)` with `clip="none"`."""
+        mapped = self.mapped(kernel)
+        if self.clip == "none":
+            return mapped
+        return tf.clip_by_value(mapped, -1.0, 1.0)
+
+    def saturated(self, kernel):
+        """Boolean mask of the binary weights no gradient flows back through.
+
+        With `clip="hardtanh"`, those where `|f(W)| > 1`: the clip's gradient is 0
+        there (at exactly 1 `tf.clip_by_value` still passes it), so neither the
+        auxiliary loss nor the task loss's STE reaches that weight; it can only move
+        when the shared mapper changes for the others. With `clip="none"` no weight
+        is cut off: all False.
+        """
+        if not self.built:
+            self.build(kernel.shape)
+        kernel = tf.cast(kernel, self.compute_dtype)
+        if self.clip == "none":
+            return tf.zeros(kernel.shape, tf.bool)
+        return tf.abs(self.mapped(kernel)) > 1.0
 
     def noisy_labels(self, kernel):
-        """`sign(W)` (or the frozen signs), constant: no gradient flows through them."""
-        labels = lq.math.sign(kernel)
+        """`sign(W)` (or the frozen signs), constant: no gradient flows through them.
+
+        The signs of `W` at the precision the layer computes with (under
+        `mixed_float16`, a weight too small for float16 is 0 there, and sign(0) = +1).
+        """
+        labels = lq.math.sign(tf.cast(kernel, self.compute_dtype))
         if self.labels == "frozen":
-            frozen = tf.cast(self.frozen_labels, kernel.dtype)
+            frozen = tf.cast(self.frozen_labels, labels.dtype)
             labels = tf.where(frozen == 0, labels, frozen)
         return tf.stop_gradient(labels)
 
@@ -215,11 +339,18 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
             )
         if not self.built:
             self.build(kernel.shape)
-        self.frozen_labels.assign(lq.math.sign(tf.cast(kernel, tf.float32)))
+        signs = lq.math.sign(tf.cast(kernel, self.compute_dtype))  # as noisy_labels
+        self.frozen_labels.assign(tf.cast(signs, self.frozen_labels.dtype))
 
     def auxiliary_loss(self, kernel, logits=None):
-        """`alpha * l_i`, the term this quantizer adds to the model's loss."""
-        logits = self.logits(kernel) if logits is None else logits
+        """`alpha * l_i`, the term this quantizer adds to the model's loss.
+
+        `logits` (`self.logits(kernel)` if not given) are used as given; only when
+        computed here is the gradient to `kernel` cut for `aux_to_latent=False`.
+        """
+        kernel = tf.cast(kernel, self.compute_dtype)  # a float32 variable under mixed_float16
+        if logits is None:
+            logits = self.logits(kernel if self.aux_to_latent else tf.stop_gradient(kernel))
         pointwise = unbiased_loss(
             tf.cast(logits, tf.float32),
             tf.cast(self.noisy_labels(kernel), tf.float32),
@@ -234,11 +365,9 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
         return lq.math.sign(self.logits(kernel))
 
     def _scaled(self, signs, kernel):
-        if self.scale != "channel":
+        if self.scale is None:
             return signs
-        reduce_axes = list(range(len(kernel.shape) - 1))
-        scale = tf.stop_gradient(tf.reduce_mean(tf.abs(kernel), axis=reduce_axes))
-        return scale * signs
+        return binary_scale(kernel, self.scale, self.scale_clip, self.scale_gradient) * signs
 
     def binary_kernel(self, kernel):
         """The kernel the layer computes with: `Q^`, scaled if `scale` is set."""
@@ -249,7 +378,10 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
 
     def call(self, inputs):
         logits = self.logits(inputs)
-        self.add_loss(self.auxiliary_loss(inputs, logits))
+        # aux_to_latent=False needs its own mapper pass on sg(W), unless alpha = 0
+        # (then the loss and all its gradients are 0 anyway).
+        shared = self.aux_to_latent or self.alpha == 0
+        self.add_loss(self.auxiliary_loss(inputs, logits if shared else None))
         return self._scaled(_ste_sign(logits), inputs)
 
     def get_config(self):
@@ -264,4 +396,8 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
             "labels": self.labels,
             "start": self.start,
             "scale": self.scale,
+            "clip": self.clip,
+            "aux_to_latent": self.aux_to_latent,
+            "scale_clip": self.scale_clip,
+            "scale_gradient": self.scale_gradient,
         }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import glob
 import os
 
 import matplotlib
@@ -11,25 +10,37 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_accuracy", "plot_flip_rates", "read_history", "write_results_md"]
+from larq_noisy.protocols import ARMS  # noqa: E402
 
-_ARM_TITLES = {
-    "sign": "fine-tuning (sign)",
-    "mapped": "mapper w/o noisy supervision",
-    "lns": "LNS",
-    "lns_rho0": "LNS with rho = 0",
-}
+__all__ = [
+    "ARM_TITLES", "arm_color", "plot_accuracy", "plot_flip_rates", "read_history",
+    "read_history_rows", "write_history_rows", "write_results_md",
+]
+
+#: How the reports name each arm.
+ARM_TITLES = {name: arm.title for name, arm in ARMS.items()}
+
+
+def arm_color(arm: str):
+    """The colour of `arm` in every plot (the baseline and pretraining are black)."""
+    order = list(ARM_TITLES)
+    index = order.index(arm) if arm in order else len(order) + sum(map(ord, arm))
+    return plt.get_cmap("tab10")(index % 10)
 
 
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+def _epochs(n) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def write_results_md(results: dict, path: str) -> None:
     """The arms side by side, in the shape of the paper's tables."""
     top5 = "test_top5" in results.get("baseline", {})
     head = "| arm | val acc % | test acc % |" + (" test top-5 % |" if top5 else "")
-    head += " flipped since pretraining % | epochs | wall s |"
+    head += " flipped since pretraining % | saturated % | epochs | wall s |"
     rule = "|" + "---|" * (head.count("|") - 1)
     rows = []
 
@@ -37,14 +48,14 @@ def write_results_md(results: dict, path: str) -> None:
         cells = [title, _pct(r.get("val_accuracy")), _pct(r.get("test_accuracy"))]
         if top5:
             cells.append(_pct(r.get("test_top5")))
-        cells += [flip, str(epochs), wall]
+        cells += [flip, _pct(r.get("saturation")), str(epochs), wall]
         rows.append("| " + " | ".join(cells) + " |")
 
     if "baseline" in results:
         row("baseline (pretrained, sign)", results["baseline"])
     for arm, r in results.get("arms", {}).items():
         row(
-            _ARM_TITLES.get(arm, arm) + f" (`{arm}`)",
+            ARM_TITLES.get(arm, arm) + f" (`{arm}`)",
             r,
             flip=_pct(r.get("flip_rate")),
             epochs=r.get("epochs", "-"),
@@ -54,8 +65,8 @@ def write_results_md(results: dict, path: str) -> None:
     lines = [
         f"# Results: {results.get('model')} on {results.get('dataset')}",
         "",
-        f"Seed {config.get('seed')}; pretraining {config.get('pretrain_epochs')} epochs, "
-        f"fine-tuning {config.get('finetune_epochs')} epochs per arm. Validation is held out "
+        f"Seed {config.get('seed')}; pretraining {_epochs(config.get('pretrain_epochs'))}, "
+        f"fine-tuning {_epochs(config.get('finetune_epochs'))} per arm. Validation is held out "
         "of the training set; test is the official test split.",
         "",
         head,
@@ -67,12 +78,31 @@ def write_results_md(results: dict, path: str) -> None:
         f.write("\n".join(lines))
 
 
+def read_history_rows(path: str) -> list[dict]:
+    """The rows of a history.csv file, as written (strings)."""
+    from larq_noisy.rundir import RunFileError
+
+    try:
+        with open(path, newline="") as f:
+            return [row for row in csv.DictReader(f) if row.get("epoch", "").isdigit()]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise RunFileError(f"{path} is unreadable ({error}): delete it (only the log is lost).") from None
+
+
+def write_history_rows(rows: list[dict], path: str) -> None:
+    """Write history rows (dicts, `epoch` first) to `path` atomically."""
+    from larq_noisy.rundir import atomic_path
+
+    columns = ["epoch", *sorted({k for row in rows for k in row} - {"epoch"})]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def read_history(path: str) -> dict[str, list[float]]:
-    """A CSVLogger file as columns; a resumed run's repeated epochs keep their last row."""
-    rows = {}
-    with open(path) as f:
-        for record in csv.DictReader(f):
-            rows[int(record["epoch"])] = record
+    """A history.csv file as columns; a resumed run's repeated epochs keep their last row."""
+    rows = {int(record["epoch"]): record for record in read_history_rows(path)}
     columns: dict[str, list[float]] = {}
     for epoch in sorted(rows):
         for key, value in rows[epoch].items():
@@ -83,8 +113,9 @@ def read_history(path: str) -> dict[str, list[float]]:
     return columns
 
 
-def plot_accuracy(run_dir: str, path: str) -> None:
-    """Validation accuracy per epoch: pretraining, then each arm after it."""
+def plot_accuracy(run_dir: str, results: dict, path: str) -> None:
+    """Validation accuracy per epoch (pretraining, then each arm after it), and each
+    arm's and the baseline's test accuracy as a marker at the end."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     offset = 0
     pretrain = os.path.join(run_dir, "pretrain", "history.csv")
@@ -92,20 +123,28 @@ def plot_accuracy(run_dir: str, path: str) -> None:
         history = read_history(pretrain)
         if "val_accuracy" in history:
             epochs = range(1, len(history["val_accuracy"]) + 1)
-            ax.plot(epochs, history["val_accuracy"], "k.-", label="pretraining (sign)")
+            ax.plot(epochs, history["val_accuracy"], "k.-", label="pretraining (sign), val")
             offset = len(history["val_accuracy"])
-    for arm_csv in sorted(glob.glob(os.path.join(run_dir, "arms", "*", "history.csv"))):
-        arm = os.path.basename(os.path.dirname(arm_csv))
-        history = read_history(arm_csv)
-        if "val_accuracy" in history:
-            epochs = range(offset + 1, offset + len(history["val_accuracy"]) + 1)
-            ax.plot(epochs, history["val_accuracy"], ".-", label=_ARM_TITLES.get(arm, arm))
+    if "test_accuracy" in results.get("baseline", {}):
+        ax.plot([offset], [results["baseline"]["test_accuracy"]], "k*", markersize=11,
+                label="baseline, test")
+    for arm, result in results.get("arms", {}).items():
+        arm_csv = os.path.join(run_dir, "arms", arm, "history.csv")
+        history = read_history(arm_csv) if os.path.exists(arm_csv) else {}
+        values = history.get("val_accuracy", [])
+        color, title = arm_color(arm), ARM_TITLES.get(arm, arm)
+        if values:
+            epochs = range(offset + 1, offset + len(values) + 1)
+            ax.plot(epochs, values, ".-", color=color, label=f"{title}, val")
+        if "test_accuracy" in result:
+            ax.plot([offset + max(len(values), 1)], [result["test_accuracy"]], "*",
+                    color=color, markersize=11, markeredgecolor="black", label=f"{title}, test")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel("accuracy (line: validation, star: test)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -115,7 +154,7 @@ def plot_flip_rates(results: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for arm, rates in arms.items():
         ax.plot(range(len(rates)), [100 * v for v in rates.values()], "o-",
-                label=_ARM_TITLES.get(arm, arm))
+                color=arm_color(arm), label=ARM_TITLES.get(arm, arm))
     if arms:
         names = list(next(iter(arms.values())))
         ax.set_xticks(range(len(names)))
@@ -125,5 +164,5 @@ def plot_flip_rates(results: dict, path: str) -> None:
     ax.set_xlabel("binarized layer")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)

@@ -1,30 +1,27 @@
 """The protocol of the paper under `tf.distribute`: sign pretraining, then fine-tuning arms.
 
 Phase 1 pretrains a sign-binarized BNN (the baseline). Phase 2 fine-tunes each arm
-(`protocols.ARMS`) from that one checkpoint with the same schedule and seed. Everything
-a run writes lives under its output directory:
-
-    config.json                  the settings, checked when a run is resumed
-    pretrain/weights.h5          the pretrained baseline (what --pretrained reuses)
-    pretrain/checkpoint.h5       last good end-of-epoch weights of the phase
-    arms/<arm>/checkpoint.h5     likewise, per arm
-    arms/<arm>/model.h5          the baked, deployable model (a stock Larq model)
-    arms/<arm>/result.json       written when the arm is done: the arm is not redone
-    */history.csv                per-epoch loss, accuracy, lr, flip rates, aux loss
-    tensorboard/<phase>/         the same in TensorBoard
-    results.json, results.md     the arms side by side; accuracy.png, flip_rates.png
-
-Running the same settings again resumes: finished phases are skipped, and a phase cut
-off mid-way continues from its last backup (`tf.keras.callbacks.BackupAndRestore`).
+(`protocols.ARMS`) from that one checkpoint. Every arm starts from the same state,
+whatever ran before it in the process: the same pretrained weights, the global RNG
+reset to the run's seed, and the same batches (epoch `e` of a phase is drawn from
+`(seed, phase, e)` alone, `datasets.load(epochs=...)`), with TensorFlow's op
+determinism on. A phase cut off mid-way resumes from its last backup
+(`tf.keras.callbacks.BackupAndRestore`) and reads exactly the batches it would have
+read, so on the CPU a resumed run ends with the same weights as an uninterrupted one.
+What a run writes, and where: `larq_noisy.rundir`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import logging
+import math
 import os
 import tempfile
 import time
+import types
+import typing
 import warnings
 
 import larq as lq
@@ -32,18 +29,24 @@ import numpy as np
 import tensorflow as tf
 
 import models
-from larq_noisy import datasets, export, report
+from larq_noisy import datasets, report
 from larq_noisy.callbacks import FlipRateCallback, auxiliary_losses
-from larq_noisy.conversion import bake, flip_rates, mapped_layers, mean_flip_rate, to_mapped
+from larq_noisy.conversion import (
+    bake, flip_rates, mapped_layers, mean_flip_rate, mean_saturation, to_mapped,
+)
 from larq_noisy.distribute import STRATEGIES, is_chief, make_strategy
 from larq_noisy.protocols import ARMS, get_protocol, lr_at_epoch
 from larq_noisy.quantizers import OPTIONS, check_options
+from larq_noisy.rundir import (
+    CheckpointError, RunDir, atomic_path, pretrained_weights_path, read_json, weights_fingerprint,
+    write_json,
+)
 
 __all__ = ["CheckpointError", "TrainConfig", "TrainingDiverged", "build_arm", "run"]
 
 OPTIMIZERS = ("sgd", "adam")
-# Settings that may change between a run and its resumption without changing results.
-_RESUMABLE = ("arms", "strategy", "verbose", "output_dir", "backup_every", "export")
+#: The data streams of a run: all arms share "finetune", so they see the same batches.
+STREAMS = ("pretrain", "finetune", "warmup")
 
 
 class TrainingDiverged(RuntimeError):
@@ -68,7 +71,7 @@ class TrainConfig:
     optimizer: str | None = None
     lr: float | None = None
     finetune_lr: float | None = None
-    kernel_quantizer: str | None = None  # None: the model's own (models.DEFAULT_KERNEL_QUANTIZERS)
+    kernel_quantizer: str | None = None  # None: the model's own
     alpha: float | None = None
     rho_pos: float | None = None
     rho_neg: float | None = None
@@ -77,6 +80,10 @@ class TrainConfig:
     start: str | None = None
     labels: str | None = None
     reduction: str | None = None
+    clip: str | None = None
+    aux_to_latent: bool | None = None
+    bop_threshold: float | None = None  # the bop arm's; None: larq's Bop defaults
+    bop_gamma: float | None = None
     seed: int = 0
     strategy: str = "auto"
     output_dir: str = "runs/fashion_mnist"
@@ -85,12 +92,14 @@ class TrainConfig:
     image_size: int | None = None
     mixed_precision: bool = False
     jit: bool = False
+    deterministic: bool = True  # TensorFlow's op determinism (slower on GPUs)
     backup_every: int | None = None  # steps between backups; None: every epoch
     export: bool = False  # convert each finished arm with LCE (larq_noisy.export)
-    verbose: int = 1
+    verbose: int = 1  # 0: only where the results are; 1: progress bars; 2: a line per epoch
 
     def resolved(self) -> TrainConfig:
         """A copy with the protocol's defaults filled in, checked for bad values."""
+        self.check_types(dataclasses.asdict(self))
         protocol = get_protocol(self.dataset)
         filled = dataclasses.replace(self)
         for field in ("model", "pretrain_epochs", "finetune_epochs", "batch_size", "optimizer",
@@ -103,6 +112,17 @@ class TrainConfig:
                 setattr(filled, option, value)
         filled.validate()
         return filled
+
+    @classmethod
+    def check_types(cls, values: dict) -> None:
+        """`ValueError` naming the first of `values` (field -> value) that is not of its
+        field's type, or a float that is not finite."""
+        for name, value in values.items():
+            error = _type_error(name, value, _FIELD_TYPES[name]) if name in _FIELD_TYPES else (
+                f"unknown setting {name!r}"
+            )
+            if error:
+                raise ValueError(error)
 
     def validate(self) -> None:
         """Raise `ValueError` for any bad value, before any expensive work."""
@@ -121,34 +141,37 @@ class TrainConfig:
                 f"Unknown kernel quantizer {self.kernel_quantizer!r}; "
                 f"choose one of {list(models.WEIGHT_QUANTIZERS)}."
             )
-        for name in ("pretrain_epochs", "finetune_epochs", "warmup_epochs"):
+        for name in ("pretrain_epochs", "finetune_epochs", "warmup_epochs", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
         for name in ("batch_size", "steps_per_epoch", "limit", "image_size", "backup_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1.")
-        for name in ("lr", "finetune_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0.")
+        for name in ("lr", "finetune_lr", "bop_threshold", "bop_gamma"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}={value} must be > 0.")
+        if self.verbose not in (0, 1, 2):
+            raise ValueError(f"verbose={self.verbose} must be 0, 1 or 2.")
         if self.pretrain_epochs == 0 and not self.pretrained:
-            raise ValueError("pretrain_epochs=0 needs a --pretrained checkpoint to fine-tune from.")
+            raise ValueError("pretrain_epochs=0 needs a pretrained checkpoint to fine-tune from.")
         for arm in self.arms:  # every arm's quantizer options are valid
             options = self.quantizer_options(arm)
             if options is not None:
                 check_options(**options)
         if self.pretrained and not os.path.exists(self.pretrained):
             raise ValueError(
-                f"--pretrained {self.pretrained!r} does not exist: give a train.py output "
+                f"pretrained={self.pretrained!r} does not exist: give a train.py output "
                 "directory or its pretrain/weights.h5."
             )
 
     def quantizer_options(self, arm: str) -> dict | None:
         """The `NoisyMappedQuantizer` options of `arm` (`None` for the sign arm)."""
-        if ARMS[arm] is None:
+        if ARMS[arm].quantizer is None:
             return None
         options = {k: getattr(self, k) for k in OPTIONS if getattr(self, k, None) is not None}
-        return {**options, **ARMS[arm]}
+        return {**options, **ARMS[arm].quantizer}
 
     @property
     def spec(self):
@@ -159,11 +182,30 @@ class TrainConfig:
         h, w, c = self.spec.image_shape
         return (self.image_size, self.image_size, c) if self.image_size else (h, w, c)
 
+    @property
+    def steps_per_epoch_run(self) -> int:
+        """Training steps in one epoch of this run (the split's batches, capped)."""
+        steps = datasets.batches_per_epoch(self.dataset, "train", self.batch_size, self.limit)
+        return min(steps, self.steps_per_epoch) if self.steps_per_epoch else steps
+
     def load_split(self, split: str):
-        """The batched dataset of `split` ("train", "validation" or "test") for this run."""
+        """The batched dataset of `split` ("validation" or "test"; "train": one epoch
+        per iteration, see `train_stream` for a run's reproducible epochs)."""
         dataset, _ = datasets.load(
             self.dataset, split, self.batch_size, seed=self.seed, data_dir=self.data_dir,
             image_size=self.image_size, limit=self.limit,
+        )
+        return dataset
+
+    def train_stream(self, stream: str, epochs: int, position: int = 0):
+        """Epochs `0 .. epochs - 1` of `stream` (one of `STREAMS`) from global step
+        `position` on: the batches are a function of (seed, stream, epoch) alone."""
+        first, skip = divmod(position, self.steps_per_epoch_run)
+        dataset, _ = datasets.load(
+            self.dataset, "train", self.batch_size, data_dir=self.data_dir,
+            seed=self.seed * len(STREAMS) + STREAMS.index(stream), image_size=self.image_size,
+            limit=self.limit, epochs=(first, epochs), skip=skip,
+            steps_per_epoch=self.steps_per_epoch,
         )
         return dataset
 
@@ -171,80 +213,58 @@ class TrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-# --------------------------------------------------------------------------- files
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
 
 
-def write_json(path, data) -> None:
-    """Write atomically: an interrupted write never loses the previous file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def ensure_writable_dir(path: str) -> None:
-    """Create `path` if needed; `ValueError` if nothing can be written there."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise ValueError(f"Output directory {path!r} is not writable: {error.strerror}.") from error
-
-
-def prepare_output_dir(config: TrainConfig) -> None:
-    """Create the output directory, or check that it holds a run with the same settings."""
-    out = config.output_dir
-    ensure_writable_dir(out)
-    path = os.path.join(out, "config.json")
-    current = config.to_json()
-    check_same_settings(path, current, _RESUMABLE, "a run")
-    write_json(path, current)
-
-
-def check_same_settings(path: str, current: dict, resumable, what: str) -> None:
-    """Refuse to resume the `what` saved at `path` with other settings than `current`
-    (those named in `resumable` may change)."""
-    if not os.path.exists(path):
-        return
-    saved = read_json(path)
-    changed = {
-        k: (saved.get(k), v) for k, v in current.items()
-        if k not in resumable and saved.get(k) != v
-    }
-    if changed:
-        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
-        raise ValueError(
-            f"{os.path.dirname(path)!r} holds {what} with other settings ({diff}). Resume "
-            "it with the same settings, or choose a new --output-dir."
-        )
-
-
-def pretrained_weights_path(path: str) -> str:
-    """A `--pretrained` value (a train.py output directory or a weights file) as a file."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "pretrain", "weights.h5")
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"No pretrained weights at {path!r}: give a train.py output directory whose "
-            "pretraining finished, or its pretrain/weights.h5."
-        )
-    return path
+def _type_error(name: str, value, hint) -> str | None:
+    """Why `value` is not of type `hint` (or not finite), or `None`."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = typing.get_args(hint) if union else (hint,)
+    if value is None:
+        return None if type(None) in options else f"{name} must be set, not null"
+    for option in options:
+        kind = typing.get_origin(option) or option
+        if kind is bool and isinstance(value, bool):
+            return None
+        if isinstance(value, bool):
+            continue
+        if kind is int and isinstance(value, int):
+            return None
+        if kind is float and isinstance(value, (int, float)):
+            return None if math.isfinite(value) else f"{name}={value!r} must be a finite number"
+        if kind is str and isinstance(value, str):
+            return None
+        if kind is tuple and isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value):
+            return None
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+             tuple: "a list of strings"}
+    wanted = " or ".join(names[typing.get_origin(o) or o] for o in options if o is not type(None))
+    return f"{name}={value!r} must be {wanted}"
 
 
 # --------------------------------------------------------------------------- models
 
 
-def _compile(model, config: TrainConfig, lr: float) -> None:
+def _optimizer(config: TrainConfig, lr: float, bop: bool = False):
+    """The run's optimizer; with `bop`, larq's Bop for the binary kernels and the run's
+    optimizer for every other variable (larq's `CaseOptimizer`, which takes Keras'
+    legacy optimizers)."""
+    optimizers = tf.keras.optimizers.legacy if bop else tf.keras.optimizers
     if config.optimizer == "sgd":
-        optimizer = tf.keras.optimizers.SGD(lr, momentum=0.9)
+        optimizer = optimizers.SGD(lr, momentum=0.9)
     else:
-        optimizer = tf.keras.optimizers.Adam(lr)
+        optimizer = optimizers.Adam(lr)
+    if not bop:
+        return optimizer
+    options = {"threshold": config.bop_threshold, "gamma": config.bop_gamma}
+    flips = lq.optimizers.Bop(**{k: v for k, v in options.items() if v is not None})
+    return lq.optimizers.CaseOptimizer(
+        (lq.optimizers.Bop.is_binary_variable, flips), default_optimizer=optimizer
+    )
+
+
+def _compile(model, config: TrainConfig, lr: float, bop: bool = False) -> None:
+    optimizer = _optimizer(config, lr, bop)
     metrics = ["accuracy"]
     if config.spec.num_classes >= 100:
         metrics.append(tf.keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5"))
@@ -269,14 +289,16 @@ def build_baseline(config: TrainConfig, weights: str | None = None):
             model.load_weights(weights)
         except (ValueError, OSError) as error:
             raise CheckpointError(
-                f"Checkpoint {weights!r} is corrupted, truncated or does not fit model {config.model!r} with input "
-                f"{config.input_shape} and {config.spec.num_classes} classes: {error}"
-            ) from error
+                f"{weights} is corrupted, truncated or does not fit model {config.model!r} "
+                f"with input {config.input_shape} and {config.spec.num_classes} classes "
+                f"({error}): delete it to train it again."
+            ) from None
     return model
 
 
 def build_arm(config: TrainConfig, arm: str, weights: str):
-    """The compiled model of `arm`, fine-tuning from the pretrained `weights`.
+    """The compiled model of `arm`, fine-tuning from the pretrained `weights`, with the
+    global RNG reset to the run's seed (the same mapper initialisation in every arm).
 
     Call it inside the strategy's scope.
     """
@@ -285,7 +307,7 @@ def build_arm(config: TrainConfig, arm: str, weights: str):
     options = config.quantizer_options(arm)
     if options is not None:
         model = to_mapped(model, **options)
-    _compile(model, config, config.finetune_lr)
+    _compile(model, config, config.finetune_lr, bop=ARMS[arm].bop)
     return model
 
 
@@ -327,72 +349,179 @@ class StopOnNaN(tf.keras.callbacks.Callback):
             raise TrainingDiverged(
                 f"{self.phase}: the loss became {loss} at epoch {self.epoch + 1}, step "
                 f"{batch + 1}; training stopped and {kept}. Try a lower learning rate "
-                "(--lr / --finetune-lr) or a lower --alpha."
+                "or a lower alpha."
             )
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or backup that cannot be read."""
+class LearningRateScheduler(tf.keras.callbacks.LearningRateScheduler):
+    """Keras' scheduler, which under larq's `CaseOptimizer` (the bop arm) schedules the
+    default optimizer: Bop's threshold and gamma stay as they are."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        if isinstance(optimizer, lq.optimizers.CaseOptimizer):
+            tf.keras.backend.set_value(optimizer.default.lr, self.schedule(epoch))
+        else:
+            super().on_epoch_begin(epoch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        optimizer = getattr(optimizer, "default", optimizer)
+        if logs is not None:
+            logs["lr"] = float(tf.keras.backend.get_value(optimizer.lr))
 
 
-class BackupAndRestore(tf.keras.callbacks.BackupAndRestore):
-    """Keras' `BackupAndRestore`, with a clear error for a corrupted or truncated backup."""
+class WallClock(tf.keras.callbacks.Callback):
+    """Adds `wall_seconds` to the epoch logs: the phase's time so far, the sessions
+    before a resumption included. The chief records it in `path` whenever
+    `BackupAndRestore` backs up (`save_freq`), so a resumed phase starts from the time
+    of the backup it resumes."""
 
-    def on_train_begin(self, logs=None):
-        try:
-            super().on_train_begin(logs)
-        except (tf.errors.OpError, ValueError, OSError) as error:
-            raise CheckpointError(
-                f"The backup in {self.backup_dir!r} is corrupted or truncated and cannot be "
-                f"restored ({type(error).__name__}). Delete that directory to redo this "
-                "phase from its start; finished phases and arms are kept."
-            ) from error
+    def __init__(self, path: str, position: int, save_freq, chief: bool):
+        super().__init__()
+        self.path, self.position, self.save_freq, self.chief = path, position, save_freq, chief
+        saved = read_json(path, "delete it (only the wall time is lost)") if (
+            position and os.path.exists(path)) else {}
+        self.offset = saved.get("wall_seconds", 0.0) if saved.get("position") == position else 0.0
+        self.start = time.time()
+
+    @property
+    def total(self) -> float:
+        return self.offset + time.time() - self.start
+
+    def _record(self):
+        if self.chief:
+            write_json(self.path, {"position": self.position, "wall_seconds": self.total})
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.position += 1
+        if isinstance(self.save_freq, int) and self.position % self.save_freq == 0:
+            self._record()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["wall_seconds"] = self.total
+        self._record()
 
 
-def _callbacks(config, phase_dir, tb_name, lr, epochs, milestones, cosine, chief, extra=()):
-    # ModelCheckpoint, BackupAndRestore and TensorBoard know multi-worker training: the
-    # chief writes the files, the other workers write to temporary copies.
-    checkpoint = os.path.join(phase_dir, "checkpoint.h5")
-    callbacks = [
-        StopOnNaN(os.path.basename(phase_dir), checkpoint),
-        tf.keras.callbacks.LearningRateScheduler(
-            lambda epoch: lr_at_epoch(epoch, lr, epochs, milestones, cosine)
-        ),
-        *extra,  # before the loggers: they add to the epoch logs
-        BackupAndRestore(os.path.join(phase_dir, "backup"), save_freq=config.backup_every or "epoch"),
-        tf.keras.callbacks.ModelCheckpoint(checkpoint, save_weights_only=True),
-        tf.keras.callbacks.TensorBoard(os.path.join(config.output_dir, "tensorboard", tb_name)),
-    ]
+class HistoryCSV(tf.keras.callbacks.Callback):
+    """Keras' `CSVLogger`, written atomically: a resumed phase keeps the rows of the
+    epochs before it, and a failed write leaves the previous file."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.rows = report.read_history_rows(path) if os.path.exists(path) else []
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch, **{k: _scalar(v) for k, v in (logs or {}).items()}}
+        self.rows = [r for r in self.rows if int(r["epoch"]) < epoch] + [row]
+        report.write_history_rows(self.rows, self.path)
+
+
+def _scalar(value):
+    return float(value) if np.ndim(value) == 0 else value
+
+
+class AtomicCheckpoint(tf.keras.callbacks.Callback):
+    """The weights at each epoch end, written atomically. Every worker saves (reading
+    distributed variables may need collectives); only the chief keeps the file."""
+
+    def __init__(self, path: str, chief: bool):
+        super().__init__()
+        self.path, self.chief = path, chief
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_weights(self.model, self.path, self.chief)
+
+
+def save_weights(model, path: str, chief: bool = True) -> None:
+    """`model.save_weights(path)` atomically on the chief; a discarded copy elsewhere."""
     if chief:
-        callbacks.append(
-            tf.keras.callbacks.CSVLogger(os.path.join(phase_dir, "history.csv"), append=True)
-        )
-    return callbacks
+        with atomic_path(path) as tmp:
+            model.save_weights(tmp)
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            model.save_weights(os.path.join(scratch, os.path.basename(path)))
 
 
-# --------------------------------------------------------------------------- run
+class EpochLine(tf.keras.callbacks.Callback):
+    """One line per epoch (`verbose=2`): the losses, accuracies, flips, lr and time."""
+
+    def __init__(self, name: str, epochs: int, log):
+        super().__init__()
+        self.name, self.epochs, self.log = name, epochs, log
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        parts = [f"{self.name} epoch {epoch + 1}/{self.epochs}:"]
+        if "aux_loss" in logs:
+            parts.append(f"loss {logs['loss']:.4f} = cross-entropy + aux_loss ({logs['aux_loss']:.4g})")
+        else:
+            parts.append(f"loss {logs.get('loss', float('nan')):.4f}")
+        for key, label in (("accuracy", "acc"), ("val_accuracy", "val acc")):
+            if key in logs:
+                parts.append(f"{label} {logs[key]:.4f}")
+        if "flip_rate" in logs:
+            parts.append(f"flipped {logs['flip_rate']:.2%}")
+        if "lr" in logs:
+            parts.append(f"lr {logs['lr']:.3g}")
+        parts.append(f"{time.time() - self.start:.0f} s")
+        self.log(" ".join(parts), flush=True)
 
 
-class _Run:
-    def __init__(self, config: TrainConfig):
-        self.config = config
-        self.out = config.output_dir
-        self.log = print if config.verbose else (lambda *a, **k: None)
+def backup_position(backup_dir: str) -> int:
+    """The global training step a Keras `BackupAndRestore` backup resumes at (0 without
+    one), after reading every tensor of it: `CheckpointError` names an unreadable file."""
+    directory = os.path.join(backup_dir, "chief")  # where every worker restores from
+    fix = f"delete {backup_dir} to redo this phase from its start (finished phases are kept)"
+    try:
+        latest = tf.train.latest_checkpoint(directory) if os.path.isdir(directory) else None
+    except (tf.errors.OpError, ValueError, OSError) as error:
+        raise CheckpointError(f"{directory}/checkpoint is unreadable ({error}): {fix}.") from None
+    if latest is None:
+        return 0
+    try:
+        reader = tf.train.load_checkpoint(latest)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+        return int(reader.get_tensor("train_counter/.ATTRIBUTES/VARIABLE_VALUE"))
+    except (tf.errors.OpError, ValueError, OSError, IndexError, KeyError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(
+            f"The backup {latest}.* is corrupted or truncated ({reason}): {fix}."
+        ) from None
 
-    def header(self, text):
+
+# --------------------------------------------------------------------------- phases
+
+
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """What every phase of one `run` shares: set once, at its start."""
+
+    config: TrainConfig
+    run_dir: RunDir
+    strategy: tf.distribute.Strategy
+    chief: bool
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    log: typing.Callable
+    summaries_shown: set = dataclasses.field(default_factory=set)
+
+    def header(self, text: str) -> None:
         self.log(f"\n{'=' * 78}\n{text}\n{'=' * 78}", flush=True)
 
-    def summary(self, model):
-        if self.chief and self.config.verbose:
-            lq.models.summary(model)
-
-    def load_data(self):
-        c = self.config
-        self.train = c.load_split("train")
-        if c.steps_per_epoch:
-            self.train = self.train.take(c.steps_per_epoch)
-        self.validation = c.load_split("validation")
-        self.test = c.load_split("test")
+    def summary(self, model, kind: str) -> None:
+        """`lq.models.summary` once per model kind. Every worker computes it (it reads
+        distributed variables, with collectives); the chief prints it."""
+        show = kind not in self.summaries_shown
+        self.summaries_shown.add(kind)
+        if show:
+            lq.models.summary(model, print_fn=self.log)
 
     def evaluate(self, model) -> dict:
         scores = {}
@@ -403,177 +532,304 @@ class _Run:
                 scores[f"{split}_top5"] = float(logs["top5"])
         return scores
 
-    def fit(self, model, phase_dir, tb_name, lr, epochs, milestones, cosine, extra=()):
-        os.makedirs(phase_dir, exist_ok=True)
-        callbacks = _callbacks(
-            self.config, phase_dir, tb_name, lr, epochs, milestones, cosine, self.chief, extra
-        )
-        return model.fit(
-            self.train,
-            epochs=epochs,
-            validation_data=self.validation,
-            callbacks=callbacks,
-            verbose=2 if self.config.verbose and not self.chief else self.config.verbose,
-        )
 
-    # Phase 1 ---------------------------------------------------------------
-    def pretrain(self) -> str:
-        c, protocol = self.config, get_protocol(self.config.dataset)
-        if c.pretrained:
-            path = pretrained_weights_path(c.pretrained)
-            self.header(f"Phase 1/2: skipped, fine-tuning from {path}")
-            return path
-        phase_dir = os.path.join(self.out, "pretrain")
-        weights = os.path.join(phase_dir, "weights.h5")
-        if os.path.exists(os.path.join(phase_dir, "result.json")):
-            self.header(f"Phase 1/2: already done, reusing {weights}")
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
+def fit_phase(session: Session, model, phase_dir: str, name: str, stream: str, lr: float,
+              epochs: int, milestones=(), cosine=False, extra=()) -> tuple[float, bool]:
+    """Train `model` for `epochs` epochs of `stream` (resuming a backup in `phase_dir`).
+
+    Returns the phase's wall time (sessions before a resumption included) and whether
+    it resumed a backup."""
+    c = session.config
+    os.makedirs(phase_dir, exist_ok=True)
+    backup = RunDir.backup(phase_dir)
+    position = backup_position(backup)
+    steps = c.steps_per_epoch_run
+    save_freq = c.backup_every or "epoch"
+    clock = WallClock(RunDir.wall(phase_dir), position, save_freq, session.chief)
+    if position:
+        session.log(f"{name}: resuming at epoch {position // steps + 1}, step {position % steps + 1}")
+    bars = c.verbose == 1 and session.chief
+    callbacks = [
+        StopOnNaN(name, RunDir.checkpoint(phase_dir)),
+        LearningRateScheduler(lambda epoch: lr_at_epoch(epoch, lr, epochs, milestones, cosine)),
+        # Before `extra`: the bar ends its line without the per-layer flip rates.
+        *([tf.keras.callbacks.ProgbarLogger(count_mode="steps")] if bars else []),
+        *extra,  # before the loggers: they add to the epoch logs
+        clock,
+        # BackupAndRestore and TensorBoard know multi-worker training: the chief writes
+        # the files, the other workers temporary copies.
+        tf.keras.callbacks.BackupAndRestore(backup, save_freq=save_freq),
+        AtomicCheckpoint(RunDir.checkpoint(phase_dir), session.chief),
+        tf.keras.callbacks.TensorBoard(session.run_dir.tensorboard(name)),
+    ]
+    if session.chief:
+        callbacks.append(HistoryCSV(RunDir.history(phase_dir)))
+    if c.verbose == 2 or (c.verbose and not session.chief):
+        callbacks.append(EpochLine(name, epochs, print))
+    model.fit(
+        c.train_stream(stream, epochs, position),
+        epochs=epochs,
+        steps_per_epoch=steps,
+        validation_data=session.validation,
+        callbacks=callbacks,
+        verbose=1 if bars else 0,
+    )
+    return clock.total, position > 0
+
+
+def pretrain(session: Session) -> str:
+    """Phase 1: the sign baseline's weights file, trained now or found done."""
+    c, run_dir = session.config, session.run_dir
+    if c.pretrained:
+        path = pretrained_weights_path(c.pretrained)
+        session.header(f"Phase 1/2: skipped, fine-tuning from {path}")
+        return path
+    weights = run_dir.pretrained_weights
+    if run_dir.read_result(run_dir.pretrain) is not None:
+        if os.path.exists(weights):
+            session.header(f"Phase 1/2: already done, reusing {weights}")
             return weights
-        self.header(
-            f"Phase 1/2: pretraining the sign baseline: {c.model} on {c.dataset}, "
-            f"{c.pretrain_epochs} epochs, {c.optimizer} lr {c.lr}, batch {c.batch_size}"
+        session.log(f"{weights} is missing: pretraining again")
+    protocol = get_protocol(c.dataset)
+    session.header(
+        f"Phase 1/2: pretraining the sign baseline: {c.model} on {c.dataset}, "
+        f"{_epochs(c.pretrain_epochs)}, {c.optimizer} lr {c.lr}, batch {c.batch_size}"
+    )
+    with session.strategy.scope():
+        tf.keras.utils.set_random_seed(c.seed)
+        model = build_baseline(c)
+        _compile(model, c, c.lr)
+    session.summary(model, "sign")
+    wall, _ = fit_phase(session, model, run_dir.pretrain, "pretrain", "pretrain", c.lr,
+                        c.pretrain_epochs, protocol.pretrain_milestones, protocol.pretrain_cosine)
+    if not session.chief:  # its own copy: the chief may still be writing weights.h5
+        weights = os.path.join(tempfile.mkdtemp(), "weights.h5")
+    save_weights(model, weights)
+    if session.chief:
+        write_json(run_dir.result(run_dir.pretrain),
+                   {"epochs": c.pretrain_epochs, "wall_seconds": wall})
+    return weights
+
+
+def warmup(session: Session, model, arm_dir: str) -> float:
+    """Train the mappers alone first, BatchNorm frozen too (inference mode)."""
+    c = session.config
+    session.log(f"warm-up: {_epochs(c.warmup_epochs)} of the mappers alone")
+    batchnorms = [l for l in model.layers if isinstance(l, tf.keras.layers.BatchNormalization)]
+    for layer in batchnorms:
+        layer.trainable = False
+    with session.strategy.scope():
+        warm = _MapperWarmup(model.inputs, model.outputs)
+        _compile(warm, c, c.finetune_lr)
+    wall, _ = fit_phase(session, warm, os.path.join(arm_dir, "warmup"), f"{model.name}_warmup",
+                        "warmup", c.finetune_lr, c.warmup_epochs)
+    for layer in batchnorms:
+        layer.trainable = True
+    with session.strategy.scope():
+        _compile(model, c, c.finetune_lr)
+    return wall
+
+
+def finetune(session: Session, arm: str, weights: str, reference) -> dict:
+    """Phase 2 for one arm: fine-tune from `weights`, evaluate, bake and save."""
+    c, protocol = session.config, get_protocol(session.config.dataset)
+    arm_dir = session.run_dir.arm(arm)
+    options = c.quantizer_options(arm)
+    session.header(
+        f"Phase 2/2: fine-tuning arm '{arm}' for {_epochs(c.finetune_epochs)}, "
+        f"lr {c.finetune_lr}"
+        + (", sign weights" if options is None else f", mapper options {options or 'default'}")
+    )
+    if options is not None and options.get("alpha", 1) > 0:
+        session.log("The loss is cross-entropy + aux_loss, the noisy-supervision term alpha * "
+                    "sum_i l_i; its corrected squared loss is not bounded below, so the total "
+                    "can be negative.")
+    with session.strategy.scope():
+        model = build_arm(c, arm, weights)
+    session.summary(model, "sign" if options is None else "mapped")
+    warm = warmup(session, model, arm_dir) if options is not None and c.warmup_epochs else 0.0
+    flips = [FlipRateCallback(reference=reference)]
+    wall, resumed = fit_phase(session, model, arm_dir, arm, "finetune", c.finetune_lr,
+                              c.finetune_epochs, protocol.finetune_milestones, extra=flips)
+    fitted = time.time()
+    result = {
+        **session.evaluate(model),
+        "epochs": c.finetune_epochs,
+        "resumed": resumed,
+        "flip_rates": flip_rates(model, reference=reference),
+        "quantizer": options,
+    }
+    result["flip_rate"] = mean_flip_rate(model, result["flip_rates"])
+    if options is not None:
+        result["mapper_flip_rate"] = mean_flip_rate(model, flip_rates(model))
+        result["saturation"] = mean_saturation(model)
+        result["aux_loss"] = sum(auxiliary_losses(model).values())
+        deployable = bake(model)
+        _compile(deployable, c, c.finetune_lr)  # saved compiled, as the sign arm's model
+    else:
+        deployable = model
+    path = os.path.join(arm_dir if session.chief else tempfile.mkdtemp(), "model.h5")
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # h5 is what LCE's tooling and larq expect.
+        warnings.filterwarnings("ignore", message="You are saving your model as an HDF5")
+        deployable.save(tmp, include_optimizer=False)
+    result["wall_seconds"] = warm + wall + time.time() - fitted  # resumptions included
+    if session.chief:
+        write_json(session.run_dir.result(arm_dir), result)
+    session.log(
+        f"arm '{arm}': val accuracy {result['val_accuracy']:.4f}, test accuracy "
+        f"{result['test_accuracy']:.4f}, flipped {result['flip_rate']:.2%} of the binary "
+        f"weights since pretraining, {result['wall_seconds']:.0f} s"
+    )
+    return result
+
+
+# --------------------------------------------------------------------------- run
+
+
+def check_lineage(run_dir: RunDir, fingerprint: str) -> None:
+    """Refuse arms that were started from other pretrained weights than these."""
+    arms_dir = run_dir.path("arms")
+    stale = []
+    for arm in sorted(os.listdir(arms_dir)) if os.path.isdir(arms_dir) else []:
+        path = os.path.join(run_dir.arm(arm), "pretrained.json")
+        if os.path.exists(path):
+            fix = f"delete {run_dir.arm(arm)} to redo the arm"
+            if read_json(path, fix).get("sha256") != fingerprint:
+                stale.append(arm)
+    if stale:
+        raise ValueError(
+            f"Arms {stale} in {arms_dir} were fine-tuned from other pretrained weights than "
+            f"the current ones: delete {', '.join(run_dir.arm(a) for a in stale)} to redo "
+            "them from these weights, or choose a new --output-dir."
         )
-        with self.strategy.scope():
-            tf.keras.utils.set_random_seed(c.seed)
-            model = build_baseline(c)
-            _compile(model, c, c.lr)
-        self.summary(model)
-        start = time.time()
-        self.fit(model, phase_dir, "pretrain", c.lr, c.pretrain_epochs,
-                 protocol.pretrain_milestones, protocol.pretrain_cosine)
-        if self.chief:
-            model.save_weights(weights)
-            write_json(os.path.join(phase_dir, "result.json"),
-                        {"epochs": c.pretrain_epochs, "wall_seconds": time.time() - start})
-        else:  # its own copy: the chief may still be writing weights.h5
-            weights = os.path.join(tempfile.mkdtemp(), "weights.h5")
-            model.save_weights(weights)
-        return weights
 
-    # Phase 2 ---------------------------------------------------------------
-    def finetune(self, arm: str, weights: str, reference) -> dict:
-        c, protocol = self.config, get_protocol(self.config.dataset)
-        arm_dir = os.path.join(self.out, "arms", arm)
-        options = c.quantizer_options(arm)
-        self.header(
-            f"Phase 2/2: fine-tuning arm '{arm}' for {c.finetune_epochs} epochs, "
-            f"lr {c.finetune_lr}"
-            + (", sign weights" if options is None else f", mapper options {options or 'default'}")
-        )
-        with self.strategy.scope():
-            model = build_arm(c, arm, weights)
-        self.summary(model)
-        start = time.time()
-        if options is not None and c.warmup_epochs:
-            self.warmup(model, arm_dir)
-        flips = [FlipRateCallback(reference=reference)]
-        history = self.fit(model, arm_dir, arm, c.finetune_lr, c.finetune_epochs,
-                           protocol.finetune_milestones, False, extra=flips)
-        wall = time.time() - start
-        result = {
-            **self.evaluate(model),
-            "epochs": c.finetune_epochs,
-            "wall_seconds": wall,
-            "resumed": len(history.epoch) < c.finetune_epochs,
-            "flip_rates": flip_rates(model, reference=reference),
-            "quantizer": options,
-        }
-        result["flip_rate"] = mean_flip_rate(model, result["flip_rates"])
-        if options is not None:
-            result["mapper_flip_rate"] = mean_flip_rate(model, flip_rates(model))
-            result["aux_loss"] = sum(auxiliary_losses(model).values())
-            deployable = bake(model)
-        else:
-            deployable = model
-        # Every worker saves (a distributed model's variables are read with collectives);
-        # only the chief's copy is kept.
-        saved = os.path.join(arm_dir if self.chief else tempfile.mkdtemp(), "model.h5")
-        with warnings.catch_warnings():  # h5 is what LCE's tooling and larq expect
-            warnings.filterwarnings("ignore", message="You are saving your model as an HDF5")
-            deployable.save(saved, include_optimizer=False)
-        if self.chief:
-            write_json(os.path.join(arm_dir, "result.json"), result)
-        self.log(
-            f"arm '{arm}': val accuracy {result['val_accuracy']:.4f}, test accuracy "
-            f"{result['test_accuracy']:.4f}, flipped {result['flip_rate']:.2%} of the binary "
-            f"weights since pretraining, {wall:.0f} s"
-        )
-        return result
 
-    def warmup(self, model, arm_dir):
-        """Train the mappers alone first, BatchNorm frozen too (inference mode)."""
-        c = self.config
-        self.log(f"warm-up: {c.warmup_epochs} epochs of the mappers alone")
-        batchnorms = [l for l in model.layers if isinstance(l, tf.keras.layers.BatchNormalization)]
-        for layer in batchnorms:
-            layer.trainable = False
-        with self.strategy.scope():
-            warm = _MapperWarmup(model.inputs, model.outputs)
-            _compile(warm, c, c.finetune_lr)
-        self.fit(warm, os.path.join(arm_dir, "warmup"), f"{model.name}_warmup",
-                 c.finetune_lr, c.warmup_epochs, (), False)
-        for layer in batchnorms:
-            layer.trainable = True
-        with self.strategy.scope():
-            _compile(model, c, c.finetune_lr)
+def baseline(session: Session, weights: str, fingerprint: str, reference) -> dict:
+    """The pretrained model's accuracy, evaluated once per pretrained checkpoint."""
+    path = session.run_dir.path("baseline.json")
+    if os.path.exists(path):
+        saved = read_json(path, "delete it: it is evaluated again")
+        if saved.get("sha256") == fingerprint:
+            return saved
+    scores = {**session.evaluate(reference), "weights": weights, "sha256": fingerprint}
+    if session.chief:
+        write_json(path, scores)
+    return scores
 
-    def publish(self, results):
-        if not self.chief:
-            return
-        write_json(os.path.join(self.out, "results.json"), results)
-        report.write_results_md(results, os.path.join(self.out, "results.md"))
-        report.plot_accuracy(self.out, os.path.join(self.out, "accuracy.png"))
-        report.plot_flip_rates(results, os.path.join(self.out, "flip_rates.png"))
 
-    def __call__(self) -> dict:
-        c = self.config
-        # The strategy first: multi-worker needs it before any other TensorFlow op.
-        self.strategy = make_strategy(c.strategy)
-        self.chief = is_chief(self.strategy)
-        self.load_data()  # missing data fails here, before any training
-        results_path = os.path.join(self.out, "results.json")
-        results = read_json(results_path) if os.path.exists(results_path) else {}
-        results.update(config=c.to_json(), dataset=c.dataset, model=c.model)
-        results.setdefault("arms", {})
+def collect_results(run_dir: RunDir, config: TrainConfig, baseline_scores: dict) -> dict:
+    """results.json: the baseline and every finished arm of the directory."""
+    arms = {}
+    for arm in ARMS:
+        result = run_dir.read_result(run_dir.arm(arm))
+        if result is not None:
+            arms[arm] = result
+    return {"config": config.to_json(), "dataset": config.dataset, "model": config.model,
+            "baseline": baseline_scores, "arms": arms}
 
-        weights = self.pretrain()
-        reference = build_baseline(c, weights)
-        _compile(reference, c, c.lr)
-        if "baseline" not in results:
-            results["baseline"] = {**self.evaluate(reference), "weights": weights}
-            self.publish(results)
-        self.log(f"baseline (pretrained sign model): val accuracy "
-                 f"{results['baseline']['val_accuracy']:.4f}, test accuracy "
-                 f"{results['baseline']['test_accuracy']:.4f}")
-        for arm in c.arms:
-            result_path = os.path.join(self.out, "arms", arm, "result.json")
-            if os.path.exists(result_path):
-                self.header(f"Phase 2/2: arm '{arm}' already done, skipping")
-                results["arms"][arm] = read_json(result_path)
-            else:
-                results["arms"][arm] = self.finetune(arm, weights, reference)
-            if c.export and self.chief:
-                report = export.export_run(self.out, arm=arm, verbose=bool(c.verbose))
-                results["arms"][arm]["tflite"] = report["tflite"]
-            self.publish(results)
-        self.header(f"Done: {os.path.join(self.out, 'results.md')}")
-        if self.chief and c.verbose:
-            with open(os.path.join(self.out, "results.md")) as f:
-                self.log(f.read())
-        return results
+
+def publish(run_dir: RunDir, results: dict) -> None:
+    write_json(run_dir.path("results.json"), results)
+    with atomic_path(run_dir.path("results.md")) as tmp:
+        report.write_results_md(results, tmp)
+    with atomic_path(run_dir.path("accuracy.png")) as tmp:
+        report.plot_accuracy(run_dir.root, results, tmp)
+    with atomic_path(run_dir.path("flip_rates.png")) as tmp:
+        report.plot_flip_rates(results, tmp)
+
+
+class _NothingToActOn(logging.Filter):
+    """Keras' notes that a callback is slow against a tiny batch: backups and flip rates
+    are, and the user can do nothing about it."""
+
+    def filter(self, record):
+        return "is slow compared to the batch time" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _run_environment(config: TrainConfig):
+    """Mixed precision, op determinism and quieter logs for the run; as they were after."""
+    from tensorflow.python.framework import config as tf_config  # the public API cannot undo it
+
+    policy = tf.keras.mixed_precision.global_policy()
+    deterministic = tf_config.is_op_determinism_enabled()
+    if config.mixed_precision:
+        tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    quiet = _NothingToActOn()
+    tf.get_logger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        tf.get_logger().removeFilter(quiet)
+        tf.keras.mixed_precision.set_global_policy(policy)
+        if config.deterministic and not deterministic:
+            tf_config.disable_op_determinism()
 
 
 def run(config: TrainConfig) -> dict:
     """Run the protocol described by `config`; returns the content of results.json.
 
-    Bad settings raise `ValueError` before any work; a diverging loss raises
-    `TrainingDiverged` and keeps the last good checkpoint.
+    Bad settings raise `ValueError` before any work; an unreadable file raises
+    `rundir.RunFileError` naming it; a diverging loss raises `TrainingDiverged` and
+    keeps the last good checkpoint.
     """
     config = config.resolved()
-    prepare_output_dir(config)
-    policy = tf.keras.mixed_precision.global_policy()
-    if config.mixed_precision:
-        tf.keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        return _Run(config)()
-    finally:
-        tf.keras.mixed_precision.set_global_policy(policy)
+    run_dir = RunDir(config.output_dir)
+    run_dir.ensure_writable()
+    run_dir.check_settings(config.to_json())
+    with _run_environment(config):
+        # The strategy first: multi-worker needs it before any other TensorFlow op.
+        strategy = make_strategy(config.strategy)
+        chief = is_chief(strategy)
+        quiet = not (config.verbose and chief)
+        session = Session(
+            config, run_dir, strategy, chief,
+            # Missing data fails here, before any training.
+            validation=config.load_split("validation"), test=config.load_split("test"),
+            log=(lambda *a, **k: None) if quiet else print,
+        )
+        weights = pretrain(session)
+        fingerprint = weights_fingerprint(weights)
+        check_lineage(run_dir, fingerprint)
+        reference = build_baseline(config, weights)
+        _compile(reference, config, config.lr)
+        scores = baseline(session, weights, fingerprint, reference)
+        session.log(f"baseline (pretrained sign model): val accuracy {scores['val_accuracy']:.4f}, "
+                    f"test accuracy {scores['test_accuracy']:.4f}")
+        if chief:
+            publish(run_dir, collect_results(run_dir, config, scores))
+        for arm in config.arms:
+            arm_dir = run_dir.arm(arm)
+            if run_dir.read_result(arm_dir) is not None:
+                session.header(f"Phase 2/2: arm '{arm}' already done, skipping")
+            else:
+                if chief:
+                    os.makedirs(arm_dir, exist_ok=True)
+                    write_json(os.path.join(arm_dir, "pretrained.json"),
+                               {"weights": weights, "sha256": fingerprint})
+                finetune(session, arm, weights, reference)
+            if config.export and chief:
+                from larq_noisy import export  # LCE only when exporting
+
+                tflite = export.export_run(run_dir.root, arm=arm, verbose=bool(config.verbose))
+                result = run_dir.read_result(arm_dir)
+                write_json(run_dir.result(arm_dir), {**result, "tflite": tflite["tflite"]})
+            if chief:
+                publish(run_dir, collect_results(run_dir, config, scores))
+        results = collect_results(run_dir, config, scores)
+        if chief:
+            publish(run_dir, results)
+        session.header(f"Done: {run_dir.path('results.md')}")
+        if chief and config.verbose:
+            with open(run_dir.path("results.md")) as f:
+                print(f.read())
+        elif chief:
+            print(f"results: {run_dir.path('results.md')}")
+        return results

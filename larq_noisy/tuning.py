@@ -40,6 +40,9 @@ import keras_tuner as kt
 import tensorflow as tf
 
 from larq_noisy import datasets, training
+from larq_noisy.rundir import (
+    RunDir, ensure_writable_dir, pretrained_weights_path, read_json, write_json,
+)
 from larq_noisy.distribute import STRATEGIES, make_strategy
 from larq_noisy.mappers import MAPPERS
 from larq_noisy.protocols import get_protocol, lr_at_epoch
@@ -310,6 +313,12 @@ class LNSHyperModel(kt.HyperModel):
         return training.build_arm(config, "lns", self.weights)
 
     def fit(self, hp, model, *args, callbacks=None, **kwargs):
+        # Every trial reads the batches train.py's arms read, from its first epoch on
+        # (Hyperband continues some trials at `initial_epoch`).
+        steps = self.config.steps_per_epoch_run
+        first = kwargs.get("initial_epoch", 0)
+        kwargs["steps_per_epoch"] = steps
+        args = (self.config.train_stream("finetune", kwargs["epochs"], first * steps), *args)
         lr = hp.values.get("finetune_lr", self.config.finetune_lr)
         milestones = get_protocol(self.config.dataset).finetune_milestones
         schedule = tf.keras.callbacks.LearningRateScheduler(
@@ -368,20 +377,20 @@ def locate_checkpoint(config: TuneConfig) -> tuple[str | None, str]:
     """
     config = config.resolved()
     if config.pretrained:
-        weights = training.pretrained_weights_path(config.pretrained)
+        weights = pretrained_weights_path(config.pretrained)
         reason = _mismatch(config, weights)
         if reason:
             raise ValueError(f"--pretrained {config.pretrained!r} does not fit: {reason}.")
         return weights, f"fine-tuning from --pretrained {weights}"
     saved = os.path.join(config.output_dir, "tune_config.json")
     if os.path.exists(saved):
-        previous = training.read_json(saved).get("weights")
+        previous = read_json(saved, "delete it to start the search anew").get("weights")
         if previous and os.path.isfile(previous):
             return previous, f"resuming the search: fine-tuning from {previous}, as before"
     notes = []
     for run_dir, what in ((os.path.join("runs", config.dataset), "train.py's default output"),
                           (_pretrain_dir(config), "this search's own pretraining")):
-        weights = os.path.join(run_dir, "pretrain", "weights.h5")
+        weights = RunDir(run_dir).pretrained_weights
         if not os.path.isfile(weights):
             notes.append(f"no {weights}")
             continue
@@ -406,7 +415,7 @@ def pretrain(config: TuneConfig) -> str:
         data_dir=c.data_dir, output_dir=run_dir, verbose=2 if config.verbose else 0,
     )  # verbose 2: one line per epoch, no progress bar
     training.run(train_config)
-    return os.path.join(run_dir, "pretrain", "weights.h5")
+    return RunDir(run_dir).pretrained_weights
 
 
 def check_checkpoint(config: training.TrainConfig, weights: str) -> None:
@@ -455,16 +464,9 @@ def make_tuner(config: TuneConfig, hypermodel: LNSHyperModel, strategy):
 def _check_resume(config: TuneConfig, weights: str) -> None:
     path = os.path.join(config.output_dir, "tune_config.json")
     current = {**config.to_json(), "weights": os.path.abspath(weights)}
-    training.check_same_settings(path, current, _RESUMABLE, "a search")
-    if _role() != "worker":
-        training.write_json(path, current)
-
-
-def _data(config: training.TrainConfig, steps_per_epoch):
-    train = config.load_split("train")
-    if steps_per_epoch:
-        train = train.repeat()  # epochs of `steps_per_epoch` steps go on through the data
-    return train, config.load_split("validation")
+    RunDir(config.output_dir).check_settings(
+        current, _RESUMABLE, "a search", config=path, record=_role() != "worker"
+    )
 
 
 def _logger(config: TuneConfig, log):
@@ -482,7 +484,7 @@ def prepare_checkpoint(config: TuneConfig, log=None) -> str:
     log = _logger(config, log)
     try:
         config = config.resolved()
-        training.ensure_writable_dir(config.output_dir)
+        ensure_writable_dir(config.output_dir)
         weights, decision = locate_checkpoint(config)
         if weights is None and (_role() != "standalone" or config.strategy == "multi_worker"):
             raise ValueError(
@@ -494,7 +496,7 @@ def prepare_checkpoint(config: TuneConfig, log=None) -> str:
         log(f"tune: {decision}", flush=True)
         if weights is None:
             # Refuse changed settings now, not after the pretraining.
-            _check_resume(config, os.path.join(_pretrain_dir(config), "pretrain", "weights.h5"))
+            _check_resume(config, RunDir(_pretrain_dir(config)).pretrained_weights)
             weights = pretrain(config)
         return weights
     except (ValueError, FileNotFoundError) as error:
@@ -518,7 +520,7 @@ def search(config: TuneConfig, log=None) -> dict:
         strategy = make_strategy(config.strategy)
         base = config.train_config(weights)
         check_checkpoint(base, weights)
-        train, validation = _data(base, config.steps_per_epoch)
+        validation = base.load_split("validation")  # missing data fails here
     except (ValueError, FileNotFoundError) as error:
         raise SetupError(str(error)) from error
 
@@ -530,9 +532,8 @@ def search(config: TuneConfig, log=None) -> dict:
     log(f"tune: {config.tuner} search ({role}), {budget}, up to {config.epochs} epochs of "
         f"{steps} per trial, batch {base.batch_size}; {config.space.describe()}", flush=True)
     start = time.time()
-    tuner.search(
-        train, validation_data=validation, epochs=config.epochs,
-        steps_per_epoch=config.steps_per_epoch, verbose=2 if config.verbose else 0,
+    tuner.search(  # the training data: LNSHyperModel.fit
+        validation_data=validation, epochs=config.epochs, verbose=2 if config.verbose else 0,
     )
     summary = {"role": role, "ran": list(tuner.ran), "weights": weights,
                "output_dir": config.output_dir, "wall_seconds": time.time() - start}
@@ -584,7 +585,7 @@ def publish(config: TuneConfig, oracle, weights: str, top: int = 10) -> dict:
     best = rows[0]
     hparams = {k: best[k] for k in _HPARAM_KEYS if k in best}
     files = [os.path.join(out, name) for name in ("best_hparams.json", "trials.md", "trials.png")]
-    training.write_json(files[0], hparams)
+    write_json(files[0], hparams)
     write_trials_md(config, rows, weights, failed, files[1], top)
     plot_trials(config.space, rows, files[2])
     return {"trials": len(rows), "failed": failed, "best": best, "best_hparams": hparams,

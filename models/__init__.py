@@ -16,6 +16,9 @@ mapped = larq_noisy.to_mapped(model)
 All: binary activations and binary weights in the binarized convs; stem conv,
 downsampling 1x1 shortcut convs and the dense classifier in full precision; softmax
 output computed in float32 (works under `mixed_float16`). Functional Keras models.
+`kernel_quantizer` replaces the default with any of `WEIGHT_QUANTIZERS`: `ste_sign`,
+`magnitude_aware_sign` (scaled per output channel) or `dorefa` (`DoReFaSign`, scaled
+per layer: the LNS paper's CIFAR-10 baseline).
 """
 
 import os
@@ -23,7 +26,12 @@ from typing import Callable, Dict, Optional, Tuple
 
 import tensorflow as tf
 
-from models.bireal_resnet import BiRealResNetFactory, BNNSmallFactory, ResNet20Factory
+from models.bireal_resnet import (
+    BiRealResNetFactory,
+    BNNSmallFactory,
+    DoReFaSign,
+    ResNet20Factory,
+)
 from models.zoo import BiRealNet18Factory, ResNetE18Factory
 
 __all__ = [
@@ -33,14 +41,16 @@ __all__ = [
     "BNNSmallFactory",
     "BiRealNet18Factory",
     "BiRealResNetFactory",
+    "DoReFaSign",
     "ResNet20Factory",
     "ResNetE18Factory",
     "build",
 ]
 
-# The selectable baseline weight binarizations: plain sign, and sign scaled per output
-# channel by the mean absolute latent weight (XNOR-Net / Bi-Real Net).
-WEIGHT_QUANTIZERS = ("ste_sign", "magnitude_aware_sign")
+# The selectable baseline weight binarizations: plain sign; sign scaled per output
+# channel by the mean absolute latent weight (XNOR-Net / Bi-Real Net); sign scaled by
+# the layer's mean absolute latent weight (DoReFa-Net, the LNS paper's CIFAR-10 baseline).
+WEIGHT_QUANTIZERS = ("ste_sign", "magnitude_aware_sign", "dorefa")
 
 # What `kernel_quantizer=None` means for each model: the architecture's own choice.
 DEFAULT_KERNEL_QUANTIZERS = {
@@ -138,7 +148,8 @@ def build(
         input_shape: `(height, width, channels)`.
         num_classes: size of the softmax output.
         kernel_quantizer: the weight binarization of the binarized layers, one of
-            `WEIGHT_QUANTIZERS` (with `kernel_constraint="weight_clip"`), or `None`
+            `WEIGHT_QUANTIZERS` (with `kernel_constraint="weight_clip"`; `"dorefa"`
+            is `DoReFaSign`, the paper's CIFAR-10 baseline), or `None`
             for the architecture's own default (`DEFAULT_KERNEL_QUANTIZERS`:
             `magnitude_aware_sign` for Bi-Real Net, `ste_sign` elsewhere).
         weights: `None` (random initialization) or the path of a local weights file

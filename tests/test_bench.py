@@ -85,7 +85,7 @@ def test_tuned_hparams_feed_the_lns_arm_and_bad_files_are_refused(accuracy, tmp_
     hparams.write_text(json.dumps({"alpha": -1.0}))  # refused before any training
     with pytest.raises(SystemExit):
         accuracy.main(["--output-dir", str(tmp_path / "r"), "--hparams", str(hparams)])
-    assert "alpha=-1.0 must be a number >= 0" in capsys.readouterr().err
+    assert "alpha=-1.0 must be a finite number >= 0" in capsys.readouterr().err
 
 
 def test_a_study_that_repeats_the_main_arm_is_skipped(accuracy, tmp_path):

@@ -1,15 +1,18 @@
 import csv
 import io
 import os
+import warnings
 
 import larq as lq
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_bnn
+from conftest import BINARY, tiny_bnn
 
 import larq_noisy
+import models  # registers the "dorefa" quantizer
 from larq_noisy import NoisyMappedQuantizer, bake, flip_rates, mapped_layers, to_mapped
+from larq_noisy.quantizers import kernel_to_filters
 
 
 def _compile(model, lr=0.01):
@@ -21,9 +24,9 @@ def _compile(model, lr=0.01):
     return model
 
 
-def _mapped_tiny(**options):
+def _mapped_tiny(kernel_quantizer="ste_sign", **options):
     tf.keras.utils.set_random_seed(0)
-    return to_mapped(tiny_bnn(input_shape=(28, 28, 1)), **options)
+    return to_mapped(tiny_bnn(input_shape=(28, 28, 1), kernel_quantizer=kernel_quantizer), **options)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +155,8 @@ def test_flip_rates_against_a_reference_model(tiny_model, toy_data):
 
 def test_bake_after_training_matches_on_real_images(fashion_test_images):
     x, y = fashion_test_images
-    mapped = _compile(_mapped_tiny(mapper="cnn", scale="channel"), lr=0.05)
+    mapped = _compile(_mapped_tiny("magnitude_aware_sign", mapper="cnn"), lr=0.05)
+    assert {l.kernel_quantizer.scale for l in mapped_layers(mapped)} == {"channel"}
     mapped.fit(x, y, epochs=3, verbose=0)
     assert max(flip_rates(mapped).values()) > 0  # the mapper moved away from sign(W)
     baked = bake(mapped)
@@ -243,3 +247,223 @@ def test_mixed_precision_model_converts_under_a_float32_global_policy(toy_data):
     baked = bake(mapped)
     assert baked.get_layer("bconv1").kernel_quantizer.dtype_policy.name == "mixed_float16"
     np.testing.assert_array_equal(baked(x[:8]), mapped(x[:8], training=False))
+
+
+# --- Every precision-1 kernel quantizer converts exactly, or is refused ----------------
+
+
+@lq.utils.set_precision(1)
+def _plain_sign(w):
+    """An unregistered plain function: sign, unscaled."""
+    return lq.quantizers.ste_sign(w)
+
+
+@lq.utils.set_precision(1)
+def _xnor_sign(w):
+    """XNOR-Net as its paper: per-channel mean |W|, whose gradient reaches W."""
+    return tf.reduce_mean(tf.abs(w), axis=list(range(len(w.shape) - 1))) * lq.quantizers.ste_sign(w)
+
+
+@lq.utils.set_precision(1)
+def _clipped_layer_sign(w):
+    """One scale per layer, the mean of |W| clipped at 0.75."""
+    scale = tf.reduce_mean(tf.abs(tf.clip_by_value(w, -0.75, 0.75)))
+    return tf.stop_gradient(scale) * lq.quantizers.ste_sign(w)
+
+
+@lq.utils.set_precision(1)
+def _half_sign(w):
+    """A constant scale: not a mean of |W|, so refused."""
+    return 0.5 * lq.quantizers.ste_sign(w)
+
+
+def _max_diff(a, b, x):
+    return float(np.abs(a(x, training=False) - b(x, training=False)).max())
+
+
+def _quietly(convert, *args, **options):
+    """`convert(*args, **options)` (`to_mapped` or `bake`), asserting that it warns
+    about nothing: no layer left alone, no scale or baked kernel off by a rounding."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = convert(*args, **options)
+    ours = [str(w.message) for w in caught if str(w.message).startswith(("to_mapped", "bake"))]
+    assert not ours
+    return converted
+
+
+@pytest.mark.parametrize(
+    "quantizer, expected",
+    [
+        ("ste_sign", (None, None, False)),
+        (_plain_sign, (None, None, False)),
+        ("magnitude_aware_sign", ("channel", None, False)),
+        (_xnor_sign, ("channel", None, True)),
+        ("dorefa", ("layer", None, False)),
+        (_clipped_layer_sign, ("layer", 0.75, False)),
+    ],
+    ids=["ste_sign", "plain_function", "magnitude_aware_sign", "xnor_function", "dorefa",
+         "clipped_layer_function"],
+)
+def test_every_scaled_sign_converts_exactly_at_step_0_and_after_bake(quantizer, expected, toy_data):
+    x, y = toy_data
+    tf.keras.utils.set_random_seed(0)
+    model = tiny_bnn(kernel_quantizer=quantizer)
+    mapped = _quietly(to_mapped, model, mapper="mlp", alpha=1e-3)
+    for layer in mapped_layers(mapped):
+        q = layer.kernel_quantizer
+        assert (q.scale, q.scale_clip, q.scale_gradient) == expected, layer.name
+        assert NoisyMappedQuantizer.from_config(q.get_config()).get_config() == q.get_config()
+    assert _max_diff(mapped, model, x) < 1e-5
+
+    # The same gradients as the source's quantizer at step 0, scale's gradient included.
+    source, copy = model.get_layer("bconv2"), mapped.get_layer("bconv2")
+    kernel = tf.convert_to_tensor(source.kernel)
+    weights = tf.random.normal(kernel.shape, seed=1)
+    grads = []
+    for q in (source.kernel_quantizer, copy.kernel_quantizer):
+        with tf.GradientTape() as tape:
+            tape.watch(kernel)
+            out = tf.reduce_sum(q(kernel) * weights)
+        grads.append(tape.gradient(out, kernel).numpy())
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+    _compile(mapped, lr=0.05).fit(x, y, batch_size=64, epochs=2, verbose=0)
+    assert max(flip_rates(mapped).values()) > 0  # the mappers moved: bake has work to do
+    baked = _quietly(bake, mapped)  # every baked kernel exactly the mapped one
+    stock = lq.quantizers.MagnitudeAwareSign if expected[0] else lq.quantizers.SteSign
+    assert all(type(l.kernel_quantizer) is stock for l in larq_noisy.binarized_layers(baked))
+    assert _max_diff(baked, mapped, x) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "quantizer, needle",
+    [(_half_sign, "function _half_sign"), ("ste_heaviside", "SteHeaviside")],
+)
+def test_a_quantizer_of_another_form_is_refused(quantizer, needle, tiny_model):
+    model = tiny_bnn(kernel_quantizer=quantizer)
+    with pytest.raises(ValueError, match=rf"^Layer 'bconv1': kernel quantizer {needle} does not "
+                       r"compute s \* sign\(W\)") as info:
+        to_mapped(model)
+    assert "\n" not in str(info.value)
+
+
+def test_scale_given_against_the_layer_warns():
+    tf.keras.utils.set_random_seed(0)
+    with pytest.warns(UserWarning, match=r"layer 'bconv1' gets \{'scale': 'channel'.*outputs differ"):
+        mapped = to_mapped(tiny_bnn(), scale="channel")
+    assert {l.kernel_quantizer.scale for l in mapped_layers(mapped)} == {"channel"}
+
+
+def _unmapped_layers_model():
+    """Convs of 4 and 1 filters, a depthwise conv (its binary weight is not a kernel,
+    and its quantizer is an unregistered plain function), a dense layer of one unit."""
+    inputs = tf.keras.Input((8, 8, 2))
+    x = lq.layers.QuantConv2D(4, 3, padding="same", name="conv", **BINARY)(inputs)
+    x = tf.keras.layers.BatchNormalization(name="bn")(x)
+    x = lq.layers.QuantDepthwiseConv2D(
+        3, padding="same", input_quantizer="ste_sign", depthwise_quantizer=_plain_sign,
+        depthwise_constraint="weight_clip", use_bias=False, name="depthwise",
+    )(x)
+    x = lq.layers.QuantConv2D(1, 3, padding="same", name="one_filter", **BINARY)(x)
+    x = tf.keras.layers.Flatten()(x)
+    x = lq.layers.QuantDense(1, name="one_unit", **BINARY)(x)
+    return tf.keras.Model(inputs, x, name="unmapped")
+
+
+# A lone filter gives a mapper's batch statistics one value per channel where the
+# normalisation sees no positions: cnn on a dense kernel (1x1 filters), mlp on any.
+@pytest.mark.parametrize(
+    "mapper, mapped_names",
+    [("cnn", ["conv", "one_filter"]), ("mlp", ["conv"]), ("linear", ["conv", "one_filter", "one_unit"])],
+)
+def test_layers_that_are_not_mapped_are_left_alone_with_a_warning(mapper, mapped_names):
+    tf.keras.utils.set_random_seed(0)
+    model = _unmapped_layers_model()
+    with pytest.warns(UserWarning) as caught:
+        mapped = to_mapped(model, mapper=mapper)
+    warned = {
+        str(w.message).split("'")[1] for w in caught if str(w.message).startswith("to_mapped")
+    }
+    assert [l.name for l in mapped_layers(mapped)] == mapped_names
+    assert warned == {"depthwise", "one_filter", "one_unit"} - set(mapped_names)
+    assert mapped.get_layer("depthwise").depthwise_quantizer is _plain_sign
+    x = np.random.default_rng(0).normal(size=(8, 8, 8, 2)).astype("float32")
+    assert _max_diff(mapped, model, x) < 1e-5
+    assert _max_diff(bake(mapped), mapped, x) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "mapper, kernel_shape, constant",
+    [("cnn", (16, 1), True), ("mlp", (3, 3, 4, 1), True), ("cnn", (3, 3, 4, 1), False),
+     ("linear", (16, 1), False)],
+)
+def test_one_filter_mappers_with_batch_statistics_are_constant(mapper, kernel_shape, constant):
+    """Why those one-filter layers are left alone: their mapper would ignore W."""
+    tf.keras.utils.set_random_seed(0)
+    q = NoisyMappedQuantizer(mapper=mapper, start="warmup")
+    q.build(kernel_shape)
+    outputs = [q.mapper(kernel_to_filters(tf.random.normal(kernel_shape, seed=s))) for s in (1, 2)]
+    assert np.array_equal(outputs[0], outputs[1]) == constant
+
+
+def test_a_kernel_of_rank_5_is_left_alone_with_a_warning():
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.Sequential([
+        tf.keras.Input((4, 4, 4, 1)),
+        lq.layers.QuantConv3D(2, 3, name="conv3d", **BINARY),
+        tf.keras.layers.Flatten(),
+        lq.layers.QuantDense(3, name="dense", **BINARY),
+    ])
+    with pytest.warns(UserWarning, match=r"layer 'conv3d' keeps its own binarization.*rank 5"):
+        mapped = to_mapped(model)
+    assert [l.name for l in mapped_layers(mapped)] == ["dense"]
+    x = np.random.default_rng(0).normal(size=(4, 4, 4, 4, 1)).astype("float32")
+    assert _max_diff(mapped, model, x) < 1e-5
+
+
+def test_resnet20_with_the_dorefa_baseline_converts_and_bakes_exactly():
+    tf.keras.utils.set_random_seed(0)
+    model = models.build("resnet20", (32, 32, 3), 10, kernel_quantizer="dorefa")
+    assert all(isinstance(l.kernel_quantizer, models.DoReFaSign)
+               for l in larq_noisy.binarized_layers(model))
+    mapped = _quietly(to_mapped, model, mapper="linear")
+    assert {l.kernel_quantizer.scale for l in mapped_layers(mapped)} == {"layer"}
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype("float32")
+    assert _max_diff(mapped, model, x) < 1e-5
+    baked = bake(mapped)
+    assert {type(l.kernel_quantizer) for l in larq_noisy.binarized_layers(baked)} == {
+        lq.quantizers.MagnitudeAwareSign
+    }
+    assert _max_diff(baked, mapped, x) < 1e-5
+
+
+def test_signs_are_taken_at_the_precision_the_layer_computes_with(toy_data):
+    """Under mixed_float16 a weight of -1e-9 is -0 in float16, whose sign is +1."""
+    x, _ = toy_data
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        tf.keras.utils.set_random_seed(0)
+        model = tiny_bnn()
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    layer = model.get_layer("bconv1")
+    kernel = layer.kernel.numpy()
+    kernel.flat[::7] = -1e-9
+    layer.kernel.assign(kernel)
+    float16_signs = np.where(kernel.astype("float16") >= 0, 1.0, -1.0)
+    assert (float16_signs != np.sign(kernel)).sum() > 10
+
+    mapped = to_mapped(model, labels="frozen")
+    assert set(flip_rates(mapped).values()) == {0.0}
+    assert set(flip_rates(mapped, reference=model).values()) == {0.0}
+    q = mapped.get_layer("bconv1").kernel_quantizer
+    np.testing.assert_array_equal(q.frozen_labels.numpy(), float16_signs)
+    current = to_mapped(model)
+    qc = current.get_layer("bconv1").kernel_quantizer
+    np.testing.assert_array_equal(qc.noisy_labels(current.get_layer("bconv1").kernel), float16_signs)
+    # The auxiliary loss from the float32 variable is the one the layer adds in float16.
+    current(x[:2], training=True)
+    in_call = [float(l) for l in current.losses]
+    np.testing.assert_allclose(list(larq_noisy.auxiliary_losses(current).values()), in_call,
+                               rtol=1e-6)

@@ -39,8 +39,10 @@ def _env(**extra):
 def test_two_workers_train_and_only_the_chief_writes_results(tmp_path):
     out = str(tmp_path / "mw")
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    argv = [sys.executable, "train.py", *TINY, "--steps-per-epoch", "3", "--arms", "lns",
-            "--strategy", "multi_worker", "--output-dir", out]
+    # Default verbosity (progress bars, summaries): what users run.
+    argv = [sys.executable, "train.py", *[a for a in TINY if a != "--quiet"],
+            "--steps-per-epoch", "3", "--arms", "lns", "--strategy", "multi_worker",
+            "--output-dir", out]
     procs = []
     try:
         for index in range(2):
@@ -65,14 +67,25 @@ def test_two_workers_train_and_only_the_chief_writes_results(tmp_path):
     assert not [f for f in found if "workertemp" in f], found
 
 
-def test_sigkill_mid_phase_resumes_from_the_backup(tmp_path):
-    out = str(tmp_path / "killed")
-    argv = [*TINY, "--steps-per-epoch", "8", "--arms", "sign", "--finetune-epochs", "2",
-            "--backup-every", "2", "--output-dir", out]
+def _arm_weights(out, arm):
+    import tensorflow as tf
+
+    return tf.keras.models.load_model(os.path.join(out, "arms", arm, "model.h5")).get_weights()
+
+
+def test_an_arm_is_the_same_alone_after_other_arms_and_after_sigkill(pretrained_run, tmp_path):
+    """Same checkpoint, seed and batches: the same weights, whatever ran before."""
+    common = [*TINY, "--steps-per-epoch", "8", "--finetune-epochs", "2",
+              "--pretrained", pretrained_run]
+    alone, after, killed = (str(tmp_path / name) for name in ("alone", "after", "killed"))
+    assert train.main([*common, "--arms", "sign", "mapped", "lns", "--output-dir", after]) == 0
+    assert train.main([*common, "--arms", "lns", "--output-dir", alone]) == 0
+
+    argv = [*common, "--arms", "lns", "--backup-every", "2", "--output-dir", killed]
     proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Kill once the sign arm has finished its first epoch (its CSV has a row).
-    history = os.path.join(out, "arms", "sign", "history.csv")
+    # Kill once the lns arm has finished its first epoch (its CSV has a row).
+    history = os.path.join(killed, "arms", "lns", "history.csv")
     deadline = time.time() + 300
     try:
         while proc.poll() is None and time.time() < deadline:
@@ -85,18 +98,29 @@ def test_sigkill_mid_phase_resumes_from_the_backup(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert os.listdir(os.path.join(out, "arms", "sign", "backup"))
-    assert not os.path.exists(os.path.join(out, "arms", "sign", "result.json"))
+    assert os.listdir(os.path.join(killed, "arms", "lns", "backup"))
+    assert not os.path.exists(os.path.join(killed, "arms", "lns", "result.json"))
+    with open(os.path.join(killed, "arms", "lns", "wall.json")) as f:
+        wall_before_kill = json.load(f)["wall_seconds"]
 
     assert train.main(argv) == 0
-    with open(os.path.join(out, "results.json")) as f:
-        results = json.load(f)
-    assert list(results["arms"]) == ["sign"]
-    assert results["arms"]["sign"]["resumed"] is True
+    results = {}
+    for out in (alone, after, killed):
+        with open(os.path.join(out, "results.json")) as f:
+            results[out] = json.load(f)["arms"]["lns"]
+    assert results[killed]["resumed"] is True and results[alone]["resumed"] is False
+    # Exactly equal on the CPU: test accuracy and every weight of the baked model.
+    assert results[alone]["test_accuracy"] == results[after]["test_accuracy"]
+    assert results[alone]["test_accuracy"] == results[killed]["test_accuracy"]
+    for out in (after, killed):
+        for a, b in zip(_arm_weights(alone, "lns"), _arm_weights(out, "lns")):
+            assert (a == b).all()
+    # The resumed arm's wall time counts the session that was killed.
+    assert results[killed]["wall_seconds"] > wall_before_kill
     with open(history) as f:
         epochs = sorted({int(row["epoch"]) for row in csv.DictReader(f)})
     assert epochs == [0, 1]  # epoch 1 continued after the backup, not from scratch
-    backup = os.path.join(out, "arms", "sign", "backup")  # done: its checkpoints are removed
+    backup = os.path.join(killed, "arms", "lns", "backup")  # done: its checkpoints are removed
     assert not [f for _, _, fs in os.walk(backup) for f in fs]
 
 
@@ -131,3 +155,25 @@ def test_corrupted_backup_gets_an_error_naming_the_directory(pretrained_run, tmp
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert str(out / "arms" / "sign" / "backup") in err and "corrupted or truncated" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_truncated_backup_data_file_is_named(pretrained_run, tmp_path, capsys):
+    out = tmp_path / "truncated_backup"
+    argv = [*TINY, "--steps-per-epoch", "4", "--finetune-epochs", "2", "--arms", "sign",
+            "--pretrained", pretrained_run, "--backup-every", "2", "--output-dir", str(out)]
+    assert train.main(argv) == 0
+    # A backup as a killed run leaves it: written, then its data file cut short.
+    import tensorflow as tf
+
+    model = tf.keras.models.load_model(out / "arms" / "sign" / "model.h5")
+    backup = out / "arms" / "sign" / "backup"
+    checkpoint = tf.train.Checkpoint(model=model, train_counter=tf.Variable(2, dtype=tf.int64))
+    tf.train.CheckpointManager(checkpoint, str(backup / "chief"), max_to_keep=1).save()
+    (data,) = (backup / "chief").glob("ckpt-*.data-*")
+    data.write_bytes(data.read_bytes()[:64])
+    os.remove(out / "arms" / "sign" / "result.json")
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "corrupted or truncated" in err and str(backup) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -24,6 +24,7 @@ DEFAULT_QUANTIZER = {
 QUANTIZER_CLASS = {
     "ste_sign": lq.quantizers.SteSign,
     "magnitude_aware_sign": lq.quantizers.MagnitudeAwareSign,
+    "dorefa": models.DoReFaSign,
 }
 
 
@@ -48,7 +49,7 @@ def _full_precision_kernels(model):
 
 def test_registry_names_and_quantizers():
     assert set(ARCHITECTURES) <= set(models.MODELS)
-    assert models.WEIGHT_QUANTIZERS == ("ste_sign", "magnitude_aware_sign")
+    assert models.WEIGHT_QUANTIZERS == ("ste_sign", "magnitude_aware_sign", "dorefa")
 
 
 @pytest.mark.parametrize(
@@ -185,7 +186,7 @@ def test_weights_from_a_local_file(tmp_path):
     "kwargs, needles",
     [
         ({"name": "resnet21"}, ["'resnet21'", "'resnet20'", "'bnn_small'", "'birealnet18'"]),
-        ({"kernel_quantizer": "dorefa"}, ["'dorefa'", "'ste_sign'", "'magnitude_aware_sign'"]),
+        ({"kernel_quantizer": "xnor"}, ["'xnor'", "'ste_sign'", "'magnitude_aware_sign'", "'dorefa'"]),
         ({"weights": "imagenet"}, ["imagenet", "offline"]),
         ({"weights": "/nonexistent/weights.h5"}, ["/nonexistent/weights.h5", "does not exist"]),
     ],

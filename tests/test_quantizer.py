@@ -114,8 +114,10 @@ def test_config_round_trip():
     q = NoisyMappedQuantizer(
         mapper="mlp", alpha=0.3, rho_pos=0.01, rho_neg=0.02, width=1.5,
         reduction="mean", labels="frozen", start="warmup", scale="channel",
+        clip="none", aux_to_latent=False,
     )
     config = q.get_config()
+    assert (config["clip"], config["aux_to_latent"]) == ("none", False)
     again = NoisyMappedQuantizer.from_config(config)
     assert again.get_config() == config
     assert again.precision == 1
@@ -130,13 +132,17 @@ def test_config_round_trip():
         (dict(rho_pos=1.0), r"rho_pos=1.0 .*\[0, 1\)"),
         (dict(rho_neg=-0.01), r"rho_neg=-0.01 .*\[0, 1\)"),
         (dict(rho_pos=0.5, rho_neg=0.5), "must be < 1"),
-        (dict(alpha=-1.0), r"alpha=-1.0 must be a number >= 0"),
+        (dict(alpha=-1.0), r"alpha=-1.0 must be a finite number >= 0"),
         (dict(mapper="transformer"), r"'transformer'.*\['cnn', 'mlp', 'linear'\]"),
         (dict(reduction="max"), r"'max'.*\['sum', 'mean'\]"),
         (dict(labels="clean"), r"'clean'.*\['current', 'frozen'\]"),
         (dict(start="cold"), r"'cold'.*\['identity', 'warmup'\]"),
-        (dict(scale="layer"), r"'layer'.*\[None, 'channel'\]"),
+        (dict(scale="filter"), r"'filter'.*\[None, 'layer', 'channel'\]"),
+        (dict(scale_clip=0.0), r"scale_clip=0.0 must be a number > 0"),
+        (dict(scale_gradient="yes"), r"scale_gradient='yes' must be True or False"),
         (dict(width=0), r"width=0 must be a number > 0"),
+        (dict(clip="tanh"), r"'tanh'.*\['hardtanh', 'none'\]"),
+        (dict(aux_to_latent="no"), r"aux_to_latent='no' must be True or False"),
     ],
 )
 def test_bad_options_are_refused(kwargs, needle):

@@ -4,6 +4,7 @@ A run killed mid-phase and resumed: tests/test_distributed.py."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -102,6 +103,27 @@ def test_warmup_start_trains_the_mapper_alone_first(full_run, tmp_path):
     assert _results(out)["arms"]["lns"]["quantizer"]["start"] == "warmup"
 
 
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ('{"lr": "abc"}', "lr='abc' must be a number"),
+        ("42", "must hold a JSON object of settings, not int 42"),
+        ('{"batch_size": 1.5}', "batch_size=1.5 must be a whole number"),
+        ('{"alpha": NaN}', "alpha=nan must be a finite number"),
+        ('{"arms": "lns"}', "arms='lns' must be a list of strings"),
+        ("{not json", "is unreadable"),
+    ],
+)
+def test_bad_hparams_are_named_before_any_work(content, needle, tmp_path, capsys):
+    hparams = tmp_path / "best_hparams.json"
+    hparams.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--hparams", str(hparams), "--output-dir", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and needle in err and str(hparams) in err
+    assert "Traceback" not in err and not os.path.exists(tmp_path / "never")
+
+
 def test_hparams_file_sets_defaults_and_flags_win(tmp_path):
     hparams = tmp_path / "best_hparams.json"
     hparams.write_text(json.dumps({"alpha": 0.25, "rho_pos": 0.01, "rho_neg": 0.02}))
@@ -145,6 +167,12 @@ def test_mocked_tfds_pipelines_with_larq_zoo_models(dataset, model, size, tmp_pa
         (["--alpha", "-1"], "alpha=-1.0"),
         (["--finetune-epochs", "-2"], "finetune_epochs=-2"),
         (["--pretrained", "/nonexistent/run"], "does not exist"),
+        # Floats that parse but are no setting: refused before any work, not after it.
+        (["--alpha", "nan"], "alpha=nan must be a finite number"),
+        (["--alpha", "inf"], "alpha=inf must be a finite number"),
+        (["--width", "nan"], "width=nan must be a finite number"),
+        (["--finetune-lr", "inf"], "finetune_lr=inf must be a finite number"),
+        (["--rho", "nan"], "rho_pos=nan must be a finite number"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(argv, needle, capsys, tmp_path):
@@ -201,3 +229,156 @@ def test_export_flag_converts_and_verifies_each_arm(full_run, tmp_path):
         with open(tflite + ".json") as f:
             report = json.load(f)
         assert report["ops"]["LceBconv2d"] == report["binarized_convs"] == 6
+
+
+# --- files that cannot be read, recovery, output (issue: reproducible, robust runs) ----
+
+ALL_ARMS = ["--arms", "sign", "mapped", "lns", "lns_rho0"]
+
+
+def _copy(full_run, tmp_path, name):
+    out = str(tmp_path / name)
+    shutil.copytree(full_run, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "name, fix",
+    [("config.json", "choose a new --output-dir"),
+     (os.path.join("arms", "lns", "result.json"), "delete it to redo")],
+)
+def test_unreadable_run_files_are_named_with_what_to_do(full_run, tmp_path, capsys, name, fix):
+    out = _copy(full_run, tmp_path, "garbled")
+    with open(os.path.join(out, name), "w") as f:
+        f.write("\x00 not json")
+    assert train.main(SMOKE + ALL_ARMS + ["--output-dir", out]) == 2
+    err = capsys.readouterr().err
+    assert f"{os.path.join(out, name)} is unreadable" in err and fix in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_garbage_results_json_is_rebuilt_from_the_arms(full_run, tmp_path):
+    out = _copy(full_run, tmp_path, "rebuilt")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        f.write("garbage")
+    assert train.main(SMOKE + ALL_ARMS + ["--output-dir", out]) == 0
+    assert _results(out)["arms"] == _results(full_run)["arms"]
+
+
+def test_deleted_pretrained_weights_are_trained_again_and_the_arms_kept(full_run, tmp_path):
+    out = _copy(full_run, tmp_path, "no_weights")
+    weights = os.path.join(out, "pretrain", "weights.h5")
+    os.remove(weights)
+    marker = os.path.join(out, "arms", "lns", "result.json")
+    before = os.path.getmtime(marker)
+    assert train.main(SMOKE + ALL_ARMS + ["--output-dir", out]) == 0
+    assert os.path.exists(weights)
+    # Deterministic pretraining gives the same weights: the arms still belong to them.
+    assert os.path.getmtime(marker) == before
+    assert _results(out)["baseline"]["sha256"] == _results(full_run)["baseline"]["sha256"]
+
+
+def test_arms_from_other_pretrained_weights_are_refused(full_run, tmp_path, capsys):
+    out = _copy(full_run, tmp_path, "other_weights")
+    weights = os.path.join(out, "pretrain", "weights.h5")
+    model = training.build_baseline(training.TrainConfig().resolved(), weights)
+    model.layers[-2].set_weights([w + 0.01 for w in model.layers[-2].get_weights()])
+    model.save_weights(weights)
+    assert train.main(SMOKE + ALL_ARMS + ["--output-dir", out]) == 2
+    err = capsys.readouterr().err
+    assert "fine-tuned from other pretrained weights" in err and "'lns'" in err
+    assert os.path.join(out, "arms", "lns") in err
+
+
+def test_a_failed_write_leaves_the_previous_file(tmp_path):
+    from larq_noisy.rundir import atomic_path, read_json, write_json
+
+    path = str(tmp_path / "result.json")
+    write_json(path, {"accuracy": 0.9})
+    with pytest.raises(OSError):
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            f.write('{"accu')
+            raise OSError(28, "No space left on device", tmp)  # a full disk mid-write
+    with pytest.raises(ValueError):
+        write_json(path, {"alpha": float("nan")})  # what is written must read back
+    assert read_json(path, "never") == {"accuracy": 0.9}
+    assert os.listdir(tmp_path) == ["result.json"]  # no temporary file left behind
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    model = tf.keras.Sequential([tf.keras.layers.Dense(2, input_shape=(3,))])
+    path = str(tmp_path / "checkpoint.h5")
+    training.save_weights(model, path)
+    good = open(path, "rb").read()
+
+    def full_disk(target, *args, **kwargs):
+        with open(target, "wb") as f:
+            f.write(b"\x89HDF partial")
+        raise OSError(28, "No space left on device", target)
+
+    monkeypatch.setattr(model, "save_weights", full_disk)
+    with pytest.raises(OSError):
+        training.save_weights(model, path)
+    assert open(path, "rb").read() == good
+
+
+def test_errors_are_one_line_with_the_right_exit_code():
+    from larq_noisy import errors
+
+    code, message = errors.describe(OSError(28, "No space left on device", "/runs/x/checkpoint.h5"))
+    assert code == 1 and "/runs/x/checkpoint.h5" in message and "No space left" in message
+    code, message = errors.describe(
+        tf.errors.InternalError(None, None, "Collective instance 1 expected type 0\nmore detail"))
+    assert code == 1 and "InternalError" in message and "corrupted" not in message
+    assert "\n" not in message
+    assert errors.describe(ValueError("bad"))[0] == 2
+    assert errors.describe(KeyError("a bug"))[0] is None  # a bug keeps its traceback
+
+
+def test_default_output_is_readable(full_run, tmp_path, capfd):
+    out = str(tmp_path / "loud")
+    argv = [a for a in SMOKE if a != "--quiet"]
+    argv += ["--arms", "sign", "lns", "--pretrained", full_run, "--output-dir", out]
+    assert train.main(argv) == 0
+    captured = capfd.readouterr()
+    text = captured.out + captured.err
+    assert text.count("bnn_small summary") == 2  # once per model kind: sign, mapped
+    assert text.count("can be negative") == 1  # the auxiliary loss, explained once
+    for noise in ("Compiled the loaded model", "1 epochs", "is slow compared to",
+                  "flip_rate/quant_conv2d:"):
+        assert noise not in text, noise
+    assert "fine-tuning with sign weights (`sign`)" in text  # results.md, printed
+
+
+def test_quiet_says_where_the_results_are_and_verbose_2_prints_a_line_per_epoch(
+        full_run, tmp_path, capfd):
+    out = str(tmp_path / "quiet")
+    argv = SMOKE + ["--arms", "lns", "--pretrained", full_run, "--output-dir", out]
+    assert train.main(argv) == 0
+    assert capfd.readouterr().out.strip() == f"results: {os.path.join(out, 'results.md')}"
+    out2 = str(tmp_path / "lines")
+    argv = [a for a in SMOKE if a != "--quiet"] + [
+        "--verbose", "2", "--finetune-epochs", "2", "--arms", "lns", "--pretrained", full_run,
+        "--output-dir", out2]
+    assert train.main(argv) == 0
+    text = capfd.readouterr().out
+    lines = [l for l in text.splitlines() if l.startswith("lns epoch ")]
+    assert [l.split(":")[0] for l in lines] == ["lns epoch 1/2", "lns epoch 2/2"]
+    assert "cross-entropy + aux" in lines[0] and "val acc" in lines[0]
+    assert "[====" not in text  # no progress bars
+
+
+def test_plots_give_each_arm_one_colour_and_mark_test_accuracy(full_run, tmp_path, monkeypatch):
+    from larq_noisy import report
+
+    figures = []
+    monkeypatch.setattr(report.plt, "close", figures.append)
+    results = _results(full_run)
+    report.plot_accuracy(full_run, results, str(tmp_path / "accuracy.png"))
+    report.plot_flip_rates(results, str(tmp_path / "flip_rates.png"))
+    accuracy, flips = ({l.get_label(): l for l in fig.axes[0].get_lines()} for fig in figures)
+    for arm, result in results["arms"].items():
+        title, colour = report.ARM_TITLES[arm], report.arm_color(arm)
+        assert accuracy[f"{title}, val"].get_color() == colour == flips[title].get_color()
+        assert list(accuracy[f"{title}, test"].get_ydata()) == [result["test_accuracy"]]
+    assert len({report.arm_color(a) for a in results["arms"]}) == len(results["arms"])

@@ -1,0 +1,42 @@
+"""What the entry points (train.py, tune.py, export.py) print for an error, and exit with.
+
+Exit code 2: the settings or the files given are at fault (fix them and run again);
+1: the work itself failed (a runtime error, a failed verification, a full disk).
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["describe"]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def describe(error: BaseException) -> tuple[int | None, str]:
+    """`(exit code, one-line message)` for an error a user can act on; `(None, "")` for
+    an unexpected one (a bug: let its traceback show)."""
+    export = sys.modules.get("larq_noisy.export")
+    if export is not None and isinstance(error, export.VerificationError):
+        return 1, f"export failed: {error}"
+    if isinstance(error, (ValueError, FileNotFoundError)):  # bad settings, files, missing data
+        return 2, f"error: {error}"
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(error, tf.errors.OpError):
+        # E.g. a collective that timed out because another worker died: what it is, not
+        # a guess about files.
+        return 1, (
+            f"TensorFlow runtime error ({type(error).__name__}): {_first_line(error)}. "
+            "Finished phases and arms are kept; run the same command again to resume."
+        )
+    if isinstance(error, OSError):  # a full disk, a file that vanished
+        where = f" ({error.filename})" if error.filename else ""
+        return 1, (
+            f"{error.strerror or _first_line(error)}{where}. Files already written are "
+            "kept; run the same command again to resume."
+        )
+    return None, ""

@@ -1,0 +1,205 @@
+"""`RunDir`: every file a train.py run writes, and how it is read and written.
+
+    config.json                  the settings, checked when a run is resumed
+    baseline.json                the pretrained sign model's accuracy
+    pretrain/weights.h5          the pretrained baseline (what --pretrained reuses)
+    pretrain/result.json         written when phase 1 is done
+    arms/<arm>/pretrained.json   the pretrained weights the arm started from (fingerprint)
+    arms/<arm>/result.json       written when the arm is done: the arm is not redone
+    arms/<arm>/model.h5          the baked, deployable model (a stock Larq model)
+    <phase>/checkpoint.h5        last good end-of-epoch weights of a phase
+    <phase>/backup/              Keras' BackupAndRestore state of an unfinished phase
+    <phase>/history.csv          per-epoch loss, accuracy, lr, flip rates, wall time
+    <phase>/wall.json            the phase's wall time at its last backup
+    tensorboard/<phase>/         the same in TensorBoard
+    results.json, results.md     the arms side by side; accuracy.png, flip_rates.png
+
+Every file is written atomically (a temporary file, then a rename), so an interrupted
+write or a full disk leaves the previous good file; every file that cannot be read is
+named, with what to do, in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+
+__all__ = ["CheckpointError", "RunDir", "RunFileError", "atomic_path", "read_json", "write_json"]
+
+
+class RunFileError(ValueError):
+    """A file of a run that cannot be read; the message names it and says what to do."""
+
+
+class CheckpointError(RunFileError):
+    """A checkpoint or backup that cannot be read."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path to write; it replaces `path` only if the block succeeds.
+
+    The temporary file keeps `path`'s extension (Keras picks the format from it).
+    """
+    directory = os.path.dirname(path) or "."
+    extension = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                               suffix=f".tmp{extension}")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, data) -> None:
+    """Write `data` as JSON atomically (`allow_nan=False`: what is written reads back)."""
+    text = json.dumps(data, indent=2, allow_nan=False)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def read_json(path: str, fix: str):
+    """The JSON in `path`; `RunFileError` naming the file and `fix` if it is unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise RunFileError(f"{path} is unreadable ({reason}): {fix}.") from None
+
+
+def weights_fingerprint(path: str) -> str:
+    """A SHA-256 of the arrays in a Keras .h5 weights file (not of its bytes, which hold
+    write times): equal for equal weights. `CheckpointError` if the file is unreadable."""
+    import h5py
+    import numpy as np
+
+    digest = hashlib.sha256()
+    try:
+        with h5py.File(path, "r") as f:
+            names = []
+            f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+            for name in sorted(names):
+                digest.update(name.encode())
+                digest.update(np.ascontiguousarray(f[name][()]).tobytes())
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(
+            f"{path} is corrupted or truncated ({error}): delete it to train it again."
+        ) from None
+    return digest.hexdigest()
+
+
+class RunDir:
+    """The output directory of a train.py run: every path in it, and its checks."""
+
+    #: Settings that may change between a run and its resumption without changing results.
+    RESUMABLE = ("arms", "strategy", "verbose", "output_dir", "backup_every", "export")
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    @property
+    def config(self) -> str:
+        return self.path("config.json")
+
+    @property
+    def pretrain(self) -> str:
+        return self.path("pretrain")
+
+    @property
+    def pretrained_weights(self) -> str:
+        return self.path("pretrain", "weights.h5")
+
+    def arm(self, arm: str) -> str:
+        return self.path("arms", arm)
+
+    def tensorboard(self, name: str) -> str:
+        return self.path("tensorboard", name)
+
+    @staticmethod
+    def result(phase_dir: str) -> str:
+        return os.path.join(phase_dir, "result.json")
+
+    @staticmethod
+    def checkpoint(phase_dir: str) -> str:
+        return os.path.join(phase_dir, "checkpoint.h5")
+
+    @staticmethod
+    def backup(phase_dir: str) -> str:
+        return os.path.join(phase_dir, "backup")
+
+    @staticmethod
+    def history(phase_dir: str) -> str:
+        return os.path.join(phase_dir, "history.csv")
+
+    @staticmethod
+    def wall(phase_dir: str) -> str:
+        return os.path.join(phase_dir, "wall.json")
+
+    # ------------------------------------------------------------------ checks
+
+    def ensure_writable(self) -> None:
+        """Create the directory if needed; `ValueError` if nothing can be written there."""
+        ensure_writable_dir(self.root)
+
+    def check_settings(self, settings: dict, resumable=RESUMABLE, what: str = "a run",
+                       config: str | None = None, record: bool = True) -> None:
+        """Refuse to resume the run saved here with other settings than `settings`
+        (those named in `resumable` may change); then record `settings` (in `config`,
+        by default config.json) unless `record` is false."""
+        path = config or self.config
+        if os.path.exists(path):
+            saved = read_json(
+                path, f"it records the settings of {what} in {self.root}; restore it, or "
+                "choose a new --output-dir",
+            )
+            changed = {
+                k: (saved.get(k), v) for k, v in settings.items()
+                if k not in resumable and saved.get(k) != v
+            }
+            if changed:
+                diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+                raise ValueError(
+                    f"{self.root!r} holds {what} with other settings ({diff}). Resume "
+                    "it with the same settings, or choose a new --output-dir."
+                )
+        if record:
+            write_json(path, settings)
+
+    def read_result(self, phase_dir: str) -> dict | None:
+        """The `result.json` of a finished phase or arm, `None` if it has none."""
+        path = self.result(phase_dir)
+        if not os.path.exists(path):
+            return None
+        return read_json(path, f"delete it to redo {os.path.relpath(phase_dir, self.root)}")
+
+
+def ensure_writable_dir(path: str) -> None:
+    """Create `path` if needed; `ValueError` if nothing can be written there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"Output directory {path!r} is not writable: {error.strerror}.") from error
+
+
+def pretrained_weights_path(path: str) -> str:
+    """A `--pretrained` value (a train.py output directory or a weights file) as a file."""
+    if os.path.isdir(path):
+        path = RunDir(path).pretrained_weights
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"No pretrained weights at {path!r}: give a train.py output directory whose "
+            "pretraining finished, or its pretrain/weights.h5."
+        )
+    return path
