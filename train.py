@@ -41,7 +41,7 @@ def parse_args(argv=None) -> training.TrainConfig:
     run.add_argument("--output-dir", help="default: runs/<dataset>")
     run.add_argument("--export", action="store_true",
                      help="convert each arm with Larq Compute Engine and verify it "
-                          "(arms/<arm>/model.tflite, as python -m larq_noisy.export)")
+                          "(arms/<arm>/model.tflite, as export.py)")
     run.add_argument("--seed", type=int, default=0,
                      help="seeds the data order, augmentation and initialisation (>= 0)")
 

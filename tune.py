@@ -1,14 +1,17 @@
-"""Search LNS' alpha and rho (optionally the mapper and the fine-tuning learning rate).
+"""Search an arm's fine-tuning hyperparameters: lns (alpha, rho, clip, aux_to_latent and
+the learning rate), sign (its learning rate) or bop (Bop's threshold and gamma and the
+learning rate), every arm with the same tuner, trials and epochs.
 
-    python tune.py                                   # offline default: Fashion-MNIST, CPU
+    python tune.py                                   # lns, offline default: Fashion-MNIST, CPU
+    python tune.py --arm sign && python tune.py --arm bop    # the same budget, other arms
     python tune.py --pretrained runs/fashion_mnist --tuner bayesian --max-trials 20
-    python train.py --hparams tune_runs/fashion_mnist/best_hparams.json
+    python train.py --arms lns --hparams tune_runs/fashion_mnist/lns/best_hparams.json
 
-Each trial fine-tunes the `lns` arm from a pretrained sign checkpoint (--pretrained;
-else train.py's runs/<dataset>, else a one-time pretraining) and is scored on the
-validation split. Run the same command again to resume the search. Distributed: set
-KERASTUNER_TUNER_ID (one id containing "chief"), KERASTUNER_ORACLE_IP and
-KERASTUNER_ORACLE_PORT and start the same command once per process.
+Each trial fine-tunes the arm from a pretrained sign checkpoint (--pretrained; else
+train.py's runs/<dataset>, else a one-time pretraining that the arms' searches share)
+and is scored on the validation split. Run the same command again to resume the search.
+Distributed: set KERASTUNER_TUNER_ID (one id containing "chief"), KERASTUNER_ORACLE_IP
+and KERASTUNER_ORACLE_PORT and start the same command once per process.
 """
 
 from __future__ import annotations
@@ -23,6 +26,13 @@ import models  # noqa: E402
 from larq_noisy import datasets, tuning
 from larq_noisy.distribute import STRATEGIES
 from larq_noisy.mappers import MAPPERS
+from larq_noisy.quantizers import CLIPS
+
+
+# Flags that shape one arm's search space only: flag -> the arm it applies to.
+_ARM_FLAGS = {"alpha_range": "lns", "rho_range": "lns", "asymmetric_rho": "lns",
+              "search_mapper": "lns", "mapper": "lns", "clip": "lns", "aux_to_latent": "lns",
+              "bop_threshold_range": "bop", "bop_gamma_range": "bop"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,15 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     run = p.add_argument_group("what to tune")
+    run.add_argument("--arm", default="lns", choices=tuning.TUNED_ARMS,
+                     help="the fine-tuning arm to search (default: %(default)s)")
     run.add_argument("--dataset", default="fashion_mnist", choices=sorted(datasets.DATASETS))
     run.add_argument("--model", choices=sorted(models.MODELS), help="default: the dataset's")
     run.add_argument("--pretrained", metavar="PATH",
                      help="a train.py output dir or its pretrain/weights.h5 (default: "
                           "runs/<dataset> if pretrained, else pretrain once)")
-    run.add_argument("--output-dir", help="default: tune_runs/<dataset>")
+    run.add_argument("--output-dir", help="default: tune_runs/<dataset>/<arm>")
     run.add_argument("--seed", type=int, default=0)
 
-    s = p.add_argument_group("search")
+    s = p.add_argument_group("search (every arm)")
     s.add_argument("--tuner", default="hyperband", choices=tuning.TUNERS)
     s.add_argument("--max-trials", type=int,
                    help=f"bayesian/random: default {tuning.DEFAULT_MAX_TRIALS}; hyperband: a cap "
@@ -49,21 +61,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps-per-epoch", type=int,
                    help=f"default {tuning.SMALL_BUDGET['steps_per_epoch']} on (fashion_)mnist, "
                         "else full epochs")
-    s.add_argument("--alpha-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                   default=tuning.DEFAULT_ALPHA_RANGE, help="log-uniform (default: %(default)s)")
-    s.add_argument("--rho-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                   default=tuning.DEFAULT_RHO_RANGE, help="uniform (default: %(default)s)")
-    s.add_argument("--asymmetric-rho", action="store_true",
-                   help="search rho_pos and rho_neg separately (default: one rho for both)")
-    s.add_argument("--search-mapper", nargs="*", metavar="KIND", choices=list(MAPPERS),
-                   help=f"also search the mapper kind among KINDs (default: all of {list(MAPPERS)})")
-    s.add_argument("--mapper", choices=list(MAPPERS),
-                   help="fix the mapper kind (default: the dataset's protocol)")
-    s.add_argument("--search-lr", action="store_true",
-                   help="also search the fine-tuning learning rate, log-uniform over a decade "
-                        "either side of the protocol's")
+    s.add_argument("--search-lr", action=argparse.BooleanOptionalAction, default=True,
+                   help="search the fine-tuning learning rate (default: yes), log-uniform over "
+                        "a decade either side of the protocol's; for bop, the rate of the "
+                        "variables Bop does not flip")
     s.add_argument("--lr-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                   help="the fine-tuning learning rate range (implies --search-lr)")
+                   help="the fine-tuning learning rate's range")
+
+    lns = p.add_argument_group("search (--arm lns)")
+    lns.add_argument("--alpha-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                     help=f"log-uniform (default: {list(tuning.DEFAULT_ALPHA_RANGE)})")
+    lns.add_argument("--rho-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                     help=f"uniform (default: {list(tuning.DEFAULT_RHO_RANGE)})")
+    lns.add_argument("--asymmetric-rho", action="store_true",
+                     help="search rho_pos and rho_neg separately (default: one rho for both)")
+    lns.add_argument("--search-mapper", nargs="*", metavar="KIND", choices=list(MAPPERS),
+                     help=f"also search the mapper kind among KINDs (default: all of {list(MAPPERS)})")
+    lns.add_argument("--mapper", choices=list(MAPPERS),
+                     help="fix the mapper kind (default: the dataset's protocol)")
+    lns.add_argument("--clip", choices=CLIPS,
+                     help=f"fix the quantizer's clip (default: searched among {list(CLIPS)})")
+    lns.add_argument("--aux-to-latent", action=argparse.BooleanOptionalAction,
+                     help="fix whether the noisy-supervision loss trains the latent weights "
+                          "(default: searched)")
+
+    bop = p.add_argument_group("search (--arm bop)")
+    bop.add_argument("--bop-threshold-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                     help=f"log-uniform (default: {list(tuning.DEFAULT_BOP_THRESHOLD_RANGE)})")
+    bop.add_argument("--bop-gamma-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                     help=f"log-uniform (default: {list(tuning.DEFAULT_BOP_GAMMA_RANGE)})")
 
     hw = p.add_argument_group("data and hardware")
     hw.add_argument("--batch-size", type=int, help="global batch size (default: the protocol's)")
@@ -81,24 +107,35 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> tuple[tuning.TuneConfig, argparse.Namespace, argparse.ArgumentParser]:
     p = build_parser()
     args = p.parse_args(argv)
-    if args.lr_range is not None:
-        lr_range = tuple(args.lr_range)
-    else:
-        lr_range = "protocol" if args.search_lr else None
+    for name, arm in _ARM_FLAGS.items():
+        given = getattr(args, name)
+        if given != p.get_default(name) and arm != args.arm:
+            flag = "--" + name.replace("_", "-")
+            if name == "aux_to_latent" and given is False:
+                flag = "--no-aux-to-latent"
+            p.error(f"{flag} shapes the search of --arm {arm}, not of --arm {args.arm}: leave it out.")
+    if args.lr_range is not None and not args.search_lr:
+        p.error("--lr-range and --no-search-lr contradict each other: give one of them.")
+    defaults = tuning.SearchSpace()
     space = tuning.SearchSpace(
-        alpha=tuple(args.alpha_range),
-        rho=tuple(args.rho_range),
+        arm=args.arm,
+        finetune_lr=tuple(args.lr_range) if args.lr_range else "protocol" if args.search_lr else None,
+        alpha=tuple(args.alpha_range or defaults.alpha),
+        rho=tuple(args.rho_range or defaults.rho),
         asymmetric_rho=args.asymmetric_rho,
         mappers=None if args.search_mapper is None else tuple(args.search_mapper),
-        finetune_lr=lr_range,
+        clips=None if args.clip else defaults.clips,
+        search_aux_to_latent=args.aux_to_latent is None,
+        bop_threshold=tuple(args.bop_threshold_range or defaults.bop_threshold),
+        bop_gamma=tuple(args.bop_gamma_range or defaults.bop_gamma),
     )
     config = tuning.TuneConfig(
         dataset=args.dataset, model=args.model, pretrained=args.pretrained,
         output_dir=args.output_dir, tuner=args.tuner, max_trials=args.max_trials,
         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
         limit=args.limit, seed=args.seed, strategy=args.strategy, data_dir=args.data_dir,
-        space=space, mapper=args.mapper, pretrain_epochs=args.pretrain_epochs,
-        verbose=0 if args.quiet else 1,
+        space=space, mapper=args.mapper, clip=args.clip, aux_to_latent=args.aux_to_latent,
+        pretrain_epochs=args.pretrain_epochs, verbose=0 if args.quiet else 1,
     )
     try:
         config = config.resolved()  # every bad value is reported now, before any work

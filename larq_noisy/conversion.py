@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from larq_noisy.mappers import BatchStatNormalization, build_mapper
 from larq_noisy.quantizers import (
+    DoReFaSign,
     NoisyMappedQuantizer,
     binary_scale,
     check_options,
@@ -440,81 +441,61 @@ def bake(model):
     """A stock Larq model whose binarized kernels are `model`'s mapped binary kernels.
 
     The mapper is not needed at inference: once trained, the binary kernel `Q^` is a
-    constant. Each mapped layer becomes a layer with `ste_sign`, or
-    `magnitude_aware_sign` when it is scaled (per layer or per channel), whose latent
-    kernel holds `Q^` times the scale (each channel's mean |W| is then its scale:
-    per layer, the layer's), so the baked model computes what `model` computes (to
-    float rounding) with stock larq quantizers, and converts to binary ops with Larq
-    Compute Engine.
+    constant. Each mapped layer becomes a layer with `ste_sign` whose latent kernel is
+    `Q^`, or, when scaled, with `magnitude_aware_sign` (per channel) or `DoReFaSign`
+    (per layer, the project's registered quantizer) whose latent kernel is `Q^ |W|`
+    (`|clip(W)|` with `scale_clip`): the signs of `Q^` and the magnitudes the mapped
+    layer's scale is the mean of, so that the baked layer computes that same mean,
+    op for op. The baked model computes exactly what `model` computes (a scale an
+    ulp off would not do: a sum of `+-s` terms that is exactly 0 in one model and
+    1e-9 in the other flips the next binary activation) and converts to binary ops
+    with Larq Compute Engine. A layer for which it does not is named in a warning.
     """
     layers = mapped_layers(model)
     _check_has(layers, model, "mapped layer (NoisyMappedQuantizer) to bake")
+    baked_quantizers = {
+        None: lq.quantizers.SteSign,
+        "channel": lq.quantizers.MagnitudeAwareSign,
+        "layer": DoReFaSign,
+    }
     by_id = {id(l): l for l in layers}
 
     def new_quantizer(layer):
         if id(layer) not in by_id:
             return None
-        scaled = layer.kernel_quantizer.scale
-        sign = lq.quantizers.MagnitudeAwareSign if scaled else lq.quantizers.SteSign
-        return sign(dtype=layer.dtype_policy)  # the layer's policy, as in to_mapped
+        quantizer = baked_quantizers[layer.kernel_quantizer.scale]
+        return quantizer(dtype=layer.dtype_policy)  # the layer's policy, as in to_mapped
 
     baked = rebuild(model, _with_kernel_quantizer(new_quantizer))
     for layer in layers:
-        kernel = layer.kernel_quantizer.binary_kernel(layer.kernel)
+        quantizer = layer.kernel_quantizer
+        kernel = tf.cast(layer.kernel, quantizer.compute_dtype)
         target = _find(baked, layer.name)
-        latent, miss = _latent_quantized_to(target.kernel_quantizer, kernel)
-        if miss:
+        target.kernel.assign(tf.cast(_baked_latent(quantizer, kernel), target.kernel.dtype))
+        expected = quantizer.binary_kernel(kernel)
+        got = target.kernel_quantizer(tf.cast(target.kernel, target.compute_dtype))
+        if not np.array_equal(got, expected):
+            miss = np.abs(_numpy(got) - _numpy(expected)).max() / np.abs(_numpy(expected)).max()
             warnings.warn(
                 f"bake: layer {layer.name!r} computes its binary kernel up to {miss:.2g} "
-                "(relative) apart from the mapped layer's: no latent kernel gives "
-                f"{_name(target.kernel_quantizer)} exactly that kernel.",
+                "(relative) apart from the mapped layer's.",
                 stacklevel=2,
             )
-        target.kernel.assign(tf.cast(latent, target.kernel.dtype))
     return baked
 
 
-def _latent_quantized_to(quantizer, kernel):
-    """`(latent, miss)`: a latent kernel that `quantizer` turns into `kernel` (`s * Q^`
-    in the layer's compute dtype), and the largest relative miss (0: exactly).
-
-    `kernel` itself, for `ste_sign`. `magnitude_aware_sign` recomputes each channel's
-    `s` as a mean, which can round an ulp off; that is not harmless: a convolution's
-    sum of `+-s` terms that is exactly 0 in one model can be 1e-9 in the other, and
-    the next binary activation flips. So the first weight of each channel is moved an
-    ulp of `s` at a time (the mean grows with it), bisecting for the magnitude whose
-    mean is `s` exactly; every sign stays `Q^`'s.
-    """
-    target = np.asarray(kernel)
-
-    def quantize(latent):
-        return np.asarray(tf.cast(quantizer(tf.constant(latent)), target.dtype))
-
-    latent = target.copy()
-    quantized = quantize(latent)
-    if np.array_equal(quantized, target):
-        return latent, 0.0
-    channels = target.shape[-1]
-    first = latent.reshape(-1, channels)[0]  # a view: writes go into latent
-    scale = np.abs(target.reshape(-1, channels)).max(axis=0).astype(np.float64)
-    ulp = np.spacing(scale.astype(target.dtype)).astype(np.float64)
-    sign = np.where(first >= 0, 1.0, -1.0)
-    weights = target.size // channels
-    low = np.maximum(-(4 * weights + 64), 1 - np.floor(scale / ulp)).astype(np.int64)
-    high = np.full(channels, 4 * weights + 64, np.int64)
-
-    def channel_means(steps):
-        first[...] = sign * (scale + steps * ulp)
-        return np.abs(quantize(latent).reshape(-1, channels)).max(axis=0)
-
-    while np.any(low < high):  # the fewest steps whose mean is >= s
-        middle = (low + high) // 2
-        below = channel_means(middle) < scale
-        low, high = np.where(below, middle + 1, low), np.where(below, high, middle)
-    channel_means(low)
-    quantized = quantize(latent)
-    miss = np.abs(quantized.astype(np.float64) - target).max() / np.abs(target).max()
-    return latent, float(miss)
+def _baked_latent(quantizer, kernel):
+    """The latent kernel that a baked layer's stock quantizer turns into the mapped
+    binary kernel: `Q^`, times the magnitudes `|W|` whose mean is the scale."""
+    signs = quantizer.binary_signs(kernel)
+    if quantizer.scale is None:
+        return signs
+    clip = quantizer.scale_clip
+    magnitudes = tf.abs(kernel if clip is None else tf.clip_by_value(kernel, -clip, clip))
+    # sign(0) = +1: a weight of 0 whose binary value is -1 gets the least magnitude.
+    tiny = tf.constant(np.finfo(kernel.dtype.as_numpy_dtype).tiny, kernel.dtype)
+    magnitudes = tf.where((magnitudes == 0) & (signs < 0), tiny, magnitudes)
+    return signs * magnitudes
 
 
 def _find(model, name):

@@ -22,7 +22,7 @@ def describe(error: BaseException) -> tuple[int | None, str]:
     an unexpected one (a bug: let its traceback show)."""
     export = sys.modules.get("larq_noisy.export")
     if export is not None and isinstance(error, export.VerificationError):
-        return 1, f"export failed: {error}"
+        return 1, f"export failed, nothing written: {error}"
     if isinstance(error, (ValueError, FileNotFoundError)):  # bad settings, files, missing data
         return 2, f"error: {error}"
     tf = sys.modules.get("tensorflow")

@@ -1,9 +1,9 @@
 """Export a trained BNN to a verified Larq Compute Engine flatbuffer (`.tflite`).
 
 ```bash
-python -m larq_noisy.export runs/fashion_mnist --arm lns            # a train.py run
-python -m larq_noisy.export model.h5 --out model.tflite --dataset fashion_mnist
-python -m larq_noisy.export runs/fashion_mnist --benchmark --threads 2
+python export.py runs/fashion_mnist --arm lns            # a train.py run
+python export.py model.h5 --out model.tflite --dataset fashion_mnist
+python export.py runs/fashion_mnist --benchmark --threads 2
 ```
 
 The steps (docs/METHOD.md section 7):
@@ -31,13 +31,10 @@ LCE's optimized binary kernels target ARM (aarch64, ARMv7); benchmark there with
 
 from __future__ import annotations
 
-import argparse
 import collections
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
@@ -50,6 +47,7 @@ from tensorflow.lite.python import schema_py_generated as tflite_schema
 
 # Importing conversion registers NoisyMappedQuantizer and the mappers for load_model.
 from larq_noisy.conversion import bake, binarized_layers, mapped_layers, rebuild
+from larq_noisy.rundir import RunDir, RunFileError, atomic_path, read_json, write_json
 
 __all__ = [
     "BINARY_CONV_OP",
@@ -101,7 +99,14 @@ def load_model(path) -> tf.keras.Model:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"Model file {path!r} does not exist.")
-    return tf.keras.models.load_model(path, compile=False)
+    try:
+        return tf.keras.models.load_model(path, compile=False)
+    except (OSError, ValueError, KeyError) as error:  # truncated, not a model, not Keras'
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RunFileError(
+            f"{path} is not a readable Keras model ({reason}): train.py writes it again "
+            "if you delete the arm's directory and rerun the same command."
+        ) from None
 
 
 def run_model_path(run_dir, arm: str) -> str:
@@ -109,7 +114,7 @@ def run_model_path(run_dir, arm: str) -> str:
     run_dir = os.fspath(run_dir)
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"Run directory {run_dir!r} does not exist.")
-    path = os.path.join(run_dir, "arms", arm, "model.h5")
+    path = os.path.join(RunDir(run_dir).arm(arm), "model.h5")
     if not os.path.isfile(path):
         trained = _trained_arms(run_dir)
         choices = f"the trained arms are {trained}" if trained else "no arm has a model.h5 yet"
@@ -131,11 +136,10 @@ def _trained_arms(run_dir: str) -> list[str]:
 
 
 def _read_run_config(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "config.json")
+    path = RunDir(run_dir).config
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} does not exist: is {run_dir!r} a train.py run?")
-    with open(path) as file:
-        return json.load(file)
+    return read_json(path, "restore it from the run, or export the model file itself")
 
 
 def _is_run_dir(path: str) -> bool:
@@ -513,11 +517,9 @@ def _verification_inputs(model, verify_images, verify_source):
 
 
 def _write(out_path: str, flatbuffer: bytes, report: dict) -> None:
-    with open(out_path, "wb") as file:
+    with atomic_path(out_path) as tmp, open(tmp, "wb") as file:
         file.write(flatbuffer)
-    with open(out_path + ".json", "w") as file:
-        json.dump(report, file, indent=2)
-        file.write("\n")
+    write_json(out_path + ".json", report)
 
 
 def format_report(report: dict) -> str:
@@ -617,50 +619,3 @@ def export_source(source, out_path=None, *, arm: str = "lns", verify: int = 256,
     check_writable(out_path)
     return _export_loaded(load_model(source), out_path, dataset=dataset, data_dir=data_dir,
                           verify=verify, **options)
-
-
-# Command line ----------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m larq_noisy.export",
-        description="Convert a trained BNN to a verified Larq Compute Engine .tflite.",
-    )
-    parser.add_argument("source", help="a train.py run directory, or a .h5 / SavedModel")
-    parser.add_argument("--out", help="the .tflite to write (default: next to the model)")
-    parser.add_argument("--arm", default="lns", help="the arm of a run directory (default: lns)")
-    parser.add_argument("--verify", type=int, default=256,
-                        help="test images to check LCE against Keras on (0: skip; default 256)")
-    parser.add_argument("--dataset", help="test data for a model file (default: the run's, "
-                        "or random inputs)")
-    parser.add_argument("--data-dir", help="tfds data dir for --dataset")
-    parser.add_argument("--min-agreement", type=float, default=0.99,
-                        help="lowest accepted top-1 agreement (default 0.99)")
-    parser.add_argument("--benchmark", action="store_true",
-                        help="time the binary and the float model with LCE's interpreter")
-    parser.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
-    return parser
-
-
-def main(argv=None) -> int:
-    """`python -m larq_noisy.export`: 0 on success, 1 if a check failed, 2 on bad input."""
-    args = _parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the converter's C++ info logs
-    try:
-        export_source(
-            args.source, args.out, arm=args.arm, verify=args.verify, dataset=args.dataset,
-            data_dir=args.data_dir, threads=args.threads, benchmark=args.benchmark,
-            min_agreement=args.min_agreement,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"export: error: {error}", file=sys.stderr)
-        return 2
-    except VerificationError as error:
-        print(f"export: verification failed, nothing written: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

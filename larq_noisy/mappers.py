@@ -16,6 +16,7 @@ __all__ = [
     "TapMixing",
     "build_mapper",
     "default_width",
+    "map_kernel",
     "multiply_adds",
 ]
 
@@ -62,13 +63,22 @@ class BatchStatNormalization(tf.keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, inputs):
-        # Statistics in float32 even under mixed precision, as Keras' BatchNormalization.
-        x = tf.cast(inputs, tf.float32)
-        mean, variance = tf.nn.moments(x, axes=list(range(len(x.shape) - 1)))
-        y = tf.nn.batch_normalization(
-            x, mean, variance, self.beta, self.gamma, self.epsilon
+        channels = inputs.shape[-1]
+        if inputs.dtype in (tf.float16, tf.bfloat16, tf.float32):
+            # One fused kernel each way (forward and gradient) instead of ~10 element-wise
+            # ops: every row is one "pixel" of a 1 x rows x 1 image. It computes the
+            # statistics in float32 for float16 inputs (as Keras' BatchNormalization),
+            # with the biased variance, as tf.nn.moments.
+            rows = tf.reshape(inputs, (1, -1, 1, channels))
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                rows, self.gamma, self.beta, epsilon=self.epsilon, is_training=True
+            )
+            return tf.reshape(y, tf.shape(inputs))
+        mean, variance = tf.nn.moments(inputs, axes=list(range(len(inputs.shape) - 1)))
+        return tf.nn.batch_normalization(
+            inputs, mean, variance, tf.cast(self.beta, inputs.dtype),
+            tf.cast(self.gamma, inputs.dtype), self.epsilon,
         )
-        return tf.cast(y, inputs.dtype)
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
@@ -285,3 +295,83 @@ def _separable_layers(channels, hidden, out_init, named):
         tf.keras.layers.ReLU(**named("relu")),
         tf.keras.layers.Dense(channels, kernel_initializer=out_init, **named("up")),
     ]
+
+
+def _toom_cook_3x3():
+    r"""Matrices computing a 3x3 "same" cross-correlation of a 3x3 image in 25 products.
+
+    In 1-D, the "same" cross-correlation $y_i = \sum_a k_a x_{i+a-1}$ of 3 samples with
+    3 taps is the middle three coefficients of the product of the polynomials
+    $x(z) = \sum_j x_j z^j$ and $\bar k(z) = \sum_b k_{2-b} z^b$: evaluated at
+    $0, 1, -1, 2, \infty$ (Toom-Cook), that is 5 products instead of 9 (7 without the
+    padding's zeros), $y = A^\top[(G k) \odot (B^\top x)]$. In 2-D the Kronecker
+    products give 25 products instead of 81 (49), the same algorithm as Winograd's
+    minimal filtering $F(3 \times 3, 3 \times 3)$, exact up to float rounding.
+
+    # Returns
+        `(B, G, A)`: `B` (25, 9) transforms an image's 9 pixels, `G` (25, 9) a kernel's
+        9 taps, `A` (9, 25) the 25 products into the 9 outputs (row-major pixels/taps).
+    """
+    points = (0.0, 1.0, -1.0, 2.0, None)  # None: the point at infinity
+    evaluate_3 = np.array([[1, z, z * z] if z is not None else [0, 0, 1] for z in points])
+    evaluate_5 = np.array(
+        [[z**e for e in range(5)] if z is not None else [0, 0, 0, 0, 1] for z in points]
+    )
+    interpolate_middle = np.linalg.inv(evaluate_5)[1:4]  # (3, 5)
+    reverse = evaluate_3[:, ::-1]  # cross-correlation: the kernel's polynomial is reversed
+    return tuple(
+        np.kron(m, m).astype("float32") for m in (evaluate_3, reverse, interpolate_middle)
+    )
+
+
+_TOOM_COOK_3X3 = _toom_cook_3x3()
+
+
+def _cnn_in_kernel_layout(mapper: tf.keras.Sequential, kernel):
+    """`cnn`'s output for a 3x3 kernel, computed in the kernel's layout; see `map_kernel`."""
+    conv1, norm1, _, conv2, norm2, _, conv3 = mapper.layers
+    image, taps, products = _TOOM_COOK_3X3
+    _, _, c_in, c_out = kernel.shape
+    hidden = conv1.filters
+
+    def transformed(conv):  # the kernel's 25 "taps": (25, in, out)
+        k = conv.kernel
+        return tf.reshape(taps @ tf.reshape(k, (9, -1)), (25, *k.shape[2:]))
+
+    def pixels(x, rows):  # (25, ...) -> (9, ...) of `rows` rows
+        return tf.reshape(products @ tf.reshape(x, (25, -1)), (9, *rows))
+
+    # Activations are (9 pixels, c_out filters, channels): a "same" 3x3 conv is then three
+    # matrix products, and the statistics of the norms (over filters and pixels) are
+    # those of the NHWC layout. The kernel (3, 3, c_in, c_out) is read as (9, c_in, c_out)
+    # and the output written in that layout: no transpose of the kernel either way.
+    x = tf.reshape(image @ tf.reshape(kernel, (9, -1)), (25, c_in, c_out))
+    h = pixels(tf.matmul(x, transformed(conv1), transpose_a=True), (c_out, hidden))
+    h = tf.nn.relu(norm1(h))
+    x = tf.reshape(image @ tf.reshape(h, (9, -1)), (25, c_out, hidden))
+    h = pixels(x @ transformed(conv2), (c_out, hidden))
+    h = tf.nn.relu(norm2(h))
+    x = tf.reshape(image @ tf.reshape(h, (9, -1)), (25, c_out, hidden))
+    out = tf.matmul(transformed(conv3), x, transpose_a=True, transpose_b=True)  # (25, c_in, c_out)
+    out = pixels(out, (c_in, c_out)) + conv3.bias[:, None]
+    return tf.reshape(out, kernel.shape)
+
+
+def map_kernel(kind: str, mapper: tf.keras.Sequential, kernel):
+    r"""The mapper's output for `kernel`'s filters, in the kernel's layout, or `None`.
+
+    Equal, up to float rounding, to
+    `filters_to_kernel(mapper(kernel_to_filters(kernel)), kernel.shape)`, but faster
+    where a dedicated path exists; `None` where it does not (the caller then maps the
+    filters). One exists for the paper's `cnn` on 3x3 kernels in float32: its three
+    "same" 3x3 convolutions on 3x3 "images" are Toom-Cook/Winograd products (25
+    multiply-adds per channel pair instead of 81, `_toom_cook_3x3`), with the
+    activations kept in a (pixel, filter, channel) layout so that neither the kernel
+    nor the output is transposed. On ResNet-20 (CIFAR shapes, 2 CPU cores) that halves
+    the mapper's forward and backward time (docs/RESULTS.md, section 2.1).
+    `multiply_adds` still counts what the convolutions would compute (81 per pair).
+    """
+    dense = kernel.dtype == tf.float32 and mapper.compute_dtype == "float32"
+    if kind == "cnn" and dense and tuple(kernel.shape[:-2]) == (3, 3):
+        return _cnn_in_kernel_layout(mapper, kernel)
+    return None

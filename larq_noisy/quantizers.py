@@ -10,11 +10,11 @@ import larq as lq
 import tensorflow as tf
 
 from larq_noisy.losses import check_noise_rates, unbiased_loss
-from larq_noisy.mappers import MAPPERS, build_mapper
+from larq_noisy.mappers import MAPPERS, build_mapper, map_kernel
 
 __all__ = [
-    "NoisyMappedQuantizer", "binary_scale", "check_options", "filters_to_kernel",
-    "kernel_to_filters",
+    "DoReFaSign", "NoisyMappedQuantizer", "binary_scale", "check_options",
+    "filters_to_kernel", "kernel_to_filters",
 ]
 
 REDUCTIONS = ("sum", "mean")
@@ -289,11 +289,10 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
 
     def mapped(self, kernel):
         """`f(W)`, the mapper's output in the kernel's layout, before any clip."""
-        filters = kernel_to_filters(kernel)
-        mapped = self.mapper(filters)
-        if self.start == "identity":
-            mapped = filters + mapped
-        return filters_to_kernel(mapped, kernel.shape)
+        mapped = map_kernel(self.mapper_kind, self.mapper, kernel)  # a faster exact path
+        if mapped is None:
+            mapped = filters_to_kernel(self.mapper(kernel_to_filters(kernel)), kernel.shape)
+        return kernel + mapped if self.start == "identity" else mapped
 
     def logits(self, kernel):
         """`t`, what the labels supervise and the sign binarizes: `hardtanh(f(W))`,
@@ -401,3 +400,48 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
             "scale_clip": self.scale_clip,
             "scale_gradient": self.scale_gradient,
         }
+
+
+@lq.utils.register_alias("dorefa")
+@lq.utils.register_keras_custom_object
+class DoReFaSign(lq.quantizers.Quantizer):
+    r"""DoReFa-Net's binary weights: the sign scaled by the layer's mean absolute weight.
+
+    \\[ q(W) = \mathrm{mean}(|W|) \cdot \mathrm{sign}(W) \\]
+
+    with one mean over the whole kernel (Zhou et al., "DoReFa-Net", 2016, Sec. 2.3:
+    a scalar rather than XNOR-Net's per-channel means, so that binary kernels serve
+    the backward pass too): the weight binarization of the LNS paper's CIFAR-10
+    baseline, and what `bake` gives a layer mapped with `scale="layer"`. The mean is
+    `binary_scale(W, "layer")`, accumulated in float32 under `mixed_float16`.
+    Backward: the mean is a constant and the sign's gradient is the straight-through
+    estimator, zero where $|W| >$ `clip_value` (with `weight_clip` it passes
+    everywhere, as DoReFa's identity), times the mean, as larq's
+    `magnitude_aware_sign` and the mapped layers, so that a baseline and its mapped
+    arms differ only by the mapper. Not larq's `DoReFa` (`"dorefa_quantizer"`),
+    whose 1-bit weights are not scaled.
+
+    !!! example
+        ```python
+        layer = lq.layers.QuantConv2D(64, 3, input_quantizer="ste_sign",
+                                      kernel_quantizer="dorefa",
+                                      kernel_constraint="weight_clip")
+        ```
+
+    # Arguments
+        clip_value: Threshold for clipping gradients. If `None` gradients are not
+            clipped.
+    """
+
+    precision = 1
+
+    def __init__(self, clip_value: float | None = 1.0, **kwargs):
+        self.clip_value = clip_value
+        super().__init__(**kwargs)
+
+    def call(self, inputs):
+        sign = lq.quantizers.ste_sign(inputs, clip_value=self.clip_value)
+        return binary_scale(inputs, "layer") * sign
+
+    def get_config(self):
+        return {**super().get_config(), "clip_value": self.clip_value}

@@ -74,9 +74,10 @@ def read_json(path: str, fix: str):
         raise RunFileError(f"{path} is unreadable ({reason}): {fix}.") from None
 
 
-def weights_fingerprint(path: str) -> str:
+def weights_fingerprint(path: str, fix: str = "delete it to train it again") -> str:
     """A SHA-256 of the arrays in a Keras .h5 weights file (not of its bytes, which hold
-    write times): equal for equal weights. `CheckpointError` if the file is unreadable."""
+    write times): equal for equal weights. `CheckpointError` naming the file and `fix`
+    if it is unreadable."""
     import h5py
     import numpy as np
 
@@ -89,9 +90,7 @@ def weights_fingerprint(path: str) -> str:
                 digest.update(name.encode())
                 digest.update(np.ascontiguousarray(f[name][()]).tobytes())
     except (OSError, ValueError, KeyError) as error:
-        raise CheckpointError(
-            f"{path} is corrupted or truncated ({error}): delete it to train it again."
-        ) from None
+        raise CheckpointError(f"{path} is corrupted or truncated ({error}): {fix}.") from None
     return digest.hexdigest()
 
 

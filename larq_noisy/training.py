@@ -796,7 +796,10 @@ def run(config: TrainConfig) -> dict:
             log=(lambda *a, **k: None) if quiet else print,
         )
         weights = pretrain(session)
-        fingerprint = weights_fingerprint(weights)
+        fingerprint = weights_fingerprint(
+            weights, "give another pretrained checkpoint" if config.pretrained
+            else "delete it and run again to pretrain again",
+        )
         check_lineage(run_dir, fingerprint)
         reference = build_baseline(config, weights)
         _compile(reference, config, config.lr)

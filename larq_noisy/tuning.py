@@ -1,25 +1,41 @@
-"""Searching LNS' hyperparameters with keras-tuner, scored on the validation split.
+"""Searching an arm's fine-tuning hyperparameters with keras-tuner, on the validation split.
 
-Every trial fine-tunes the `lns` arm (`training.build_arm`) from one pretrained sign
-checkpoint and is scored by its best validation accuracy (`datasets.load(...,
-"validation")`, held out of the training set; the test split is never used here).
-The whole search space is `LNSHyperModel.build(hp)`:
+Every trial fine-tunes one arm (`training.build_arm`: `lns`, `sign` or `bop`) from one
+pretrained sign checkpoint and is scored by its best validation accuracy
+(`datasets.load(..., "validation")`, held out of the training set; the test split is
+never used here). Every arm is searched with the same tuner, trials and epochs (the
+same budget), so that the arms are compared equally tuned. The whole search space is
+`FineTuningHyperModel.build(hp)`; each name is a `TrainConfig` field:
 
-    alpha        log-uniform in `SearchSpace.alpha`          (default 1e-3 .. 10)
-    rho          uniform in `SearchSpace.rho`, rho_pos = rho_neg = rho (default 0 .. 0.2);
-                 with `asymmetric_rho`, `rho_pos` and `rho_neg` separately
-    mapper       a choice among `SearchSpace.mappers`       (only when given)
-    finetune_lr  log-uniform in `SearchSpace.finetune_lr`   (only when given)
+    every arm    finetune_lr    log-uniform in `SearchSpace.finetune_lr` (default: a
+                                decade either side of the protocol's; for `bop`, the
+                                rate of every variable Bop does not flip)
+    bop          bop_threshold  log-uniform in `SearchSpace.bop_threshold` (1e-8 .. 1e-3)
+                 bop_gamma      log-uniform in `SearchSpace.bop_gamma`     (1e-5 .. 1e-1)
+    lns          alpha          log-uniform in `SearchSpace.alpha`         (1e-3 .. 10)
+                 rho            uniform in `SearchSpace.rho`, rho_pos = rho_neg = rho
+                                (0 .. 0.2); with `asymmetric_rho`, each separately
+                 clip           a choice among `SearchSpace.clips` (hardtanh, none)
+                 aux_to_latent  True or False (`SearchSpace.search_aux_to_latent`)
+                 mapper         a choice among `SearchSpace.mappers` (only when given)
 
-`search(config)` runs the whole thing and writes into `config.output_dir`:
+larq's Bop defaults (threshold 1e-8, gamma 1e-4) are made for training from scratch: from
+a pretrained model they flip about half of the binary weights within a few steps, so the
+threshold's range reaches far above them.
+
+`search(config)` runs the whole thing and writes into `config.output_dir` (default
+`tune_runs/<dataset>/<arm>`, so the arms' searches do not collide):
 
     best_hparams.json   the best trial's values, as `TrainConfig` fields
                         (what `train.py --hparams` reads)
     trials.md           the top trials
-    trials.png          validation accuracy against alpha and rho
+    trials.png          validation accuracy against the searched values
     search/             keras-tuner's project (oracle, trials): re-running resumes it
     tune_config.json    the settings, checked when a search is resumed
-    pretrain_run/       the pretraining, when no checkpoint was found
+
+The one-time pretraining, when no checkpoint is found, goes to `config.pretrain_dir`
+(default `tune_runs/<dataset>/pretrain_run`, shared by the arms' default searches: all
+arms are tuned from the same checkpoint).
 
 Distributed tuning is keras-tuner's: with `KERASTUNER_TUNER_ID`,
 `KERASTUNER_ORACLE_IP` and `KERASTUNER_ORACLE_PORT` set, the process whose tuner id
@@ -45,14 +61,17 @@ from larq_noisy.rundir import (
 )
 from larq_noisy.distribute import STRATEGIES, make_strategy
 from larq_noisy.mappers import MAPPERS
-from larq_noisy.protocols import get_protocol, lr_at_epoch
-from larq_noisy.quantizers import check_options
+from larq_noisy.protocols import ARMS, get_protocol, lr_at_epoch
+from larq_noisy.quantizers import CLIPS, check_options
 
 __all__ = [
     "DEFAULT_ALPHA_RANGE",
+    "DEFAULT_BOP_GAMMA_RANGE",
+    "DEFAULT_BOP_THRESHOLD_RANGE",
     "DEFAULT_RHO_RANGE",
+    "TUNED_ARMS",
     "TUNERS",
-    "LNSHyperModel",
+    "FineTuningHyperModel",
     "SearchSpace",
     "SetupError",
     "TuneConfig",
@@ -62,11 +81,19 @@ __all__ = [
 ]
 
 TUNERS = ("hyperband", "bayesian", "random")
+TUNED_ARMS = ("lns", "sign", "bop")
 OBJECTIVE = "val_accuracy"
 PROJECT = "search"  # keras-tuner's project directory, inside the output directory
 DEFAULT_ALPHA_RANGE = (1e-3, 10.0)
 DEFAULT_RHO_RANGE = (0.0, 0.2)
+# Bop flips a weight when the exponential average (rate gamma) of its gradient passes
+# the threshold. From a pretrained bnn_small, larq's defaults (1e-8, 1e-4) flipped ~48%
+# of the binary weights in 12 steps; fine-tuning wants a small fraction, hence
+# thresholds up to 1e-3 (the average gradient of a latent weight is ~1e-4 .. 1e-3 here).
+DEFAULT_BOP_THRESHOLD_RANGE = (1e-8, 1e-3)
+DEFAULT_BOP_GAMMA_RANGE = (1e-5, 1e-1)
 PAPER = {"alpha": 1.0, "rho": 0.005}  # the paper's CIFAR-10 values, for reference
+BOP_DEFAULTS = {"bop_threshold": 1e-8, "bop_gamma": 1e-4}  # larq's, for reference
 
 # Search budgets per dataset, for when --epochs / --steps-per-epoch / --max-trials are
 # not given: the offline default finishes, one-time pretraining included, in under 15
@@ -79,7 +106,7 @@ DEFAULT_MAX_TRIALS = 10  # bayesian and random, when the budget does not say
 
 # Settings that may change when a search is resumed without changing its results.
 _RESUMABLE = ("max_trials", "strategy", "verbose", "pretrained", "pretrain_epochs", "data_dir",
-              "output_dir")
+              "output_dir", "pretrain_dir")
 
 
 # keras-tuner's BayesianOptimization imports these (its "bayesian" extra): module -> package.
@@ -119,19 +146,55 @@ def _check_range(name: str, bounds, *, positive: bool = False) -> tuple[float, f
     return low, high
 
 
+def _clamp(value: float, bounds: tuple[float, float]) -> float:
+    return min(max(value, bounds[0]), bounds[1])
+
+
+#: What each arm searches beyond its learning rate (`SearchSpace` fields).
+ARM_SPACES = {
+    "sign": (),
+    "bop": ("bop_threshold", "bop_gamma"),
+    "lns": ("alpha", "rho", "asymmetric_rho", "mappers", "clips", "search_aux_to_latent"),
+}
+# Each field's value when its arm does not search it.
+_UNSEARCHED = {"alpha": None, "rho": None, "asymmetric_rho": False, "mappers": None,
+               "clips": None, "search_aux_to_latent": False, "bop_threshold": None,
+               "bop_gamma": None}
+
+
 @dataclasses.dataclass
 class SearchSpace:
-    """What `LNSHyperModel.build` searches; `None` means "not searched"."""
+    """What `FineTuningHyperModel.build` searches for `arm`; `None` means "not searched".
 
-    alpha: tuple[float, float] = DEFAULT_ALPHA_RANGE
-    rho: tuple[float, float] = DEFAULT_RHO_RANGE
+    `validate` sets the fields `arm` does not search (`ARM_SPACES`) to "not searched".
+    """
+
+    arm: str = "lns"
+    # "protocol": a decade either side of the protocol's finetune_lr (`TuneConfig.resolved`)
+    finetune_lr: tuple[float, float] | str | None = "protocol"
+    bop_threshold: tuple[float, float] | None = DEFAULT_BOP_THRESHOLD_RANGE
+    bop_gamma: tuple[float, float] | None = DEFAULT_BOP_GAMMA_RANGE
+    alpha: tuple[float, float] | None = DEFAULT_ALPHA_RANGE
+    rho: tuple[float, float] | None = DEFAULT_RHO_RANGE
     asymmetric_rho: bool = False
     mappers: tuple[str, ...] | None = None  # () means all of `MAPPERS`
-    # "protocol": a decade either side of the protocol's finetune_lr (`TuneConfig.resolved`)
-    finetune_lr: tuple[float, float] | str | None = None
+    clips: tuple[str, ...] | None = CLIPS  # None: fixed (`TuneConfig.clip`)
+    search_aux_to_latent: bool = True  # False: fixed (`TuneConfig.aux_to_latent`)
 
     def validate(self) -> None:
-        """Raise `ValueError` naming the bad range or choice."""
+        """Raise `ValueError` naming the bad arm, range or choice."""
+        if self.arm not in TUNED_ARMS:
+            raise ValueError(f"Unknown arm {self.arm!r} to tune; choose one of {list(TUNED_ARMS)}.")
+        for name, unsearched in _UNSEARCHED.items():
+            if name not in ARM_SPACES[self.arm]:
+                setattr(self, name, unsearched)
+        if self.finetune_lr is not None:
+            self.finetune_lr = _check_range("finetune_lr", self.finetune_lr, positive=True)
+        for name in ("bop_threshold", "bop_gamma"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _check_range(name, getattr(self, name), positive=True))
+        if self.arm != "lns":
+            return
         self.alpha = _check_range("alpha", self.alpha, positive=True)
         self.rho = low, high = _check_range("rho", self.rho)
         if low < 0:
@@ -151,61 +214,74 @@ class SearchSpace:
             unknown = [m for m in self.mappers if m not in MAPPERS]
             if unknown:
                 raise ValueError(f"Unknown mapper {unknown[0]!r}; choose from {list(MAPPERS)}.")
-        if self.finetune_lr is not None:
-            self.finetune_lr = _check_range("finetune_lr", self.finetune_lr, positive=True)
-
-    @property
-    def rho_names(self) -> tuple[str, ...]:
-        return ("rho_pos", "rho_neg") if self.asymmetric_rho else ("rho",)
+        if self.clips is not None:
+            self.clips = tuple(dict.fromkeys(self.clips)) or CLIPS
+            unknown = [c for c in self.clips if c not in CLIPS]
+            if unknown:
+                raise ValueError(f"Unknown clip {unknown[0]!r}; choose from {list(CLIPS)}.")
 
     def hparams(self, values: dict) -> dict:
         """A trial's values as `TrainConfig` fields (what `train.py --hparams` reads)."""
-        out = {"alpha": float(values["alpha"])}
-        if self.asymmetric_rho:
-            out["rho_pos"], out["rho_neg"] = float(values["rho_pos"]), float(values["rho_neg"])
-        else:
-            out["rho_pos"] = out["rho_neg"] = float(values["rho"])
-        if self.mappers is not None:
-            out["mapper"] = values["mapper"]
-        if self.finetune_lr is not None:
-            out["finetune_lr"] = float(values["finetune_lr"])
+        out = {}
+        for name, value in values.items():
+            if name.startswith("tuner/"):  # Hyperband's bookkeeping
+                continue
+            value = float(value) if isinstance(value, (float, int)) and not isinstance(value, bool) else value
+            if name == "rho":
+                out["rho_pos"] = out["rho_neg"] = value
+            else:
+                out[name] = value
         return out
 
     def corners(self):
-        """Every extreme combination, to check the quantizer accepts the whole space."""
+        """Every extreme combination of the quantizer's options (lns; none otherwise),
+        to check the quantizer accepts the whole space."""
+        if self.arm != "lns":
+            return
         for alpha in self.alpha:
             for rho_pos in self.rho:
                 for rho_neg in self.rho if self.asymmetric_rho else (rho_pos,):
                     for mapper in self.mappers or (None,):
-                        corner = {"alpha": alpha, "rho_pos": rho_pos, "rho_neg": rho_neg}
-                        if mapper is not None:
-                            corner["mapper"] = mapper
-                        yield corner
+                        for clip in self.clips or (None,):
+                            corner = {"alpha": alpha, "rho_pos": rho_pos, "rho_neg": rho_neg}
+                            corner.update({k: v for k, v in (("mapper", mapper), ("clip", clip))
+                                           if v is not None})
+                            yield corner
 
     def describe(self) -> str:
-        parts = [f"alpha log-uniform in [{_fmt(self.alpha[0])}, {_fmt(self.alpha[1])}]"]
-        rho = f"[{_fmt(self.rho[0])}, {_fmt(self.rho[1])}]"
-        if self.asymmetric_rho:
-            parts.append(f"rho_pos and rho_neg each uniform in {rho}")
-        else:
-            parts.append(f"rho uniform in {rho} (rho_pos = rho_neg = rho)")
+        def log_uniform(name, bounds):
+            return f"{name} log-uniform in [{_fmt(bounds[0])}, {_fmt(bounds[1])}]"
+
+        parts = []
+        if self.alpha is not None:
+            parts.append(log_uniform("alpha", self.alpha))
+            rho = f"[{_fmt(self.rho[0])}, {_fmt(self.rho[1])}]"
+            parts.append(f"rho_pos and rho_neg each uniform in {rho}" if self.asymmetric_rho
+                         else f"rho uniform in {rho} (rho_pos = rho_neg = rho)")
         if self.mappers is not None:
             parts.append(f"mapper in {list(self.mappers)}")
-        if self.finetune_lr is not None:
-            lo, hi = self.finetune_lr
-            parts.append(f"finetune_lr log-uniform in [{_fmt(lo)}, {_fmt(hi)}]")
-        return "; ".join(parts)
+        if self.clips is not None:
+            parts.append(f"clip in {list(self.clips)}")
+        if self.search_aux_to_latent:
+            parts.append("aux_to_latent in [True, False]")
+        for name in ("bop_threshold", "bop_gamma", "finetune_lr"):
+            if getattr(self, name) is not None:
+                parts.append(log_uniform(name, getattr(self, name)))
+        return "; ".join(parts) or "nothing (every value fixed)"
 
 
 @dataclasses.dataclass
 class TuneConfig:
     """Every setting of a search. `None` means the dataset's default (`BUDGETS`,
-    `protocols.PROTOCOLS`); `output_dir=None` means `tune_runs/<dataset>`."""
+    `protocols.PROTOCOLS`); `output_dir=None` means `tune_runs/<dataset>/<arm>`."""
 
     dataset: str = "fashion_mnist"
     model: str | None = None
     pretrained: str | None = None  # a train.py output dir or a weights file
     output_dir: str | None = None
+    # Where the one-time pretraining goes; None: tune_runs/<dataset>/pretrain_run with
+    # the default output_dir (shared by the arms), else <output_dir>/pretrain_run.
+    pretrain_dir: str | None = None
     tuner: str = "hyperband"
     max_trials: int | None = None  # hyperband: a cap (default: one full iteration)
     epochs: int | None = None  # per trial (hyperband: the most a trial trains)
@@ -216,9 +292,17 @@ class TuneConfig:
     strategy: str = "auto"
     data_dir: str | None = None
     space: SearchSpace = dataclasses.field(default_factory=SearchSpace)
-    mapper: str | None = None  # the fixed mapper when the mapper is not searched
+    # The lns options fixed when not searched (None: the dataset protocol's, else the
+    # quantizer's default).
+    mapper: str | None = None
+    clip: str | None = None
+    aux_to_latent: bool | None = None
     pretrain_epochs: int | None = None  # for the one-time pretraining
     verbose: int = 1
+
+    @property
+    def arm(self) -> str:
+        return self.space.arm
 
     def resolved(self) -> TuneConfig:
         """A copy with the defaults filled in; `ValueError` for any bad value."""
@@ -240,7 +324,10 @@ class TuneConfig:
             c.steps_per_epoch = budget.get("steps_per_epoch")
         if c.max_trials is None and c.tuner != "hyperband":
             c.max_trials = budget.get("max_trials") or DEFAULT_MAX_TRIALS
-        c.output_dir = c.output_dir or os.path.join("tune_runs", c.dataset)
+        if c.output_dir is None:
+            c.output_dir = os.path.join("tune_runs", c.dataset, c.space.arm)
+            c.pretrain_dir = c.pretrain_dir or os.path.join("tune_runs", c.dataset, "pretrain_run")
+        c.pretrain_dir = c.pretrain_dir or os.path.join(c.output_dir, "pretrain_run")
         for name in ("max_trials", "epochs", "steps_per_epoch"):
             value = getattr(c, name)
             if value is not None and value < 1:
@@ -251,23 +338,29 @@ class TuneConfig:
             lr = protocol.finetune_lr
             c.space.finetune_lr = (lr / 10, lr * 10)
         c.space.validate()
-        if c.mapper is not None and c.space.mappers is not None:
-            raise ValueError(
-                f"mapper={c.mapper!r} fixes the mapper, which the search also searches: "
-                "give one or the other."
-            )
+        for fixed, searched in (("mapper", "mappers"), ("clip", "clips"),
+                                ("aux_to_latent", "search_aux_to_latent")):
+            if getattr(c, fixed) is not None and c.space.arm != "lns":
+                raise ValueError(f"{fixed}={getattr(c, fixed)!r} is an option of the lns arm, "
+                                 f"not of {c.space.arm!r}: leave it out.")
+            if getattr(c, fixed) is not None and getattr(c.space, searched):
+                raise ValueError(
+                    f"{fixed}={getattr(c, fixed)!r} fixes the {fixed}, which the search also "
+                    "searches: give one or the other."
+                )
         base = c.train_config()  # checks dataset, model, batch size, limit, mapper, ...
-        options = base.quantizer_options("lns")
+        options = base.quantizer_options(c.space.arm)
         for corner in c.space.corners():
             check_options(**{**options, **corner})
         return c
 
     def train_config(self, weights: str | None = None, **overrides) -> training.TrainConfig:
-        """The resolved `TrainConfig` every trial starts from (`arms=("lns",)`)."""
+        """The resolved `TrainConfig` every trial starts from (`arms=(arm,)`)."""
         settings = dict(
-            dataset=self.dataset, model=self.model, arms=("lns",), batch_size=self.batch_size,
-            limit=self.limit, seed=self.seed, strategy=self.strategy, data_dir=self.data_dir,
-            mapper=self.mapper, pretrained=weights or self.pretrained,
+            dataset=self.dataset, model=self.model, arms=(self.space.arm,),
+            batch_size=self.batch_size, limit=self.limit, seed=self.seed,
+            strategy=self.strategy, data_dir=self.data_dir, mapper=self.mapper, clip=self.clip,
+            aux_to_latent=self.aux_to_latent, pretrained=weights or self.pretrained,
             finetune_epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
             output_dir=self.output_dir or "", verbose=0,
         )
@@ -285,32 +378,51 @@ class TuneConfig:
 # --------------------------------------------------------------------------- the model
 
 
-class LNSHyperModel(kt.HyperModel):
-    """The LNS arm fine-tuned from `weights`, with the whole search space in `build`."""
+class FineTuningHyperModel(kt.HyperModel):
+    """The arm `space.arm` fine-tuned from `weights`, with the whole search space in
+    `build`: every hyperparameter's name is the `TrainConfig` field it sets (`rho`:
+    both `rho_pos` and `rho_neg`).
+
+    ```python
+    space = SearchSpace(arm="bop")
+    space.validate()
+    hypermodel = FineTuningHyperModel(train_config, weights, space, epochs=3)
+    kt.RandomSearch(hypermodel, objective="val_accuracy", max_trials=10).search(...)
+    ```
+    """
 
     def __init__(self, config: training.TrainConfig, weights: str, space: SearchSpace,
                  epochs: int):
-        super().__init__(name="lns")
+        super().__init__(name=space.arm)
         self.config, self.weights, self.space, self.epochs = config, weights, space, epochs
 
     def build(self, hp):
-        s = self.space
-        alpha = min(max(PAPER["alpha"], s.alpha[0]), s.alpha[1])
-        rho = min(max(PAPER["rho"], s.rho[0]), s.rho[1])
-        values = {"alpha": hp.Float("alpha", *s.alpha, sampling="log", default=alpha)}
-        if s.asymmetric_rho:
-            values["rho_pos"] = hp.Float("rho_pos", *s.rho, default=rho)
-            values["rho_neg"] = hp.Float("rho_neg", *s.rho, default=rho)
-        else:
-            values["rho_pos"] = values["rho_neg"] = hp.Float("rho", *s.rho, default=rho)
+        s, values = self.space, {}
+        if s.alpha is not None:
+            values["alpha"] = hp.Float("alpha", *s.alpha, sampling="log",
+                                       default=_clamp(PAPER["alpha"], s.alpha))
+            rho = _clamp(PAPER["rho"], s.rho)
+            if s.asymmetric_rho:
+                values["rho_pos"] = hp.Float("rho_pos", *s.rho, default=rho)
+                values["rho_neg"] = hp.Float("rho_neg", *s.rho, default=rho)
+            else:
+                values["rho_pos"] = values["rho_neg"] = hp.Float("rho", *s.rho, default=rho)
         if s.mappers is not None:
             values["mapper"] = hp.Choice("mapper", list(s.mappers))
+        if s.clips is not None:
+            values["clip"] = hp.Choice("clip", list(s.clips))
+        if s.search_aux_to_latent:
+            values["aux_to_latent"] = hp.Boolean("aux_to_latent", default=True)
+        for name in ("bop_threshold", "bop_gamma"):
+            if getattr(s, name) is not None:
+                bounds = getattr(s, name)
+                values[name] = hp.Float(name, *bounds, sampling="log",
+                                        default=_clamp(BOP_DEFAULTS[name], bounds))
         if s.finetune_lr is not None:
-            lo, hi = s.finetune_lr
-            lr = min(max(self.config.finetune_lr, lo), hi)
-            values["finetune_lr"] = hp.Float("finetune_lr", lo, hi, sampling="log", default=lr)
+            values["finetune_lr"] = hp.Float("finetune_lr", *s.finetune_lr, sampling="log",
+                                             default=_clamp(self.config.finetune_lr, s.finetune_lr))
         config = dataclasses.replace(self.config, **values)
-        return training.build_arm(config, "lns", self.weights)
+        return training.build_arm(config, s.arm, self.weights)
 
     def fit(self, hp, model, *args, callbacks=None, **kwargs):
         # Every trial reads the batches train.py's arms read, from its first epoch on
@@ -321,7 +433,8 @@ class LNSHyperModel(kt.HyperModel):
         args = (self.config.train_stream("finetune", kwargs["epochs"], first * steps), *args)
         lr = hp.values.get("finetune_lr", self.config.finetune_lr)
         milestones = get_protocol(self.config.dataset).finetune_milestones
-        schedule = tf.keras.callbacks.LearningRateScheduler(
+        # train.py's scheduler: under Bop's CaseOptimizer it schedules the other variables'.
+        schedule = training.LearningRateScheduler(
             lambda epoch: lr_at_epoch(epoch, lr, self.epochs, milestones)
         )
         # A diverging trial stops and is scored by its (poor) validation accuracy.
@@ -364,16 +477,12 @@ def _mismatch(config: TuneConfig, weights: str) -> str | None:
     return None
 
 
-def _pretrain_dir(config: TuneConfig) -> str:
-    return os.path.join(config.output_dir, "pretrain_run")
-
-
 def locate_checkpoint(config: TuneConfig) -> tuple[str | None, str]:
     """The pretrained weights to fine-tune from, and what was decided, in words.
 
     In order: `config.pretrained`; the checkpoint a resumed search used; train.py's
-    default output `runs/<dataset>`; this search's own `pretrain_run`. `None` when
-    there is none: `search` then pretrains into `<output_dir>/pretrain_run`.
+    default output `runs/<dataset>`; `config.pretrain_dir`. `None` when there is
+    none: `search` then pretrains into `config.pretrain_dir`.
     """
     config = config.resolved()
     if config.pretrained:
@@ -389,7 +498,7 @@ def locate_checkpoint(config: TuneConfig) -> tuple[str | None, str]:
             return previous, f"resuming the search: fine-tuning from {previous}, as before"
     notes = []
     for run_dir, what in ((os.path.join("runs", config.dataset), "train.py's default output"),
-                          (_pretrain_dir(config), "this search's own pretraining")):
+                          (config.pretrain_dir, "tune.py's one-time pretraining")):
         weights = RunDir(run_dir).pretrained_weights
         if not os.path.isfile(weights):
             notes.append(f"no {weights}")
@@ -400,14 +509,14 @@ def locate_checkpoint(config: TuneConfig) -> tuple[str | None, str]:
             continue
         return weights, f"reusing {weights} ({what})"
     return None, (
-        f"{'; '.join(notes)}: pretraining once into {_pretrain_dir(config)} "
+        f"{'; '.join(notes)}: pretraining once into {config.pretrain_dir} "
         "(later runs reuse it)"
     )
 
 
 def pretrain(config: TuneConfig) -> str:
-    """Pretrain the sign baseline once into `<output_dir>/pretrain_run`."""
-    run_dir = _pretrain_dir(config)
+    """Pretrain the sign baseline once into `config.pretrain_dir`."""
+    run_dir = config.pretrain_dir
     c = config.train_config()
     train_config = training.TrainConfig(
         dataset=c.dataset, model=c.model, arms=(), pretrain_epochs=c.pretrain_epochs,
@@ -444,7 +553,7 @@ def _tuner_class(name: str):
     return Tuner
 
 
-def make_tuner(config: TuneConfig, hypermodel: LNSHyperModel, strategy):
+def make_tuner(config: TuneConfig, hypermodel: FineTuningHyperModel, strategy):
     """The keras-tuner tuner of `config.tuner`; resumes a search in `output_dir`."""
     common = dict(
         hypermodel=hypermodel, objective=kt.Objective(OBJECTIVE, "max"), seed=config.seed,
@@ -496,7 +605,7 @@ def prepare_checkpoint(config: TuneConfig, log=None) -> str:
         log(f"tune: {decision}", flush=True)
         if weights is None:
             # Refuse changed settings now, not after the pretraining.
-            _check_resume(config, RunDir(_pretrain_dir(config)).pretrained_weights)
+            _check_resume(config, RunDir(config.pretrain_dir).pretrained_weights)
             weights = pretrain(config)
         return weights
     except (ValueError, FileNotFoundError) as error:
@@ -524,7 +633,7 @@ def search(config: TuneConfig, log=None) -> dict:
     except (ValueError, FileNotFoundError) as error:
         raise SetupError(str(error)) from error
 
-    hypermodel = LNSHyperModel(base, weights, config.space, config.epochs)
+    hypermodel = FineTuningHyperModel(base, weights, config.space, config.epochs)
     tuner = make_tuner(config, hypermodel, strategy)
     budget = (f"at most {config.max_trials} trials" if config.max_trials
               else "one Hyperband iteration")
@@ -532,7 +641,7 @@ def search(config: TuneConfig, log=None) -> dict:
     log(f"tune: {config.tuner} search ({role}), {budget}, up to {config.epochs} epochs of "
         f"{steps} per trial, batch {base.batch_size}; {config.space.describe()}", flush=True)
     start = time.time()
-    tuner.search(  # the training data: LNSHyperModel.fit
+    tuner.search(  # the training data: FineTuningHyperModel.fit
         validation_data=validation, epochs=config.epochs, verbose=2 if config.verbose else 0,
     )
     summary = {"role": role, "ran": list(tuner.ran), "weights": weights,
@@ -555,13 +664,22 @@ def search(config: TuneConfig, log=None) -> dict:
 # --------------------------------------------------------------------------- reports
 
 
-_HPARAM_KEYS = ("alpha", "rho_pos", "rho_neg", "mapper", "finetune_lr")
+#: The `TrainConfig` fields a search can set, in the order of the reports' columns.
+HPARAM_KEYS = ("alpha", "rho_pos", "rho_neg", "mapper", "clip", "aux_to_latent",
+               "bop_threshold", "bop_gamma", "finetune_lr")
+_LOG_SAMPLED = ("alpha", "bop_threshold", "bop_gamma", "finetune_lr")
+# Reference values drawn on the plot: the paper's CIFAR-10 setting, larq's Bop defaults.
+_REFERENCES = {"alpha": (PAPER["alpha"], "paper"), "rho_pos": (PAPER["rho"], "paper"),
+               "rho_neg": (PAPER["rho"], "paper"),
+               "bop_threshold": (BOP_DEFAULTS["bop_threshold"], "larq's default"),
+               "bop_gamma": (BOP_DEFAULTS["bop_gamma"], "larq's default")}
 
 
 def trial_rows(oracle, space: SearchSpace) -> list[dict]:
-    """The completed trials, best first: their values, epochs and validation accuracy."""
+    """The completed trials, best first (keras-tuner's `get_best_trials`): their values
+    as `TrainConfig` fields, epochs and validation accuracy."""
     rows = []
-    for trial in oracle.trials.values():
+    for trial in oracle.get_best_trials(len(oracle.trials)):
         if trial.status != "COMPLETED" or trial.score is None or math.isnan(trial.score):
             continue
         values = trial.hyperparameters.values
@@ -571,7 +689,6 @@ def trial_rows(oracle, space: SearchSpace) -> list[dict]:
             "epochs": values.get("tuner/epochs"),
             "val_accuracy": float(trial.score),
         })
-    rows.sort(key=lambda r: r["val_accuracy"], reverse=True)
     return rows
 
 
@@ -583,91 +700,100 @@ def publish(config: TuneConfig, oracle, weights: str, top: int = 10) -> dict:
     if not rows:
         return {"trials": 0, "failed": failed, "files": []}
     best = rows[0]
-    hparams = {k: best[k] for k in _HPARAM_KEYS if k in best}
+    hparams = {k: best[k] for k in HPARAM_KEYS if k in best}
     files = [os.path.join(out, name) for name in ("best_hparams.json", "trials.md", "trials.png")]
     write_json(files[0], hparams)
-    write_trials_md(config, rows, weights, failed, files[1], top)
-    plot_trials(config.space, rows, files[2])
+    arm, model = config.arm, config.train_config(weights).model
+    title = f"Search of the `{arm}` arm ({ARMS[arm].title}): {model} on {config.dataset}"
+    intro = (
+        f"{config.tuner} tuner; {len(rows)} completed trials"
+        + (f", {failed} failed" if failed else "")
+        + f". Each fine-tunes the `{arm}` arm from `{weights}` for up to {config.epochs} epochs"
+        + (f" of {config.steps_per_epoch} steps" if config.steps_per_epoch else "")
+        + ", scored by its best accuracy on the validation split (held out of train; the "
+        f"test split is not used).\n\nSearch space: {config.space.describe()}."
+    )
+    usage = ("Feed the best values to train.py: "
+             f"`python train.py --arms {arm} --hparams {files[0]}`")
+    write_trials_md(rows, files[1], title, intro, usage, top)
+    plot_trials(config.space, rows, files[2], title.replace("`", ""))
     return {"trials": len(rows), "failed": failed, "best": best, "best_hparams": hparams,
             "files": files}
 
 
-def write_trials_md(config: TuneConfig, rows, weights, failed, path, top=10) -> None:
-    space = config.space
-    columns = ["alpha", *(("rho_pos", "rho_neg") if space.asymmetric_rho else ("rho_pos",))]
-    if space.mappers is not None:
-        columns.append("mapper")
-    if space.finetune_lr is not None:
-        columns.append("finetune_lr")
-    titles = {"rho_pos": "rho_pos" if space.asymmetric_rho else "rho"}
+def _columns(rows) -> list[str]:
+    """The searched fields, with one `rho_pos` column when rho_pos = rho_neg throughout."""
+    columns = [k for k in HPARAM_KEYS if k in rows[0]]
+    if "rho_neg" in columns and all(r["rho_pos"] == r["rho_neg"] for r in rows):
+        columns.remove("rho_neg")
+    return columns
+
+
+def write_trials_md(rows, path, title: str, intro: str, usage: str, top: int = 10) -> None:
+    """The `top` rows (best first) as a markdown table under `title` and `intro`."""
+    columns = _columns(rows)
+    titles = {"rho_pos": "rho"} if "rho_neg" not in columns else {}
     head = ["rank", "trial", *(titles.get(c, c) for c in columns), "epochs", "val acc %"]
-    lines = [
-        f"# LNS search: {config.train_config(weights).model} on {config.dataset}",
-        "",
-        f"{config.tuner} tuner; {len(rows)} completed trials"
-        + (f", {failed} failed" if failed else "")
-        + f". Each fine-tunes the `lns` arm from `{weights}` for up to {config.epochs} epochs"
-        + (f" of {config.steps_per_epoch} steps" if config.steps_per_epoch else "")
-        + ", scored by its best accuracy on the validation split (held out of train; the "
-        "test split is not used).",
-        "",
-        f"Search space: {space.describe()}.",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
+    lines = [f"# {title}", "", intro, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rank, row in enumerate(rows[:top], 1):
         cells = [str(rank), row["trial"]]
-        cells += [row[c] if isinstance(row[c], str) else f"{row[c]:.4g}" for c in columns]
-        cells += [str(row["epochs"] or config.epochs), f"{100 * row['val_accuracy']:.2f}"]
+        cells += [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        cells += [str(row["epochs"] or "-"), f"{100 * row['val_accuracy']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Feed the best values to train.py: "
-              f"`python train.py --hparams {os.path.join(config.output_dir, 'best_hparams.json')}`", ""]
+    lines += ["", usage, ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
 
-def plot_trials(space: SearchSpace, rows, path) -> None:
-    """Validation accuracy (colour) against alpha (log x) and rho, one panel per rho."""
+def plot_trials(space: SearchSpace, rows, path, title: str = "") -> None:
+    """Validation accuracy against each searched number (one panel each, log x where
+    sampled log-uniformly); the searched choices (clip, aux_to_latent, mapper) as colours."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    columns = _columns(rows)
     # Hyperband trains some values in several trials: plot each values' best score.
     best = {}
     for row in rows:
-        key = tuple(row[k] for k in _HPARAM_KEYS if k in row)
+        key = tuple(row[k] for k in columns)
         if key not in best or row["val_accuracy"] > best[key]["val_accuracy"]:
             best[key] = row
-    points = sorted(best.values(), key=lambda r: r["val_accuracy"])  # the best drawn last
+    numbers = [c for c in columns if isinstance(rows[0][c], float)]
+    choices = [c for c in columns if c not in numbers]
+    groups: dict[str, list] = {}
+    for row in best.values():
+        label = ", ".join(f"{c}={row[c]}" for c in choices) or "trials"
+        groups.setdefault(label, []).append(row)
     top = rows[0]  # best_hparams.json's trial
-    panels = ("rho_pos", "rho_neg") if space.asymmetric_rho else ("rho_pos",)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
-    accuracy = [100 * r["val_accuracy"] for r in points]
-    low, high = min(accuracy), max(accuracy)
-    norm = matplotlib.colors.Normalize(low, high if high > low else low + 0.01)
-    for ax, name in zip(axes[0], panels):
-        scatter = ax.scatter(
-            [r["alpha"] for r in points], [r[name] for r in points], c=accuracy,
-            cmap="viridis", norm=norm, s=60, edgecolors="black", linewidths=0.5,
-        )
-        ax.scatter([top["alpha"]], [top[name]], marker="*", s=300, facecolors="none",
-                   edgecolors="red", linewidths=1.5, label="best")
-        ax.scatter([PAPER["alpha"]], [PAPER["rho"]], marker="x", color="grey",
-                   label="paper (CIFAR-10)")
-        ax.set_xscale("log")
-        ax.set_xlim(space.alpha[0] / 1.5, space.alpha[1] * 1.5)
-        margin = 0.05 * (space.rho[1] - space.rho[0])
-        ax.set_ylim(space.rho[0] - margin, space.rho[1] + margin)
-        ax.set_xlabel("alpha (log scale)")
-        ax.set_ylabel(name if space.asymmetric_rho else "rho (= rho_pos = rho_neg)")
+    fig, axes = plt.subplots(1, len(numbers), figsize=(4.5 * len(numbers) + 1, 4.5),
+                             squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], numbers):
+        for i, (label, members) in enumerate(sorted(groups.items())):
+            ax.scatter([r[name] for r in members], [100 * r["val_accuracy"] for r in members],
+                       color=f"C{i}", s=40, edgecolors="black", linewidths=0.5, label=label)
+        ax.scatter([top[name]], [100 * top["val_accuracy"]], marker="*", s=300,
+                   facecolors="none", edgecolors="red", linewidths=1.5, label="best")
+        if name in _REFERENCES:
+            value, what = _REFERENCES[name]
+            ax.axvline(value, color="grey", ls=":", label=what)
+        bounds = getattr(space, "rho" if name.startswith("rho") else name)
+        if name in _LOG_SAMPLED:
+            ax.set_xscale("log")
+            ax.set_xlim(bounds[0] / 1.5, bounds[1] * 1.5)
+        else:
+            margin = 0.05 * (bounds[1] - bounds[0])
+            ax.set_xlim(bounds[0] - margin, bounds[1] + margin)
+        ax.set_xlabel(name if "rho_neg" in columns or name != "rho_pos" else "rho (= rho_pos = rho_neg)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize="small")
-    fig.colorbar(scatter, ax=list(axes[0]), label="validation accuracy %")
-    fig.suptitle(
-        f"LNS search: {len(rows)} trials, {len(points)} distinct values\nbest validation "
-        f"accuracy {100 * top['val_accuracy']:.2f}% (trial {top['trial']})", fontsize="medium"
-    )
+    axes[0][0].set_ylabel("validation accuracy %")
+    legend = {}  # each label once, from whichever panel drew it
+    for ax in axes[0]:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    axes[0][-1].legend(legend.values(), legend.keys(), loc="lower right", fontsize="x-small")
+    fig.suptitle(f"{title}\n{len(rows)} trials, best validation accuracy "
+                 f"{100 * top['val_accuracy']:.2f}% (trial {top['trial']})", fontsize="medium")
+    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -24,56 +24,12 @@ import tensorflow as tf
 from larq_zoo.core.model_factory import ModelFactory
 from zookeeper import Field, factory
 
+from larq_noisy.quantizers import DoReFaSign  # registers "dorefa"
+
 __all__ = ["BNNSmallFactory", "BiRealResNetFactory", "DoReFaSign", "ResNet20Factory"]
 
 QuantizerType = Union[str, dict, lq.quantizers.Quantizer]
 ConstraintType = Union[str, dict, tf.keras.constraints.Constraint]
-
-
-@lq.utils.register_alias("dorefa")
-@lq.utils.register_keras_custom_object
-class DoReFaSign(lq.quantizers.Quantizer):
-    r"""DoReFa-Net's binary weights: the sign scaled by the layer's mean absolute weight.
-
-    \\[ q(W) = \mathrm{mean}(|W|) \cdot \mathrm{sign}(W) \\]
-
-    with one mean over the whole kernel (Zhou et al., "DoReFa-Net", 2016, Sec. 2.3:
-    a scalar rather than XNOR-Net's per-channel means, so that binary kernels serve
-    the backward pass too). The weight binarization of the LNS paper's CIFAR-10
-    baseline. Backward: the mean is a constant and the sign's gradient is the
-    straight-through estimator, zero where $|W| >$ `clip_value` (with
-    `weight_clip`, as in every model here, it passes everywhere, as DoReFa's
-    identity), times the mean, as larq's `magnitude_aware_sign` and the mapped
-    layers of `larq_noisy.to_mapped(scale="layer")`, so that the baseline and the
-    mapped arms differ only by the mapper. Not larq's `DoReFa` (alias
-    `"dorefa_quantizer"`), whose 1-bit weights are not scaled.
-
-    !!! example
-        ```python
-        layer = lq.layers.QuantConv2D(64, 3, input_quantizer="ste_sign",
-                                      kernel_quantizer="dorefa",
-                                      kernel_constraint="weight_clip")
-        ```
-
-    # Arguments
-        clip_value: Threshold for clipping gradients. If `None` gradients are not
-            clipped.
-    """
-
-    precision = 1
-
-    def __init__(self, clip_value: Optional[float] = 1.0, **kwargs):
-        self.clip_value = clip_value
-        super().__init__(**kwargs)
-
-    def call(self, inputs):
-        # The mean in float32 at least: a float16 sum over a whole kernel overflows.
-        wide = tf.float32 if inputs.dtype in (tf.float16, tf.bfloat16) else inputs.dtype
-        mean = tf.cast(tf.reduce_mean(tf.abs(tf.cast(inputs, wide))), inputs.dtype)
-        return tf.stop_gradient(mean) * lq.quantizers.ste_sign(inputs, clip_value=self.clip_value)
-
-    def get_config(self):
-        return {**super().get_config(), "clip_value": self.clip_value}
 
 
 @factory

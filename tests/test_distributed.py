@@ -139,7 +139,8 @@ def test_truncated_checkpoint_gets_an_error_naming_the_file(pretrained_run, tmp_
             "--output-dir", str(tmp_path / "out")]
     assert train.main(argv) == 2
     err = capsys.readouterr().err
-    assert str(truncated) in err and "corrupted, truncated" in err
+    assert str(truncated) in err and "is corrupted or truncated" in err
+    assert "give another pretrained checkpoint" in err
     assert "Traceback" not in err
 
 

@@ -11,7 +11,8 @@ import larq_noisy
 import models
 from conftest import tiny_bnn
 from larq_noisy import datasets, export
-from larq_noisy.export import VerificationError, export_model, export_run, main
+from export import main
+from larq_noisy.export import VerificationError, export_model, export_run
 
 FASHION_SHAPE = (28, 28, 1)
 
@@ -146,7 +147,7 @@ def test_cli_exits_1_and_writes_nothing_when_a_model_file_fails_a_check(tmp_path
     source = tmp_path / "float_input.h5"
     _float_input_bnn().save(source)
     assert main([str(source), "--verify", "0"]) == 1
-    assert "verification failed, nothing written" in capsys.readouterr().err
+    assert "export failed, nothing written" in capsys.readouterr().err
     assert not (tmp_path / "float_input.tflite").exists()  # the default output
 
 
@@ -158,7 +159,17 @@ def test_missing_test_data_falls_back_to_random_inputs_and_says_so(tmp_path):
 def test_cli_exits_2_on_a_missing_source(tmp_path, capsys):
     assert main([str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("export: error: ") and "nowhere" in err
+    assert err.startswith("export.py: error: ") and "nowhere" in err
+
+
+def test_a_truncated_model_file_is_named(run_dir, tmp_path, capsys):
+    model = run_dir / "arms" / "lns" / "model.h5"
+    truncated = tmp_path / "model.h5"
+    truncated.write_bytes(model.read_bytes()[:2048])
+    assert main([str(truncated), "--verify", "0"]) == 2
+    err = capsys.readouterr().err
+    assert str(truncated) in err and "not a readable Keras model" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_an_untrained_arm_lists_the_trained_ones(run_dir):

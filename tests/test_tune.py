@@ -62,9 +62,13 @@ def test_search_writes_best_hparams_table_and_plot(searched):
     out = searched["out"]
     with open(os.path.join(out, "best_hparams.json")) as f:
         best = json.load(f)
-    assert sorted(best) == ["alpha", "mapper", "rho_neg", "rho_pos"]
+    assert sorted(best) == ["alpha", "aux_to_latent", "clip", "finetune_lr", "mapper", "rho_neg",
+                            "rho_pos"]
     assert 1e-3 <= best["alpha"] <= 10 and 0 <= best["rho_pos"] <= 0.2
     assert best["rho_pos"] == best["rho_neg"] and best["mapper"] in ("linear", "mlp")
+    assert best["clip"] in ("hardtanh", "none") and isinstance(best["aux_to_latent"], bool)
+    lr = get_protocol("fashion_mnist").finetune_lr
+    assert lr / 10 <= best["finetune_lr"] <= lr * 10
     trials = _trials(out)
     assert len(trials) == 2 and all(t["status"] == "COMPLETED" for t in trials.values())
     top = max(trials.values(), key=lambda t: t["score"])
@@ -88,8 +92,10 @@ def test_train_py_accepts_and_runs_the_best_hparams(searched, pretrained, tmp_pa
     with open(path) as f:
         best = json.load(f)
     config = train.parse_args(["--hparams", path, "--output-dir", str(tmp_path / "parsed")])
-    assert (config.alpha, config.rho_pos, config.rho_neg, config.mapper) == (
-        best["alpha"], best["rho_pos"], best["rho_neg"], best["mapper"])
+    assert (config.alpha, config.rho_pos, config.rho_neg, config.mapper, config.clip,
+            config.aux_to_latent, config.finetune_lr) == (
+        best["alpha"], best["rho_pos"], best["rho_neg"], best["mapper"], best["clip"],
+        best["aux_to_latent"], best["finetune_lr"])
     out = str(tmp_path / "train")
     argv = ["--hparams", path, "--pretrained", pretrained, "--arms", "lns",
             "--finetune-epochs", "1", "--steps-per-epoch", "2", "--limit", "64",
@@ -98,6 +104,7 @@ def test_train_py_accepts_and_runs_the_best_hparams(searched, pretrained, tmp_pa
     with open(os.path.join(out, "results.json")) as f:
         quantizer = json.load(f)["arms"]["lns"]["quantizer"]
     assert quantizer["alpha"] == best["alpha"] and quantizer["mapper"] == best["mapper"]
+    assert quantizer["clip"] == best["clip"] and quantizer["aux_to_latent"] == best["aux_to_latent"]
 
 
 def test_options_become_the_search_space():
@@ -109,12 +116,57 @@ def test_options_become_the_search_space():
     assert space.finetune_lr == pytest.approx((lr / 10, lr * 10))  # a decade either side
     assert config.tuner == "hyperband" and config.epochs == tuning.SMALL_BUDGET["epochs"]
     hp = __import__("keras_tuner").HyperParameters()
-    model = tuning.LNSHyperModel(config.train_config(), None, space, 1).build(hp)
+    model = tuning.FineTuningHyperModel(config.train_config(), None, space, 1).build(hp)
     assert model.optimizer is not None  # compiled, ready for the tuner's fit
-    assert sorted(hp.values) == ["alpha", "finetune_lr", "rho_neg", "rho_pos"]
-    values = {"alpha": 2.0, "rho_pos": 0.1, "rho_neg": 0.2, "finetune_lr": 3e-4}
+    assert sorted(hp.values) == ["alpha", "aux_to_latent", "clip", "finetune_lr", "rho_neg",
+                                 "rho_pos"]
+    values = {"alpha": 2.0, "rho_pos": 0.1, "rho_neg": 0.2, "finetune_lr": 3e-4,
+              "clip": "none", "aux_to_latent": False}
     assert space.hparams(values) == values  # every key is a TrainConfig field
     assert set(values) <= set(training.TrainConfig.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("arm, keys", [("sign", ["finetune_lr"]),
+                                       ("bop", ["bop_gamma", "bop_threshold", "finetune_lr"])])
+def test_sign_and_bop_searches_feed_train_py(arm, keys, pretrained, tmp_path):
+    out = str(tmp_path / arm)
+    assert tune.main(TINY + ["--arm", arm, "--pretrained", pretrained, "--tuner", "random",
+                             "--max-trials", "1", "--output-dir", out]) == 0
+    path = os.path.join(out, "best_hparams.json")
+    with open(path) as f:
+        best = json.load(f)
+    assert sorted(best) == keys  # the arm's search space, nothing of lns'
+    values = _trials(out)["0"]["hyperparameters"]["values"]
+    assert best == pytest.approx({k: values[k] for k in keys})
+    if arm == "bop":
+        assert 1e-8 <= best["bop_threshold"] <= 1e-3 and 1e-5 <= best["bop_gamma"] <= 1e-1
+    table = open(os.path.join(out, "trials.md")).read()
+    assert f"Search of the `{arm}` arm" in table and f"--arms {arm} --hparams" in table
+    config = train.parse_args(["--arms", arm, "--hparams", path, "--output-dir",
+                               str(tmp_path / "parsed")])
+    assert {k: getattr(config, k) for k in keys} == best
+    if arm == "bop":  # train.py's bop arm flips with the searched threshold and gamma
+        weights = os.path.join(pretrained, "pretrain", "weights.h5")
+        model = training.build_arm(config.resolved(), "bop", weights)
+        bop = model.optimizer.optimizers[0].get_config()
+        assert (bop["threshold"], bop["gamma"]) == pytest.approx(
+            (best["bop_threshold"], best["bop_gamma"]))
+        tf.keras.backend.clear_session()
+
+
+def test_each_arm_searches_its_own_directory_from_one_pretraining():
+    configs = {arm: tune.parse_args(["--arm", arm])[0] for arm in tuning.TUNED_ARMS}
+    for arm, config in configs.items():
+        assert config.output_dir == os.path.join("tune_runs", "fashion_mnist", arm)
+        assert config.pretrain_dir == os.path.join("tune_runs", "fashion_mnist", "pretrain_run")
+        assert config.train_config().arms == (arm,)
+    assert configs["sign"].space.alpha is None and configs["sign"].space.clips is None
+    assert configs["bop"].space.bop_threshold == tuning.DEFAULT_BOP_THRESHOLD_RANGE
+    own = tune.parse_args(["--output-dir", "elsewhere"])[0]  # its own pretraining
+    assert own.pretrain_dir == os.path.join("elsewhere", "pretrain_run")
+    fixed = tune.parse_args(["--clip", "none", "--no-aux-to-latent"])[0]
+    assert fixed.space.clips is None and not fixed.space.search_aux_to_latent
+    assert (fixed.train_config().clip, fixed.train_config().aux_to_latent) == ("none", False)
 
 
 @pytest.mark.parametrize(
@@ -132,6 +184,13 @@ def test_options_become_the_search_space():
         (["--search-mapper", "--mapper", "cnn"], "give one or the other"),
         (["--max-trials", "0"], "max_trials=0 must be >= 1"),
         (["--pretrained", "/nonexistent/run"], "does not exist"),
+        (["--arm", "sign", "--alpha-range", "0.1", "1"],
+         "--alpha-range shapes the search of --arm lns, not of --arm sign"),
+        (["--arm", "lns", "--bop-gamma-range", "1e-4", "1e-2"], "shapes the search of --arm bop"),
+        (["--arm", "bop", "--no-aux-to-latent"], "--no-aux-to-latent shapes the search of --arm lns"),
+        (["--arm", "bop", "--bop-threshold-range", "0", "1e-3"], "low end must be > 0"),
+        (["--no-search-lr", "--lr-range", "1e-4", "1e-3"], "contradict each other"),
+        (["--arm", "mapped"], "invalid choice: 'mapped' (choose from 'lns', 'sign', 'bop')"),
     ],
 )
 def test_bad_arguments_fail_before_any_trial(argv, needle, capsys, tmp_path):

@@ -1,0 +1,64 @@
+"""Convert a trained BNN to a verified Larq Compute Engine flatbuffer (.tflite).
+
+    python export.py runs/fashion_mnist --arm lns      # an arm of a train.py run
+    python export.py model.h5 --out model.tflite --dataset fashion_mnist
+    python export.py runs/fashion_mnist --benchmark --threads 2
+
+Bakes the mapper away, converts with LCE, and refuses (exit 1, nothing written) a
+.tflite whose binarized convs are not LceBconv2d ops or that disagrees with Keras on
+the test images: larq_noisy/export.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the converter's C++ info logs
+
+from larq_noisy import errors  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("source", help="a train.py run directory, or a .h5 / SavedModel")
+    p.add_argument("--out", help="the .tflite to write (default: next to the model)")
+    p.add_argument("--arm", default="lns", help="the arm of a run directory (default: lns)")
+    p.add_argument("--verify", type=int, default=256,
+                   help="test images to check LCE against Keras on (0: skip; default 256)")
+    p.add_argument("--dataset", help="test data for a model file (default: the run's, "
+                   "or random inputs)")
+    p.add_argument("--data-dir", help="tfds data dir for --dataset")
+    p.add_argument("--min-agreement", type=float, default=0.99,
+                   help="lowest accepted top-1 agreement (default 0.99)")
+    p.add_argument("--benchmark", action="store_true",
+                   help="time the binary and the float model with LCE's interpreter")
+    p.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """0 on success, 1 if a check failed (nothing written), 2 on bad input."""
+    args = parse_args(argv)
+    from larq_noisy import export  # TensorFlow and LCE after the arguments are checked
+
+    try:
+        export.export_source(
+            args.source, args.out, arm=args.arm, verify=args.verify, dataset=args.dataset,
+            data_dir=args.data_dir, threads=args.threads, benchmark=args.benchmark,
+            min_agreement=args.min_agreement,
+        )
+    except Exception as error:  # noqa: BLE001 - one line for what a user can act on
+        code, message = errors.describe(error)
+        if code is None:
+            raise
+        print(f"export.py: {message}", file=sys.stderr)
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
