@@ -21,7 +21,7 @@ import models  # noqa: E402
 from larq_noisy import datasets, errors, training
 from larq_noisy.distribute import STRATEGIES
 from larq_noisy.mappers import MAPPERS
-from larq_noisy.protocols import ARMS
+from larq_noisy.protocols import ARMS, PRESETS
 from larq_noisy.quantizers import CLIPS, LABELS, REDUCTIONS, STARTS
 
 
@@ -59,6 +59,9 @@ def parse_args(argv=None) -> training.TrainConfig:
 
     lns = p.add_argument_group(
         "LNS (default: the dataset's protocol, else larq_noisy.NoisyMappedQuantizer's)")
+    lns.add_argument("--preset", choices=sorted(PRESETS),
+                     help="paper: the paper's LNS options (cnn mapper, alpha 1, rho 0.005, "
+                          "sum, hardtanh, aux to W) instead of the dataset's measured ones")
     lns.add_argument("--alpha", type=float, help="weight of the noisy-supervision loss")
     lns.add_argument("--rho", type=float, help="sets both --rho-pos and --rho-neg")
     lns.add_argument("--rho-pos", type=float)

@@ -1,37 +1,57 @@
-"""Accuracy on real data, offline: the fine-tuning arms over seeds, and the ablations.
+"""Accuracy on real data, offline: every fine-tuning arm, each with its own tuned settings,
+over seeds paired on one pretrained checkpoint per seed.
 
-Every run is train.py's protocol for `--dataset` (default Fashion-MNIST with its default
-model), one pretraining per seed and every arm fine-tuned from that checkpoint:
+Protocol (default Fashion-MNIST with its protocol's model, optimizer and batch size):
+per seed, pretrain the sign BNN once (train.py's phase 1, `seed<N>/pretrain`), then
+fine-tune every row from that checkpoint for 3 epochs (`seed<N>/<row>`, a train.py run
+of one arm). The rows:
 
-    arms       baseline / sign / mapped / lns_rho0 / lns, with tune.py's best alpha
-               and rho (--hparams) or else the paper's (alpha 1, rho 0.005), and the
-               dataset protocol's mapper (or --mapper)
-    paper      lns with the paper's alpha 1, rho 0.005
-    mean       lns with the paper's alpha and rho, reduction="mean" instead of "sum"
-    warmup     lns with the paper's start: a plain mapper, warmed up alone first
-    cnn, mlp, linear   lns with that mapper
-A study that would repeat the main lns arm (same options) is skipped.
+    sign       sign fine-tuning, with tune.py --arm sign's learning rate
+    bop        larq's Bop, with tune.py --arm bop's threshold, gamma and learning rate
+    mapped     lns' tuned settings with alpha = 0 (the mapper without noisy supervision)
+    lns_rho0   lns' tuned settings with rho = 0 (noisy labels, no correction)
+    lns        tune.py --arm lns' alpha, rho, clip, aux_to_latent and learning rate
+    lns_clip-<hardtanh|none>_aux-<latent|mapper>
+               lns with the quantizer's `clip` and `aux_to_latent` set (aux-latent: the
+               auxiliary loss trains W, aux-mapper: only the mapper); the combination the
+               tuned lns already has is not run twice
+    paper, mean, warmup, cnn, mlp, linear   (only with --studies) the 1-epoch ablations
+               of docs/RESULTS.md section 1.2, over the tuned lns
 
-    .venv/bin/python tune.py --quiet      # tune_runs/fashion_mnist/best_hparams.json
-    .venv/bin/python bench/accuracy.py --hparams tune_runs/fashion_mnist/best_hparams.json
-    .venv/bin/python bench/accuracy.py --hparams tune_runs/fashion_mnist/best_hparams.json \
-        --mapper cnn                     # docs/RESULTS.md's figures (before linear became the default)
-    .venv/bin/python bench/accuracy.py --seeds 0 1 --studies arms    # a subset
-    .venv/bin/python bench/accuracy.py --dataset cifar10 --data-dir /data/tfds \
-        --studies arms --strategy mirrored --mixed-precision              # the paper's table, GPUs
+Each arm reads its settings from its own `--hparams ARM=FILE` (tune.py's best_hparams.json;
+a bare FILE is lns'); an arm without one gets the dataset protocol's.
 
-About 17 min per seed for every study on 2 CPU cores (the arms 9, each ablation 1.5). Each run is a train.py output
-directory under --output-dir (seed<N>/<study>), so an interrupted benchmark resumes
-where it stopped; `--report-only` redoes the tables and plots from what is there.
+The schedule: 3 epochs of fine-tuning (3 x the old protocol, long enough for the mapped
+arm to recover or not, and 5 seeds x 8 fine-tuned rows still fit ~2 h on 2 CPU cores) at a
+constant learning rate (the Fashion-MNIST protocol's shape). Constant, because Bop's
+threshold and gamma have no schedule: a decaying rate would anneal the sign arm's flips
+but not Bop's, and the comparison would no longer be between equally treated arms; and
+because tune.py's trials then run exactly this schedule (tune with `--epochs 3
+--steps-per-epoch 390`, a full epoch at batch 128), so the tuned values are the ones
+measured here. [project decision]
+
+    .venv/bin/python tune.py --arm sign --tuner random --max-trials 10 --epochs 3 --steps-per-epoch 390
+    .venv/bin/python tune.py --arm bop  --tuner random --max-trials 10 --epochs 3 --steps-per-epoch 390
+    .venv/bin/python tune.py --arm lns  --tuner random --max-trials 10 --epochs 3 --steps-per-epoch 390
+    .venv/bin/python bench/accuracy.py --hparams sign=tune_runs/fashion_mnist/sign/best_hparams.json \\
+        bop=tune_runs/fashion_mnist/bop/best_hparams.json lns=tune_runs/fashion_mnist/lns/best_hparams.json
+    .venv/bin/python bench/accuracy.py --seeds 0 1 --studies sign lns     # a subset
+    .venv/bin/python bench/accuracy.py --dataset cifar10 --data-dir /data/tfds \\
+        --finetune-epochs 120 --strategy mirrored --mixed-precision       # the paper's table, GPUs
+
+Each run is a train.py output directory, so an interrupted benchmark resumes where it
+stopped with the same command (finished runs are skipped, an interrupted one continues
+from its last backup); the total time over every session is printed and kept in
+`<output-dir>/wall.json`. `--report-only` redoes the tables and plots from what is there.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -43,101 +63,156 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from larq_noisy import datasets, training  # noqa: E402
-from larq_noisy.rundir import read_json, write_json  # noqa: E402
 from larq_noisy.distribute import STRATEGIES  # noqa: E402
 from larq_noisy.mappers import MAPPERS  # noqa: E402
+from larq_noisy.protocols import ARMS  # noqa: E402
+from larq_noisy.rundir import RunDir, read_json, write_json  # noqa: E402
+# The arms tune.py searches (--arm), and what its best_hparams.json may hold: anything
+# else (seed, epochs, output_dir, ...) would break the pairing of the rows.
+from larq_noisy.tuning import HPARAM_KEYS as TUNED_KEYS, TUNED_ARMS  # noqa: E402
 
+FINETUNE_EPOCHS = 3
 PAPER = {"alpha": 1.0, "rho_pos": 0.005, "rho_neg": 0.005}
-MAIN_ARMS = ("sign", "mapped", "lns_rho0", "lns")
-#: Ablations: each fine-tunes the lns arm from the seed's pretrained checkpoint with
-#: these options on top of the main study's. `None` values take the paper's.
-STUDIES = {
-    "paper": {**PAPER},
-    "mean": {**PAPER, "reduction": "mean"},
-    "warmup": {"start": "warmup", "warmup_epochs": 1},
-    "cnn": {"mapper": "cnn"},
-    "mlp": {"mapper": "mlp"},
-    "linear": {"mapper": "linear"},
-}
-TITLES = {
-    "baseline": "baseline (pretrained, sign)",
-    "sign": "fine-tuning (`sign`)",
-    "mapped": "mapper w/o noisy supervision (`mapped`)",
-    "lns_rho0": "LNS with rho = 0 (`lns_rho0`)",
-    "lns": "LNS (`lns`)",
-    "paper": "LNS, paper's alpha 1, rho 0.005, sum",
-    "mean": "LNS, paper's alpha 1, rho 0.005, reduction mean",
-    "warmup": "LNS, warm-up start (1 epoch, mapper alone)",
-    "cnn": "LNS, cnn mapper (the paper's)",
-    "mlp": "LNS, mlp mapper",
-    "linear": "LNS, linear mapper",
-}
+BASELINE = "baseline (pretrained, sign)"
 
 
-def configs(args, lns: dict) -> dict[tuple[int, str], training.TrainConfig]:
-    """`{(seed, study): TrainConfig}` in the order to run them."""
-    common = dict(dataset=args.dataset, data_dir=args.data_dir, verbose=args.verbose,
-                  limit=args.limit, steps_per_epoch=args.steps_per_epoch,
-                  pretrain_epochs=args.pretrain_epochs, strategy=args.strategy,
-                  mixed_precision=args.mixed_precision)
-    out = {}
-    # Every seed's main study first: the ablations start from its checkpoint.
-    for seed in args.seeds:
-        out[seed, "arms"] = training.TrainConfig(
-            **common, **lns, seed=seed, arms=MAIN_ARMS,
-            output_dir=os.path.join(args.output_dir, f"seed{seed}", "arms"),
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the tables: `arm` fine-tuned with the tuned settings of `tuned` (an arm
+    of `TUNED_ARMS`), then `options` (`TrainConfig` fields) over them."""
+
+    arm: str
+    tuned: str
+    options: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        extra = ", ".join(f"{k} {v}" for k, v in self.options.items())
+        return ARMS[self.arm].title + (f", {extra}" if extra else "")
+
+
+def _variant(clip: str, aux_to_latent: bool) -> tuple[str, Row]:
+    name = f"lns_clip-{clip}_aux-{'latent' if aux_to_latent else 'mapper'}"
+    return name, Row("lns", "lns", {"clip": clip, "aux_to_latent": aux_to_latent})
+
+
+MAIN_ROWS = {"sign": Row("sign", "sign"), "bop": Row("bop", "bop"),
+             "mapped": Row("mapped", "lns"), "lns_rho0": Row("lns_rho0", "lns"),
+             "lns": Row("lns", "lns")}
+VARIANTS = dict(_variant(c, a) for c in ("hardtanh", "none") for a in (True, False))
+#: The 1-epoch ablations of docs/RESULTS.md section 1.2, over the tuned lns.
+ABLATIONS = {
+    "paper": Row("lns", "lns", PAPER),
+    "mean": Row("lns", "lns", {**PAPER, "reduction": "mean"}),
+    "warmup": Row("lns", "lns", {"start": "warmup", "warmup_epochs": 1}),
+    **{kind: Row("lns", "lns", {"mapper": kind}) for kind in ("cnn", "mlp", "linear")},
+}
+ROWS = {**MAIN_ROWS, **VARIANTS, **ABLATIONS}
+DEFAULT_STUDIES = (*MAIN_ROWS, *VARIANTS)
+#: Paired comparisons `a - b`: the equally tuned arms, then what each part of LNS adds.
+COMPARISONS = [("lns", "sign"), ("lns", "bop"), ("bop", "sign"), ("sign", "baseline"),
+               ("mapped", "sign"), ("lns", "mapped"), ("lns", "lns_rho0"),
+               *[(name, "lns") for name in (*VARIANTS, *ABLATIONS)]]
+
+
+def pretrain_config(args, seed: int) -> training.TrainConfig:
+    """The seed's pretraining: train.py's phase 1 alone, every row fine-tunes from it."""
+    return training.TrainConfig(
+        dataset=args.dataset, data_dir=args.data_dir, verbose=args.verbose, limit=args.limit,
+        steps_per_epoch=args.steps_per_epoch, pretrain_epochs=args.pretrain_epochs,
+        strategy=args.strategy, mixed_precision=args.mixed_precision, seed=seed, arms=(),
+        output_dir=os.path.join(args.output_dir, f"seed{seed}", "pretrain"),
+    )
+
+
+def configs(args, tuned: dict[str, dict]) -> dict[tuple[int, str], training.TrainConfig]:
+    """`{(seed, row): TrainConfig}` in the order to run them (row "pretrain": the seed's
+    checkpoint), from each tuned arm's settings `tuned[arm]`."""
+    def row_config(pretrain, name):
+        row = ROWS[name]
+        settings = {**tuned.get(row.tuned, {}), **row.options}
+        if args.mapper and ARMS[row.arm].quantizer is not None and "mapper" not in row.options:
+            settings["mapper"] = args.mapper
+        return dataclasses.replace(
+            pretrain, **settings, arms=(row.arm,), finetune_epochs=args.finetune_epochs,
+            pretrained=pretrain.output_dir,
+            output_dir=os.path.join(args.output_dir, f"seed{pretrain.seed}", name),
         )
-    for study in args.studies:
-        if study == "arms" or _repeats_main(out[args.seeds[0], "arms"], STUDIES[study]):
-            continue
-        for seed in args.seeds:
-            main = out[seed, "arms"]
-            out[seed, study] = dataclasses.replace(
-                main, **STUDIES[study], arms=("lns",), pretrained=main.output_dir,
-                output_dir=os.path.join(args.output_dir, f"seed{seed}", study),
-            )
+
+    out = {}
+    for seed in args.seeds:
+        pretrain = out[seed, "pretrain"] = pretrain_config(args, seed)
+        lns = row_config(pretrain, "lns")
+        for name in args.studies:
+            config = row_config(pretrain, name)
+            if (name != "lns" and "lns" in args.studies and ROWS[name].arm == "lns"
+                    and _repeats(lns, config)):
+                continue  # the tuned lns already is this variant
+            out[seed, name] = config
     return out
 
 
 def _resolved(config: training.TrainConfig) -> training.TrainConfig:
-    """`config.resolved()` before any run: an ablation's checkpoint is made by its
-    seed's main study, so it is not checked here."""
+    """`config.resolved()` before any run: a row's checkpoint is made by its seed's
+    pretraining, so it is not checked here."""
     return dataclasses.replace(config, pretrained=None).resolved()
 
 
-def _repeats_main(main: training.TrainConfig, options: dict) -> bool:
-    try:
-        resolved = _resolved(main)
-    except ValueError:  # reported by main() with the other bad values
-        return False
-    return all(getattr(resolved, k) == v for k, v in options.items())
-
-
-def lns_options(main: training.TrainConfig) -> dict:
-    """The main lns arm's alpha, rho and mapper, whoever set them."""
+def effective(config: training.TrainConfig) -> dict:
+    """What distinguishes a row: its learning rate, Bop's or the quantizer's settings
+    (its default included, whoever set it)."""
     from larq_noisy import NoisyMappedQuantizer
 
-    resolved = _resolved(main)
-    options = {**NoisyMappedQuantizer().get_config(), **resolved.quantizer_options("lns")}
-    return {k: options[k] for k in ("alpha", "rho_pos", "rho_neg", "mapper")}
+    c = _resolved(config)
+    arm = c.arms[0]
+    out = {"finetune_lr": c.finetune_lr}
+    if ARMS[arm].bop:  # None: larq's default
+        out.update(bop_threshold=c.bop_threshold, bop_gamma=c.bop_gamma)
+    options = c.quantizer_options(arm)
+    if options is not None:
+        quantizer = {**NoisyMappedQuantizer().get_config(), **options}
+        out.update({k: quantizer[k] for k in ("alpha", "rho_pos", "rho_neg", "mapper", "clip",
+                                              "aux_to_latent", "reduction", "start")})
+        out["warmup_epochs"] = c.warmup_epochs
+    return out
+
+
+def _repeats(lns: training.TrainConfig, config: training.TrainConfig) -> bool:
+    try:
+        return effective(lns) == effective(config)
+    except ValueError:  # reported by main() with the other bad values
+        return False
+
+
+def _finished(config: training.TrainConfig) -> bool:
+    """Whether the run of `config` finished in an earlier session (with these settings,
+    else `ValueError`): train.py would only say so, after loading the data."""
+    run_dir = RunDir(config.output_dir)
+    phase = run_dir.arm(config.arms[0]) if config.arms else run_dir.pretrain
+    if run_dir.read_result(phase) is None or not os.path.exists(run_dir.path("results.json")):
+        return False
+    run_dir.check_settings(config.resolved().to_json(), record=False)
+    return True
 
 
 def collect(runs) -> dict[str, dict[int, dict]]:
     """`{row: {seed: result}}` from the runs' results.json, whatever is finished."""
     rows: dict[str, dict[int, dict]] = {}
-    for (seed, study), config in runs.items():
+    for (seed, name), config in runs.items():
         path = os.path.join(config.output_dir, "results.json")
         if not os.path.exists(path):
             continue
         results = read_json(path, "delete that run's directory to redo it")
-        if study == "arms":
+        if name == "pretrain":
             if "baseline" in results:
                 rows.setdefault("baseline", {})[seed] = results["baseline"]
-            for arm, result in results["arms"].items():
-                rows.setdefault(arm, {})[seed] = result
-        elif "lns" in results["arms"]:
-            rows.setdefault(study, {})[seed] = results["arms"]["lns"]
+        elif ROWS[name].arm in results["arms"]:
+            rows.setdefault(name, {})[seed] = results["arms"][ROWS[name].arm]
     return rows
+
+
+def title(name: str) -> str:
+    return BASELINE if name == "baseline" else f"{ROWS[name].title} (`{name}`)"
 
 
 def stats(values) -> str:
@@ -148,20 +223,21 @@ def stats(values) -> str:
 
 def table(rows, names, key="test_accuracy") -> str:
     lines = ["| arm | seeds | test acc %: best (mean +- std) | val acc % (mean) "
-             "| flipped since pretraining % (mean) | fine-tuning s (mean) |",
-             "|---|---|---|---|---|---|"]
+             "| flipped since pretraining % (mean) | saturated % (mean) | fine-tuning s (mean) |",
+             "|---|---|---|---|---|---|---|"]
+
+    def mean(results, field, scale=1.0, digits=0):
+        values = [r[field] for r in results if r.get(field) is not None]
+        return f"{scale * np.mean(values):.{digits}f}" if values else "-"
+
     for name in names:
         if name not in rows:
             continue
         results = list(rows[name].values())
-        flips = [r["flip_rate"] for r in results if "flip_rate" in r]
-        walls = [r["wall_seconds"] for r in results if "wall_seconds" in r]
         lines.append(
-            f"| {TITLES.get(name, name)} | {len(results)} | "
-            f"{stats([r[key] for r in results])} | "
-            f"{100 * np.mean([r['val_accuracy'] for r in results]):.2f} | "
-            + (f"{100 * np.mean(flips):.2f}" if flips else "-") + " | "
-            + (f"{np.mean(walls):.0f}" if walls else "-") + " |"
+            f"| {title(name)} | {len(results)} | {stats([r[key] for r in results])} | "
+            f"{mean(results, 'val_accuracy', 100, 2)} | {mean(results, 'flip_rate', 100, 2)} | "
+            f"{mean(results, 'saturation', 100, 2)} | {mean(results, 'wall_seconds')} |"
         )
     return "\n".join(lines)
 
@@ -175,9 +251,10 @@ def paired(rows, a, b, key="test_accuracy") -> dict | None:
 
     diff = 100 * np.array([rows[a][s][key] - rows[b][s][key] for s in seeds])
     test = st.ttest_rel([rows[a][s][key] for s in seeds], [rows[b][s][key] for s in seeds])
+    p_value = float(test.pvalue)  # NaN when the two rows are the same on every seed
     return {"a": a, "b": b, "seeds": seeds, "diff": diff.round(3).tolist(),
             "mean": float(diff.mean()), "std": float(diff.std(ddof=1)),
-            "wins": int((diff > 0).sum()), "p_value": float(test.pvalue)}
+            "wins": int((diff > 0).sum()), "p_value": p_value if np.isfinite(p_value) else None}
 
 
 def strip_plot(series: dict, path, title, xlabel, zero_line=False):
@@ -201,44 +278,77 @@ def strip_plot(series: dict, path, title, xlabel, zero_line=False):
     plt.close(fig)
 
 
-def plot(rows, names, path, title):
-    series = {TITLES.get(n, n).replace("`", ""): [100 * r["test_accuracy"] for r in rows[n].values()]
+def plot(rows, names, path, title_text):
+    series = {title(n).replace("`", ""): [100 * r["test_accuracy"] for r in rows[n].values()]
               for n in names if n in rows}
-    strip_plot(series, path, title, "test accuracy %")
+    if series:
+        strip_plot(series, path, title_text, "test accuracy %")
 
 
-def plot_paired(comparisons, path, title):
+def plot_paired(comparisons, path, title_text):
     """Per-seed differences `a - b`: the seed-to-seed spread of pretraining cancels out."""
     series = {f"{c['a']} - {c['b']}": c["diff"] for c in comparisons}
-    strip_plot(series, path, title, "test accuracy difference, points", zero_line=True)
+    strip_plot(series, path, title_text, "test accuracy difference, points", zero_line=True)
 
 
-def report(runs, args) -> dict:
+def wall_time(args, session_start: float | None = None) -> dict:
+    """The benchmark's wall time over its sessions, kept in `<output-dir>/wall.json`:
+    with `session_start`, this session's time so far is recorded as its last entry."""
+    path = os.path.join(args.output_dir, "wall.json")
+    wall = read_json(path, "delete it (only the time of past sessions is lost)") if (
+        os.path.exists(path)) else {"sessions": []}
+    if session_start is not None:
+        sessions = wall["sessions"]
+        entry = {"start": session_start, "seconds": time.time() - session_start}
+        if sessions and sessions[-1]["start"] == session_start:
+            sessions[-1] = entry
+        else:
+            sessions.append(entry)
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_json(path, wall)
+    wall["total_seconds"] = sum(s["seconds"] for s in wall["sessions"])
+    return wall
+
+
+def report(runs, args, tuned: dict) -> dict:
     rows = collect(runs)
-    main_rows = ["baseline", *MAIN_ARMS]
-    ablations = ["lns", *[s for s in args.studies if s in STUDIES]]
-    comparisons = [paired(rows, a, b) for a, b in
-                   [("lns", "sign"), ("lns", "mapped"), ("lns", "lns_rho0"), ("sign", "baseline"),
-                    *[(s, "lns") for s in STUDIES]]]
-    summary = {"lns_options": lns_options(next(iter(runs.values()))), "rows": {k: {str(s): r for s, r in v.items()} for k, v in rows.items()},
-               "paired": [c for c in comparisons if c]}
+    studies = [n for n in ROWS if any(name == n for _, name in runs)]
+    main_rows = ["baseline", *[n for n in studies if n in MAIN_ROWS]]
+    variants = ["lns", *[n for n in studies if n not in MAIN_ROWS]]
+    comparisons = [paired(rows, a, b) for a, b in COMPARISONS]
+    settings = {}
+    for (_, name), config in runs.items():
+        if name != "pretrain" and name not in settings:
+            settings[name] = effective(config)
+    wall = wall_time(args)
+    summary = {"finetune_epochs": args.finetune_epochs, "tuned": tuned, "settings": settings,
+               "rows": {k: {str(s): r for s, r in v.items()} for k, v in rows.items()},
+               "paired": [c for c in comparisons if c], "wall_seconds": wall["total_seconds"]}
     os.makedirs(args.output_dir, exist_ok=True)
     write_json(os.path.join(args.output_dir, "summary.json"), summary)
-    text = [f"lns options: {summary['lns_options']}", "", table(rows, main_rows), "", table(rows, ablations), "",
-            "Paired differences of test accuracy (same seed, same pretrained checkpoint):", ""]
+    files = ", ".join(f"{a} {args.hparams_files.get(a, '(none: the protocol)')}" for a in TUNED_ARMS)
+    text = [f"{args.finetune_epochs} fine-tuning epochs per row; seeds {list(args.seeds)}; "
+            f"tuned settings: {files}", "", "Settings per row:", ""]
+    text += [f"- `{name}`: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in s.items()) for name, s in settings.items()]
+    text += ["", table(rows, main_rows), "", table(rows, variants), "",
+             "Paired differences of test accuracy (same seed, same pretrained checkpoint):", ""]
     for c in summary["paired"]:
         text.append(f"- {c['a']} - {c['b']}: {c['mean']:+.2f} +- {c['std']:.2f} points "
                     f"over seeds {c['seeds']} ({c['wins']}/{len(c['seeds'])} wins, "
-                    f"paired t-test p = {c['p_value']:.3f}); per seed {c['diff']}")
+                    "paired t-test p = " + ("n/a" if c["p_value"] is None else f"{c['p_value']:.3f}")
+                    + f"); per seed {c['diff']}")
+    text += ["", f"Total time: {wall['total_seconds'] / 60:.1f} min over "
+             f"{len(wall['sessions'])} session(s)."]
     with open(os.path.join(args.output_dir, "summary.md"), "w") as f:
         f.write("\n".join(text) + "\n")
-    print("\n".join(text))
+    print("\n".join(text), flush=True)
     if args.plots:
         os.makedirs(args.plots, exist_ok=True)
-        model = next(iter(runs.values())).resolved().model
+        model = _resolved(next(iter(runs.values()))).model
         plot(rows, main_rows, os.path.join(args.plots, f"accuracy_arms_{args.dataset}.png"),
-             f"{model} on {args.dataset}: arms over seeds")
-        plot(rows, ablations, os.path.join(args.plots, f"accuracy_ablations_{args.dataset}.png"),
+             f"{model} on {args.dataset}: arms over seeds, each tuned")
+        plot(rows, variants, os.path.join(args.plots, f"accuracy_ablations_{args.dataset}.png"),
              f"{model} on {args.dataset}: LNS variants over seeds")
         if summary["paired"]:
             plot_paired(summary["paired"],
@@ -247,15 +357,43 @@ def report(runs, args) -> dict:
     return summary
 
 
+def read_hparams(p, specs) -> tuple[dict[str, dict], dict[str, str]]:
+    """`--hparams [ARM=]FILE ...` as `{arm: settings}` and `{arm: file}`, checked as
+    train.py checks its --hparams (names and types), or `p.error`."""
+    tuned, files = {}, {}
+    for spec in specs or ():
+        arm, sep, path = spec.partition("=")
+        arm, path = (arm, path) if sep else ("lns", spec)
+        if arm not in TUNED_ARMS:
+            p.error(f"--hparams {spec!r}: {arm!r} is not a tuned arm; give ARM=FILE with ARM "
+                    f"one of {list(TUNED_ARMS)}.")
+        try:
+            values = read_json(path, "give the best_hparams.json written by tune.py --arm " + arm)
+            if not isinstance(values, dict):
+                raise ValueError(f"{path} must hold a JSON object of settings, not {values!r}")
+            unknown = sorted(set(values) - set(TUNED_KEYS))
+            if unknown:
+                raise ValueError(f"{path} has keys {unknown} that tune.py does not tune; "
+                                 f"keep only {list(TUNED_KEYS)}")
+            training.TrainConfig.check_types(values)
+        except ValueError as error:
+            p.error(f"--hparams {spec!r}: {error}")
+        tuned[arm], files[arm] = values, path
+    return tuned, files
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist", choices=sorted(datasets.DATASETS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--studies", nargs="+", choices=["arms", *STUDIES], default=["arms", *STUDIES])
-    p.add_argument("--hparams", metavar="FILE",
-                   help="tune.py's best_hparams.json for the lns arm (default: the paper's)")
-    p.add_argument("--mapper", choices=list(MAPPERS), help="the main arms' mapper "
-                   "(default: --hparams', else the dataset protocol's)")
+    p.add_argument("--studies", nargs="+", choices=list(ROWS), default=list(DEFAULT_STUDIES),
+                   metavar="ROW", help=f"rows to run, of {list(ROWS)} (default: {list(DEFAULT_STUDIES)})")
+    p.add_argument("--hparams", nargs="+", metavar="ARM=FILE",
+                   help=f"tune.py's best_hparams.json per arm of {list(TUNED_ARMS)} (a bare "
+                        "FILE: lns'); default: the dataset protocol's settings")
+    p.add_argument("--mapper", choices=list(MAPPERS), help="the mapper rows' mapper "
+                   "(default: lns' --hparams, else the dataset protocol's)")
+    p.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS)
     p.add_argument("--output-dir", default="bench_runs/accuracy")
     p.add_argument("--plots", default="docs", help="where the PNG files go ('' for none)")
     p.add_argument("--data-dir")
@@ -267,33 +405,34 @@ def main(argv=None):
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--verbose", type=int, default=0)
     args = p.parse_args(argv)
+    if args.finetune_epochs < 1:
+        p.error(f"--finetune-epochs {args.finetune_epochs} must be >= 1.")
+    args.studies = list(dict.fromkeys(args.studies))
+    tuned, args.hparams_files = read_hparams(p, args.hparams)
 
-    lns = {}  # the dataset protocol's options, else the quantizer's (the paper's)
-    if args.hparams:
-        try:
-            tuned = read_json(args.hparams, "give the best_hparams.json written by tune.py")
-        except ValueError as error:
-            p.error(str(error))
-        if "rho" in tuned:
-            tuned["rho_pos"] = tuned["rho_neg"] = tuned.pop("rho")
-        lns = {k: tuned[k] for k in ("alpha", "rho_pos", "rho_neg", "mapper") if k in tuned}
-    if args.mapper:
-        lns["mapper"] = args.mapper
-    runs = configs(args, lns)
+    runs = configs(args, tuned)
     for config in runs.values():  # every bad value before the first run starts
         try:
             _resolved(config)
         except ValueError as error:
             p.error(str(error))
-    if not args.report_only:
+    try:  # runs of an earlier session with other settings are refused now
+        todo = {key: config for key, config in runs.items() if not _finished(config)}
+    except ValueError as error:
+        p.error(str(error))
+    if not args.report_only and todo:
         import tensorflow as tf
 
-        for (seed, study), config in runs.items():
-            print(f"== seed {seed}, {study}: {config.output_dir}", flush=True)
+        start = time.time()
+        print(f"{len(runs) - len(todo)} of {len(runs)} runs done before; running the others",
+              flush=True)
+        for (seed, name), config in todo.items():
+            print(f"== seed {seed}, {name}: {config.output_dir}", flush=True)
             training.run(config)
             tf.keras.backend.clear_session()
-            report(runs, args)  # the tables so far, after every run
-    report(runs, args)
+            wall_time(args, start)
+            report(runs, args, tuned)  # the tables so far, after every run
+    report(runs, args, tuned)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,43 @@
-"""What a mapper costs: training-step time and memory per mapper kind, and mapper sizes.
+"""What a mapper costs: training-step time, multiply-adds, parameters and memory per kind.
 
-1. Training-step time of a BNN whose binarized kernels go through each mapper kind, as
-   a ratio to the same network with plain sign kernels, for two shape sets:
+For every mapper kind (`larq_noisy.MAPPERS`) and `sign` (the kernels as the model
+builds them):
+
+1. Training-step time as a ratio to the same network with `sign` kernels, for two shape
+   sets:
    - `cifar`: ResNet-20 on 32x32x3, 10 classes, batch 128 (the paper's CIFAR-10 setup);
    - `imagenet`: Bi-Real Net 18 (ResNet-18 shapes) on 224x224x3, 1000 classes, a small
      batch (8 by default: a CPU cannot hold the paper's 256 in reasonable time).
-   Each measurement is a fresh process, so its peak resident memory (max RSS) is that
-   kind's alone. `sign` is measured first and last; the ratios are to the mean of both,
-   and their gap shows how much the machine drifted during the run.
-2. The mapper parameter count per binarized layer for ResNet-18's ImageNet shapes, and
-   what those parameters cost in memory with Adam (weights + 2 slots, float32).
+   Each kind runs in a fresh process that builds and trains its model alone first
+   (warm-up steps; its peak resident memory, max RSS, is then that kind's alone), then
+   builds the `sign` model and times the two in alternation, `--steps` rounds of one
+   step each. The ratio is the median over rounds of (kind's step / sign's step in the
+   same round): other processes on the machine slow both alike, so it holds where
+   absolute times drift (`sign` against itself shows the noise floor). Wall-clock and
+   CPU-time (this process's) ratios are both reported.
+2. Counted multiply-adds per training step at ResNet-18's ImageNet shapes (16 binarized
+   3x3 layers) and the paper's batch 256, as a fraction of the network's: forward and
+   backward counted as 3 forward passes (the backward computes the gradients with
+   respect to inputs and weights, each a product of the same size as the forward one;
+   the mapper needs both, since the latent weights get their gradient through it).
+   Counted by `larq_noisy.mappers.multiply_adds` (convolutions, dense layers, tap maps).
+3. Mapper parameters at ResNet-18's shapes and their training memory with Adam (float32
+   weights + 2 slots).
 
-    .venv/bin/python bench/mapper_cost.py                      # ~10 min on 2 CPU cores
-    .venv/bin/python bench/mapper_cost.py --shapes cifar --json out.json
+    .venv/bin/python bench/mapper_cost.py --json docs/data/mapper_cost.json   # ~40 min, 2 CPU cores
+    .venv/bin/python bench/mapper_cost.py --shapes cifar --kinds sign cnn    # a subset
 
-Step times are medians over `--steps` timed steps after `--warmup` untimed ones. The
-mapper runs once per step whatever the batch, so its share shrinks as the batch grows.
+Long runs resume: each finished (shape set, kind) measurement is kept in `<json>.partial`
+and skipped when the same command runs again (same batch, steps and --jit); the final
+`<json>` is written once everything is measured. Step times are medians over `--steps`
+timed rounds after `--warmup` untimed steps. The mapper runs once per step whatever the
+batch, so its share of a step shrinks as the batch grows.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -32,8 +49,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-KINDS = ("sign", "cnn", "mlp", "linear")  # "sign": the kernels as the model builds them
-#: model, input size, classes, batch, timed steps, warm-up steps
+from larq_noisy.mappers import MAPPERS  # noqa: E402
+
+KINDS = ("sign", *MAPPERS)  # "sign": the kernels as the model builds them
+#: model, input size, classes, batch, timed rounds, warm-up steps
 SHAPES = {
     "cifar": dict(model="resnet20", image_size=32, classes=10, batch_size=128, steps=20, warmup=5),
     "imagenet": dict(model="birealnet18", image_size=224, classes=1000, batch_size=8, steps=4,
@@ -42,128 +61,201 @@ SHAPES = {
 # ResNet-18's binarized 3x3 convs on ImageNet: (c_in, c_out, how many).
 RESNET18_CONVS = [(64, 64, 4), (64, 128, 1), (128, 128, 3), (128, 256, 1), (256, 256, 3),
                   (256, 512, 1), (512, 512, 3)]
+#: A training step as forward passes: the forward, and the gradients with respect to
+#: the inputs and to the weights (each a product the size of the forward one).
+TRAINING_PASSES = 3
+IMAGENET_BATCH = 256  # the paper's
 
 
-def measure(kind: str, shape: dict, jit: bool) -> dict:
-    """In this process: the median training-step time of `kind`, and the peak RSS."""
-    import numpy as np
+def network_multiply_adds(model) -> int:
+    """Forward multiply-adds of one image through a functional Keras model."""
+    import tensorflow as tf
+
+    from larq_noisy.mappers import multiply_adds
+
+    total = 0
+    for layer in model.layers:
+        shape = layer.input_shape
+        if isinstance(layer, tf.keras.layers.InputLayer) or isinstance(shape, list):
+            continue  # inputs and merges (Add, Concatenate): no products
+        total += multiply_adds(layer, (1, *shape[1:]))
+    return total
+
+
+@functools.lru_cache(maxsize=None)
+def resnet18_network_multiply_adds() -> int:
+    """ResNet-18 (Bi-Real Net 18) at 224x224x3, forward, per image."""
+    import models
+
+    return network_multiply_adds(models.build("birealnet18", (224, 224, 3), 1000))
+
+
+def resnet18_mapper_cost(kind: str, batch: int = IMAGENET_BATCH, width=None) -> dict:
+    """`kind`'s mappers over ResNet-18's 16 binarized layers: parameters and the
+    multiply-adds of a training step, also as a fraction of the network's at `batch`."""
+    from larq_noisy import NoisyMappedQuantizer
+    from larq_noisy.mappers import multiply_adds
+
+    params = forward = 0
+    for c_in, c_out, count in RESNET18_CONVS:
+        quantizer = NoisyMappedQuantizer(mapper=kind, width=width)
+        quantizer.build((3, 3, c_in, c_out))
+        params += count * quantizer.count_params()
+        forward += count * multiply_adds(quantizer.mapper, (c_out, 3, 3, c_in))
+    network = TRAINING_PASSES * batch * resnet18_network_multiply_adds()
+    train = TRAINING_PASSES * forward  # once per step, whatever the batch
+    return {"params": params, "forward": forward, "train": train, "network_train": network,
+            "train_fraction": train / network, "adam_mib": 12 * params / 2**20}
+
+
+def _model(kind: str, shape: dict, jit: bool):
     import tensorflow as tf
 
     import models
     from larq_noisy import to_mapped
 
-    class StepTimer(tf.keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.times = []
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.times.append(time.perf_counter() - self._start)
-
-    tf.keras.utils.set_random_seed(0)
     size = shape["image_size"]
     model = models.build(shape["model"], (size, size, 3), shape["classes"])
     if kind != "sign":
         model = to_mapped(model, mapper=kind)
     model.compile(tf.keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy",
                   jit_compile=jit)
+    return model
+
+
+def measure_pair(kind: str, shape: dict, jit: bool) -> dict:
+    """In this process: `kind`'s peak RSS alone, then its steps alternated with sign's."""
+    import numpy as np
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(shape["batch_size"], size, size, 3)).astype("float32")
-    y = rng.integers(0, shape["classes"], shape["batch_size"])
-    data = tf.data.Dataset.from_tensors((x, y)).repeat(shape["warmup"] + shape["steps"])
-    timer = StepTimer()
-    model.fit(data, epochs=1, verbose=0, callbacks=[timer])
+    size, batch = shape["image_size"], shape["batch_size"]
+    x = tf.constant(rng.normal(size=(batch, size, size, 3)).astype("float32"))
+    y = tf.constant(rng.integers(0, shape["classes"], batch))
+    model = _model(kind, shape, jit)
+    for _ in range(shape["warmup"]):
+        model.train_on_batch(x, y)
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sign = _model("sign", shape, jit)
+    for _ in range(shape["warmup"]):
+        sign.train_on_batch(x, y)
+    times = {"kind": ([], []), "sign": ([], [])}  # (wall, cpu) per round
+    for round_ in range(shape["steps"]):
+        pair = (("kind", model), ("sign", sign))
+        for name, m in pair if round_ % 2 else pair[::-1]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            m.train_on_batch(x, y)
+            times[name][0].append(time.perf_counter() - wall)
+            times[name][1].append(time.process_time() - cpu)
+    (kind_wall, kind_cpu), (sign_wall, sign_cpu) = (np.array(t) for t in times.values())
     return {
-        "ms_per_step": 1000 * float(np.median(timer.times[shape["warmup"]:])),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "ms_per_step": 1000 * float(np.median(kind_wall)),
+        "sign_ms_per_step": 1000 * float(np.median(sign_wall)),
+        "ratio_to_sign": float(np.median(kind_wall / sign_wall)),
+        "cpu_ratio_to_sign": float(np.median(kind_cpu / sign_cpu)),
+        "rounds": shape["steps"],
+        "peak_rss_mib": peak_rss_mib,
         "params": int(model.count_params()),
     }
 
 
-def measure_in_subprocess(kind: str, shape_name: str, args) -> dict:
+def _shape(shape_name: str, args) -> dict:
+    shape = dict(SHAPES[shape_name])
+    shape.update({k: v for k, v in (("batch_size", args.batch_size), ("steps", args.steps)) if v})
+    return shape
+
+
+def _measure_in_subprocess(kind: str, shape_name: str, args) -> dict:
+    shape = _shape(shape_name, args)
     command = [sys.executable, os.path.abspath(__file__), "--one", kind, "--shapes", shape_name,
-               "--steps", str(args.steps or SHAPES[shape_name]["steps"])]
-    if args.batch_size:
-        command += ["--batch-size", str(args.batch_size)]
+               "--steps", str(shape["steps"]), "--batch-size", str(shape["batch_size"])]
     if args.jit:
         command.append("--jit")
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def step_ratios(shape_name: str, args) -> dict:
-    shape = {**SHAPES[shape_name], **({"batch_size": args.batch_size} if args.batch_size else {})}
+def step_ratios(shape_name: str, args, progress: dict, save) -> dict:
+    shape = _shape(shape_name, args)
     print(f"\nTraining step, {shape['model']} at {shape['image_size']}x{shape['image_size']}x3, "
-          f"{shape['classes']} classes, batch {shape['batch_size']} (Adam; one process each):",
-          flush=True)
-    results = {kind: measure_in_subprocess(kind, shape_name, args) for kind in KINDS}
-    sign_last = measure_in_subprocess("sign", shape_name, args)
-    base = (results["sign"]["ms_per_step"] + sign_last["ms_per_step"]) / 2
-    print(f"{'kernels':<10}{'ms/step':>10}{'x sign':>9}{'params':>14}{'peak RSS MiB':>14}")
-    for kind, r in results.items():
-        r["ratio_to_sign"] = r["ms_per_step"] / base
-        print(f"{kind:<10}{r['ms_per_step']:>10.1f}{r['ratio_to_sign']:>9.2f}{r['params']:>14,}"
-              f"{r['peak_rss_mib']:>14.0f}")
-    print(f"(sign measured first and last: {results['sign']['ms_per_step']:.1f} and "
-          f"{sign_last['ms_per_step']:.1f} ms; ratios are to their mean)", flush=True)
-    return {"shape": shape, "kinds": results, "sign_first_last_ms":
-            [results["sign"]["ms_per_step"], sign_last["ms_per_step"]]}
+          f"{shape['classes']} classes, batch {shape['batch_size']} (Adam; one process per kind, "
+          f"{shape['steps']} rounds alternating with sign):", flush=True)
+    print(f"{'kernels':<11}{'ms/step':>10}{'sign ms':>9}{'x sign':>8}{'x sign CPU':>11}"
+          f"{'params':>13}{'peak RSS MiB':>14}")
+    results = {}
+    for kind in args.kinds:
+        key = f"{shape_name}/{kind}/batch{shape['batch_size']}/steps{shape['steps']}/jit{args.jit}"
+        if key not in progress:
+            progress[key] = _measure_in_subprocess(kind, shape_name, args)
+            save()
+        r = results[kind] = progress[key]
+        print(f"{kind:<11}{r['ms_per_step']:>10.1f}{r['sign_ms_per_step']:>9.1f}"
+              f"{r['ratio_to_sign']:>8.2f}{r['cpu_ratio_to_sign']:>11.2f}{r['params']:>13,}"
+              f"{r['peak_rss_mib']:>14.0f}", flush=True)
+    return {"shape": shape, "kinds": results}
 
 
-def mapper_sizes() -> dict:
-    from larq_noisy import MAPPERS, NoisyMappedQuantizer
-
-    def params(kind, c_in, c_out):
-        quantizer = NoisyMappedQuantizer(mapper=kind)
-        quantizer.build((3, 3, c_in, c_out))
-        return quantizer.count_params()
-
-    print("\nMapper parameters per binarized layer, ResNet-18 ImageNet shapes (3x3 kernels):")
-    print(f"{'c_in->c_out':<14}{'layers':>7}" + "".join(f"{k:>12}" for k in MAPPERS))
-    report, totals = {}, dict.fromkeys(MAPPERS, 0)
-    for c_in, c_out, count in RESNET18_CONVS:
-        counts = {k: params(k, c_in, c_out) for k in MAPPERS}
-        for k in MAPPERS:
-            totals[k] += count * counts[k]
-        report[f"{c_in}->{c_out}"] = {"layers": count, **counts}
-        print(f"{f'{c_in}->{c_out}':<14}{count:>7}" + "".join(f"{counts[k]:>12,}" for k in MAPPERS))
-    binary = sum(9 * a * b * n for a, b, n in RESNET18_CONVS)
-    report["total"] = totals
-    report["binary_kernel_weights"] = binary
-    print(f"{'total':<14}{16:>7}" + "".join(f"{totals[k]:>12,}" for k in MAPPERS))
-    # Training memory of the parameters alone: float32 weights + Adam's two slots.
-    print(f"{'MiB w/ Adam':<21}" + "".join(f"{12 * totals[k] / 2**20:>12,.0f}" for k in MAPPERS))
-    print(f"(ResNet-18's binary kernels themselves: {binary:,} weights)")
+def imagenet_counts(kinds) -> dict:
+    print(f"\nMappers at ResNet-18's ImageNet shapes (16 binarized 3x3 layers), counted; "
+          f"a training step = {TRAINING_PASSES} forward passes, the network's at batch "
+          f"{IMAGENET_BATCH}:")
+    print(f"{'kind':<11}{'params':>13}{'MiB w/ Adam':>13}{'forward MAC':>14}{'step MAC':>12}"
+          f"{'% of network':>14}")
+    report = {}
+    for kind in kinds:
+        if kind == "sign":
+            continue
+        c = report[kind] = resnet18_mapper_cost(kind)
+        print(f"{kind:<11}{c['params']:>13,}{c['adam_mib']:>13,.0f}{c['forward'] / 1e9:>13.2f}G"
+              f"{c['train'] / 1e9:>11.1f}G{100 * c['train_fraction']:>13.2f}%")
+    network = resnet18_network_multiply_adds()
+    print(f"(the network: {network / 1e9:.2f} G multiply-adds forward per image, "
+          f"{TRAINING_PASSES * IMAGENET_BATCH * network / 1e12:.2f} T per training step at "
+          f"batch {IMAGENET_BATCH})", flush=True)
+    report["network_forward_per_image"] = network
     return report
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument("--batch-size", type=int, help="default: the shape set's")
-    p.add_argument("--steps", type=int, help="timed steps (default: the shape set's)")
+    p.add_argument("--steps", type=int, help="timed rounds (default: the shape set's)")
     p.add_argument("--jit", action="store_true")
-    p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--json", help="write the figures to this file (and resume from "
+                   "<json>.partial)")
     p.add_argument("--one", choices=KINDS, help=argparse.SUPPRESS)  # a single measurement
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.one:
-        shape = dict(SHAPES[args.shapes[0]])
-        shape.update({k: v for k, v in (("batch_size", args.batch_size), ("steps", args.steps)) if v})
-        print(json.dumps(measure(args.one, shape, args.jit)))
+        print(json.dumps(measure_pair(args.one, _shape(args.shapes[0], args), args.jit)))
         return
     import tensorflow as tf
+
+    partial = f"{args.json}.partial" if args.json else None
+    progress = {}
+    if partial and os.path.exists(partial):
+        with open(partial) as f:
+            progress = json.load(f)
+        print(f"Resuming: {len(progress)} measurements from {partial}")
+
+    def save():
+        if partial:
+            with open(partial, "w") as f:
+                json.dump(progress, f, indent=2)
 
     report = {"machine": f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}", "steps": {}}
     print(report["machine"])
     for shape_name in args.shapes:
-        report["steps"][shape_name] = step_ratios(shape_name, args)
-    report["resnet18_mapper_params"] = mapper_sizes()
+        report["steps"][shape_name] = step_ratios(shape_name, args, progress, save)
+    report["resnet18_imagenet"] = imagenet_counts(args.kinds)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["ARMS", "PROTOCOLS", "Arm", "Protocol", "get_protocol", "lr_at_epoch"]
+from larq_noisy.quantizers import PAPER
+
+__all__ = ["ARMS", "PRESETS", "PROTOCOLS", "Arm", "Protocol", "get_protocol", "lr_at_epoch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +33,10 @@ ARMS = {
     "lns": Arm("LNS", {}),  # the method: alpha > 0, rho > 0
     "lns_rho0": Arm("LNS with rho = 0", {"rho_pos": 0.0, "rho_neg": 0.0}),  # no correction
 }
+
+
+#: Named sets of LNS options that replace a dataset protocol's (`train.py --preset`).
+PRESETS = {"paper": PAPER}
 
 
 @dataclasses.dataclass(frozen=True)

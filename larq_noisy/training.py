@@ -35,7 +35,7 @@ from larq_noisy.conversion import (
     bake, flip_rates, mapped_layers, mean_flip_rate, mean_saturation, to_mapped,
 )
 from larq_noisy.distribute import STRATEGIES, is_chief, make_strategy
-from larq_noisy.protocols import ARMS, get_protocol, lr_at_epoch
+from larq_noisy.protocols import ARMS, PRESETS, get_protocol, lr_at_epoch
 from larq_noisy.quantizers import OPTIONS, check_options
 from larq_noisy.rundir import (
     CheckpointError, RunDir, atomic_path, pretrained_weights_path, read_json, weights_fingerprint,
@@ -84,6 +84,7 @@ class TrainConfig:
     aux_to_latent: bool | None = None
     bop_threshold: float | None = None  # the bop arm's; None: larq's Bop defaults
     bop_gamma: float | None = None
+    preset: str | None = None  # "paper": the paper's LNS options instead of the protocol's
     seed: int = 0
     strategy: str = "auto"
     output_dir: str = "runs/fashion_mnist"
@@ -107,7 +108,8 @@ class TrainConfig:
             if getattr(filled, field) is None:
                 setattr(filled, field, getattr(protocol, field))
         filled.arms = tuple(filled.arms)
-        for option, value in protocol.lns.items():  # recorded in config.json, so checked on resume
+        lns = PRESETS[filled.preset] if filled.preset in PRESETS else protocol.lns
+        for option, value in lns.items():  # recorded in config.json, so checked on resume
             if getattr(filled, option) is None:
                 setattr(filled, option, value)
         filled.validate()
@@ -152,6 +154,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name}={value} must be > 0.")
+        if self.preset not in (None, *PRESETS):
+            raise ValueError(f"Unknown preset {self.preset!r}; choose one of {list(PRESETS)}.")
         if self.verbose not in (0, 1, 2):
             raise ValueError(f"verbose={self.verbose} must be 0, 1 or 2.")
         if self.pretrain_epochs == 0 and not self.pretrained:

@@ -89,7 +89,7 @@ DEFAULT_RHO_RANGE = (0.0, 0.2)
 # Bop flips a weight when the exponential average (rate gamma) of its gradient passes
 # the threshold. From a pretrained bnn_small, larq's defaults (1e-8, 1e-4) flipped ~48%
 # of the binary weights in 12 steps; fine-tuning wants a small fraction, hence
-# thresholds up to 1e-3 (the average gradient of a latent weight is ~1e-4 .. 1e-3 here).
+# thresholds up to 1e-3, and gammas from 1e-5 (slow, averaging over ~1e5 steps) to 1e-1.
 DEFAULT_BOP_THRESHOLD_RANGE = (1e-8, 1e-3)
 DEFAULT_BOP_GAMMA_RANGE = (1e-5, 1e-1)
 PAPER = {"alpha": 1.0, "rho": 0.005}  # the paper's CIFAR-10 values, for reference
@@ -695,6 +695,8 @@ def trial_rows(oracle, space: SearchSpace) -> list[dict]:
 def publish(config: TuneConfig, oracle, weights: str, top: int = 10) -> dict:
     """Write best_hparams.json, trials.md and trials.png from the oracle's trials."""
     rows = trial_rows(oracle, config.space)
+    for row in rows:  # Hyperband says how long each trial trained; the others train all epochs
+        row["epochs"] = row["epochs"] or config.epochs
     out = config.output_dir
     failed = sum(t.status in ("FAILED", "INVALID") for t in oracle.trials.values())
     if not rows:
@@ -767,7 +769,7 @@ def plot_trials(space: SearchSpace, rows, path, title: str = "") -> None:
         label = ", ".join(f"{c}={row[c]}" for c in choices) or "trials"
         groups.setdefault(label, []).append(row)
     top = rows[0]  # best_hparams.json's trial
-    fig, axes = plt.subplots(1, len(numbers), figsize=(4.5 * len(numbers) + 1, 4.5),
+    fig, axes = plt.subplots(1, len(numbers), figsize=(max(8.0, 4.5 * len(numbers) + 1), 4.5),
                              squeeze=False, sharey=True)
     for ax, name in zip(axes[0], numbers):
         for i, (label, members) in enumerate(sorted(groups.items())):

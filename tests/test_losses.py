@@ -52,3 +52,38 @@ def test_invalid_rates_are_refused(rho_pos, rho_neg, needle):
     with pytest.raises(ValueError, match=needle) as info:
         unbiased_loss([0.0], [1.0], rho_pos, rho_neg)
     assert "[0, 1)" in str(info.value) or "< 1" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "rho_pos, rho_neg, dtype",
+    [(0.5, 0.49999999, tf.float32), (0.3, 0.6999, tf.float16), (0.4999, 0.5, tf.float16)],
+)
+def test_rates_valid_in_float64_but_not_in_the_loss_dtype_are_refused(rho_pos, rho_neg, dtype):
+    # 1 - rho_pos - rho_neg > 0 in float64, but 0 in `dtype` (a division by zero), or so
+    # small that the loss overflows there.
+    with pytest.raises(ValueError, match=rf"in {dtype.name}, where the loss is computed"):
+        unbiased_loss(tf.constant([0.3], dtype), [1.0], rho_pos, rho_neg)
+    np.testing.assert_array_less(0, 1.0 - rho_pos - rho_neg)
+    assert np.isfinite(unbiased_loss(tf.constant([0.3], tf.float64), [1.0], rho_pos, rho_neg)).all()
+
+
+def test_the_quantizer_refuses_rates_its_float32_loss_cannot_take():
+    import larq_noisy
+
+    with pytest.raises(ValueError, match="in float32, where the loss is computed"):
+        larq_noisy.NoisyMappedQuantizer(rho_pos=0.5, rho_neg=0.49999999)
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.float32])
+def test_near_singular_rates_are_as_accurate_as_the_dtype(dtype):
+    # The coefficients 1 / (1 - rho_pos - rho_neg) are computed in float64 and then
+    # cast: in float16, 1 - 0.3 - 0.6997 would be 4.9e-4 instead of 3e-4 (60% off).
+    rho_pos, rho_neg = 0.3, 0.6997
+    t = np.linspace(-1, 1, 9)
+    y = np.where(np.arange(9) % 2 == 0, 1.0, -1.0)
+    exact = unbiased_loss(t, y, rho_pos, rho_neg).numpy()
+    got = unbiased_loss(tf.constant(t, dtype), y, rho_pos, rho_neg)
+    assert got.dtype == dtype and np.isfinite(got.numpy()).all()
+    resolution = float(np.finfo(dtype.as_numpy_dtype).eps)
+    np.testing.assert_allclose(got.numpy().astype("float64"), exact, rtol=8 * resolution,
+                               atol=8 * resolution * np.abs(exact).max())

@@ -122,6 +122,21 @@ def test_magnitude_aware_sign_scales_per_channel():
     assert not np.allclose(sign(x, training=False), scaled(x, training=False), atol=1e-4)
 
 
+def test_dorefa_scales_the_sign_by_the_layers_mean_absolute_weight():
+    quantizer = lq.quantizers.get("dorefa")
+    assert isinstance(quantizer, models.DoReFaSign) and quantizer.precision == 1
+    w = tf.constant(np.random.default_rng(2).uniform(-1.5, 1.5, (3, 3, 4, 5)), tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(w)
+        q = quantizer(w)
+    scale = np.abs(w.numpy()).mean()  # one mean over the whole kernel
+    np.testing.assert_allclose(q, scale * np.where(w.numpy() >= 0, 1, -1), rtol=1e-6)
+    # Straight-through, zero past clip_value (1), times the (constant) mean.
+    np.testing.assert_allclose(tape.gradient(q, w), scale * (np.abs(w.numpy()) <= 1), rtol=1e-6)
+    again = tf.keras.utils.deserialize_keras_object(tf.keras.utils.serialize_keras_object(quantizer))
+    assert type(again) is models.DoReFaSign and again.get_config() == quantizer.get_config()
+
+
 def test_mixed_float16_outputs_float32_probabilities():
     tf.keras.mixed_precision.set_global_policy("mixed_float16")
     try:

@@ -1,5 +1,6 @@
 import pytest
 
+import train
 from larq_noisy.protocols import PROTOCOLS, get_protocol, lr_at_epoch
 
 
@@ -58,3 +59,16 @@ def test_lns_defaults_fill_the_config_and_flags_win(monkeypatch):
                                                "rho_neg": 0.1}
     assert config.quantizer_options("mapped")["alpha"] == 0.0  # the arm's own option wins
     assert TrainConfig(dataset="mnist", alpha=2.0).resolved().alpha == 2.0  # a flag wins
+
+
+def test_preset_paper_is_one_flag_away_and_flags_still_win():
+    from larq_noisy.quantizers import PAPER, NoisyMappedQuantizer
+
+    default = train.parse_args([]).resolved()
+    paper = train.parse_args(["--preset", "paper"]).resolved()
+    assert {k: getattr(paper, k) for k in PAPER} == PAPER
+    assert default.mapper != paper.mapper  # Fashion-MNIST's measured options differ
+    assert train.parse_args(["--preset", "paper", "--alpha", "0.5"]).resolved().alpha == 0.5
+    # The paper's values are the quantizer's defaults: one definition.
+    assert {k: getattr(NoisyMappedQuantizer(), k if k != "mapper" else "mapper_kind")
+            for k in PAPER} == PAPER

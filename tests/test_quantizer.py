@@ -60,6 +60,33 @@ def test_channel_scale_is_mean_absolute_latent_weight():
     )
 
 
+@pytest.mark.parametrize("gradient", [False, True])
+@pytest.mark.parametrize("scale, axes", [("layer", None), ("channel", (0, 1, 2))])
+def test_binary_scale_is_a_clipped_mean_with_or_without_gradient(scale, axes, gradient):
+    from larq_noisy.quantizers import binary_scale
+
+    w = tf.constant(np.random.default_rng(5).uniform(-2, 2, (3, 3, 4, 6)), tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(w)
+        s = binary_scale(w, scale, clip=1.25, gradient=gradient)
+    clipped = np.abs(np.clip(w.numpy(), -1.25, 1.25))
+    np.testing.assert_allclose(s, clipped.mean(axis=axes), rtol=1e-6)
+    grad = tape.gradient(s, w)
+    if not gradient:
+        assert grad is None or not np.any(grad)
+    else:  # d mean|clip(W)| / dW = sign(W) / n inside the clip, 0 past it
+        n = w.numpy().size if axes is None else 36
+        expected = np.sign(w.numpy()) * (np.abs(w.numpy()) < 1.25) / n
+        np.testing.assert_allclose(grad, expected, rtol=1e-6)
+
+
+def test_layer_scale_of_a_float16_kernel_does_not_overflow():
+    from larq_noisy.quantizers import binary_scale
+
+    w = tf.fill((3, 3, 256, 256), tf.constant(0.5, tf.float16))  # sums to 294912 > 65504
+    assert float(binary_scale(w, "layer")) == 0.5
+
+
 @pytest.mark.parametrize("mapper", sorted(larq_noisy.MAPPERS))
 def test_mapper_width_sets_hidden_size(mapper):
     narrow = NoisyMappedQuantizer(mapper=mapper, width=0.5)
@@ -133,14 +160,14 @@ def test_config_round_trip():
         (dict(rho_neg=-0.01), r"rho_neg=-0.01 .*\[0, 1\)"),
         (dict(rho_pos=0.5, rho_neg=0.5), "must be < 1"),
         (dict(alpha=-1.0), r"alpha=-1.0 must be a finite number >= 0"),
-        (dict(mapper="transformer"), r"'transformer'.*\['cnn', 'mlp', 'linear'\]"),
+        (dict(mapper="transformer"), r"'transformer'.*\['cnn', 'mlp', 'linear', 'separable'\]"),
         (dict(reduction="max"), r"'max'.*\['sum', 'mean'\]"),
         (dict(labels="clean"), r"'clean'.*\['current', 'frozen'\]"),
         (dict(start="cold"), r"'cold'.*\['identity', 'warmup'\]"),
         (dict(scale="filter"), r"'filter'.*\[None, 'layer', 'channel'\]"),
         (dict(scale_clip=0.0), r"scale_clip=0.0 must be a number > 0"),
         (dict(scale_gradient="yes"), r"scale_gradient='yes' must be True or False"),
-        (dict(width=0), r"width=0 must be a number > 0"),
+        (dict(width=0), r"width=0 must be a finite number > 0"),
         (dict(clip="tanh"), r"'tanh'.*\['hardtanh', 'none'\]"),
         (dict(aux_to_latent="no"), r"aux_to_latent='no' must be True or False"),
     ],
