@@ -30,18 +30,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 import models  # noqa: E402
-from larq_noisy import export, to_mapped  # noqa: E402
+from larq_noisy import datasets, export, to_mapped  # noqa: E402
 
-#: model, input shape, classes
-MODELS = {
-    "bnn_small": ((28, 28, 1), 10),
-    "resnet20": ((32, 32, 3), 10),
-    "birealnet18": ((224, 224, 3), 1000),
-}
+#: Each model at the shapes of the dataset it is trained on.
+MODELS = {"bnn_small": "fashion_mnist", "resnet20": "cifar10", "birealnet18": "imagenet2012"}
 
 
 def export_untrained(name: str, threads: int, out_dir: str) -> dict:
-    shape, classes = MODELS[name]
+    spec = datasets.get_spec(MODELS[name])
+    shape, classes = spec.image_shape, spec.num_classes
     tf.keras.utils.set_random_seed(0)
     model = to_mapped(models.build(name, shape, classes))
     # An untrained model's outputs on random inputs are near ties (1000 classes: ~0.001

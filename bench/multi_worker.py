@@ -33,13 +33,15 @@ def worker(args) -> None:
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     import models
+    from larq_noisy.datasets import get_spec
 
+    spec = get_spec("fashion_mnist")
     with strategy.scope():
-        model = models.build("bnn_small", (28, 28, 1), 10)
+        model = models.build("bnn_small", spec.image_shape, spec.num_classes)
         model.compile("adam", "sparse_categorical_crossentropy")
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.batch_size, 28, 28, 1)).astype("float32")
-    y = rng.integers(0, 10, args.batch_size)
+    x = rng.normal(size=(args.batch_size, *spec.image_shape)).astype("float32")
+    y = rng.integers(0, spec.num_classes, args.batch_size)
     data = tf.data.Dataset.from_tensors((x, y)).repeat()
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA

@@ -35,7 +35,6 @@ from models.bireal_resnet import (
 from models.zoo import BiRealNet18Factory, ResNetE18Factory
 
 __all__ = [
-    "DEFAULT_KERNEL_QUANTIZERS",
     "MODELS",
     "WEIGHT_QUANTIZERS",
     "BNNSmallFactory",
@@ -51,15 +50,6 @@ __all__ = [
 # channel by the mean absolute latent weight (XNOR-Net / Bi-Real Net); sign scaled by
 # the layer's mean absolute latent weight (DoReFa-Net, the LNS paper's CIFAR-10 baseline).
 WEIGHT_QUANTIZERS = ("ste_sign", "magnitude_aware_sign", "dorefa")
-
-# What `kernel_quantizer=None` means for each model: the architecture's own choice.
-DEFAULT_KERNEL_QUANTIZERS = {
-    "bnn_small": "ste_sign",
-    "resnet20": "ste_sign",
-    "birealnet18": "magnitude_aware_sign",
-    "resnet_e18": "ste_sign (larq-zoo's SteSign(clip_value=1.25), WeightClip(1.25))",
-}
-
 
 def _check_choice(what: str, value, choices, note: str = "") -> None:
     if value not in choices:
@@ -150,8 +140,7 @@ def build(
         kernel_quantizer: the weight binarization of the binarized layers, one of
             `WEIGHT_QUANTIZERS` (with `kernel_constraint="weight_clip"`; `"dorefa"`
             is `DoReFaSign`, the paper's CIFAR-10 baseline), or `None`
-            for the architecture's own default (`DEFAULT_KERNEL_QUANTIZERS`:
-            `magnitude_aware_sign` for Bi-Real Net, `ste_sign` elsewhere).
+            for the architecture's own default (the table above).
         weights: `None` (random initialization) or the path of a local weights file
             (Keras `.h5` or TF checkpoint prefix). Nothing is ever downloaded.
 

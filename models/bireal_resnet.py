@@ -26,7 +26,10 @@ from zookeeper import Field, factory
 
 from larq_noisy.quantizers import DoReFaSign  # registers "dorefa"
 
-__all__ = ["BNNSmallFactory", "BiRealResNetFactory", "DoReFaSign", "ResNet20Factory"]
+__all__ = [
+    "BNNSmallFactory", "BiRealResNetFactory", "ConstraintType", "DoReFaSign", "QuantizerType",
+    "ResNet20Factory",
+]
 
 QuantizerType = Union[str, dict, lq.quantizers.Quantizer]
 ConstraintType = Union[str, dict, tf.keras.constraints.Constraint]
@@ -136,12 +139,7 @@ class ResNet20Factory(BiRealResNetFactory):
     downsampling shortcuts are full-precision 1x1 convs.
     """
 
-    model_name: str = Field("resnet20")
-    stem_filters: int = Field(16)
-    stem_strides: int = Field(1)
-    stem_pool: bool = Field(False)
-    stage_filters: Sequence[int] = Field((16, 32, 64))
-    blocks_per_stage: int = Field(3)
+    model_name: str = Field("resnet20")  # the rest: BiRealResNetFactory's defaults
 
 
 @factory

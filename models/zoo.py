@@ -15,18 +15,14 @@ precision and have 16 binarized convs. Never build them with `weights="imagenet"
 that downloads, and this project runs offline.
 """
 
-from typing import Union
-
-import larq as lq
-import tensorflow as tf
 from larq_zoo.literature.birealnet import BiRealNetFactory
 from larq_zoo.literature.resnet_e import BinaryResNetE18Factory
 from zookeeper import Field, factory
 
+from models.bireal_resnet import ConstraintType, QuantizerType
+
 __all__ = ["BiRealNet18Factory", "ResNetE18Factory"]
 
-QuantizerType = Union[str, dict, lq.quantizers.Quantizer]
-ConstraintType = Union[str, dict, tf.keras.constraints.Constraint]
 
 
 @factory
