@@ -20,12 +20,10 @@ Validation and test are deterministic: same order, eval transform only.
 
 # Transforms
 
-* cifar10 (32x32x3): train = zero-pad 4 + random 32x32 crop + random horizontal flip;
-  both = scale to [0, 1], then per-channel mean/std of the train set.
-* mnist / fashion_mnist (28x28x1): train = zero-pad 2 + random 28x28 crop (+ random
-  horizontal flip for fashion_mnist; digits are not mirror-symmetric); both = scale to
-  [0, 1], then mean/std of the train set.
-* imagenet2012 / imagenette (224x224x3): larq-zoo's own ImageNet preprocessing
+* Small images (cifar10, mnist, fashion_mnist): train = zero-pad `spec.pad` + random
+  crop back to size (+ random horizontal flip where `spec.flip`: not for digits);
+  both = scale to [0, 1], then the train set's per-channel `spec.mean` / `spec.std`.
+* JPEG datasets (`spec.jpeg`: imagenet2012, imagenette): larq-zoo's own ImageNet preprocessing
   (`larq_zoo.training.data.preprocess_image_bytes`, EfficientNet-style), so that
   larq-zoo's pretrained weights see the inputs they were trained on. Train = random
   resized crop (area 8-100%, aspect 3/4-4/3, fused with JPEG decoding) + random
