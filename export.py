@@ -45,19 +45,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from larq_noisy import export  # TensorFlow and LCE after the arguments are checked
 
-    try:
-        export.export_source(
-            args.source, args.out, arm=args.arm, verify=args.verify, dataset=args.dataset,
-            data_dir=args.data_dir, threads=args.threads, benchmark=args.benchmark,
-            min_agreement=args.min_agreement,
-        )
-    except Exception as error:  # noqa: BLE001 - one line for what a user can act on
-        code, message = errors.describe(error)
-        if code is None:
-            raise
-        print(f"export.py: {message}", file=sys.stderr)
-        return code
-    return 0
+    return errors.run_script("export.py", lambda: export.export_source(
+        args.source, args.out, arm=args.arm, verify=args.verify, dataset=args.dataset,
+        data_dir=args.data_dir, threads=args.threads, benchmark=args.benchmark,
+        min_agreement=args.min_agreement,
+    ))
 
 
 if __name__ == "__main__":

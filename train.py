@@ -137,18 +137,7 @@ def parse_args(argv=None) -> training.TrainConfig:
 
 def main(argv=None) -> int:
     config = parse_args(argv)
-    try:
-        training.run(config)
-    except training.TrainingDiverged as error:
-        print(f"train.py: {error}", file=sys.stderr)
-        return 1
-    except Exception as error:  # noqa: BLE001 - one line for what a user can act on
-        code, message = errors.describe(error)
-        if code is None:
-            raise
-        print(f"train.py: {message}", file=sys.stderr)
-        return code
-    return 0
+    return errors.run_script("train.py", lambda: training.run(config))
 
 
 if __name__ == "__main__":

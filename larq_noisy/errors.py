@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["describe"]
+__all__ = ["describe", "run_script"]
 
 
 def _first_line(error: BaseException) -> str:
@@ -20,6 +20,9 @@ def _first_line(error: BaseException) -> str:
 def describe(error: BaseException) -> tuple[int | None, str]:
     """`(exit code, one-line message)` for an error a user can act on; `(None, "")` for
     an unexpected one (a bug: let its traceback show)."""
+    training = sys.modules.get("larq_noisy.training")
+    if training is not None and isinstance(error, training.TrainingDiverged):
+        return 1, str(error)  # names the phase, the step and the checkpoint kept
     export = sys.modules.get("larq_noisy.export")
     if export is not None and isinstance(error, export.VerificationError):
         return 1, f"export failed, nothing written: {error}"
@@ -40,3 +43,18 @@ def describe(error: BaseException) -> tuple[int | None, str]:
             "kept; run the same command again to resume."
         )
     return None, ""
+
+
+def run_script(name: str, work) -> int:
+    """Call `work()` for script `name`; the exit code: 0, or for an error a user can act
+    on, its code after printing it as one line `name: message`. A bug keeps its
+    traceback."""
+    try:
+        work()
+    except Exception as error:  # noqa: BLE001 - sorted by `describe`
+        code, message = describe(error)
+        if code is None:
+            raise
+        print(f"{name}: {message}", file=sys.stderr)
+        return code
+    return 0
