@@ -353,7 +353,7 @@ def test_default_output_is_readable(full_run, tmp_path, capfd):
 def test_quiet_says_where_the_results_are_and_verbose_2_prints_a_line_per_epoch(
         full_run, tmp_path, capfd):
     out = str(tmp_path / "quiet")
-    argv = SMOKE + ["--arms", "lns", "--pretrained", full_run, "--output-dir", out]
+    argv = SMOKE + ["--arms", "sign", "--pretrained", full_run, "--output-dir", out]
     assert train.main(argv) == 0
     assert capfd.readouterr().out.strip() == f"results: {os.path.join(out, 'results.md')}"
     out2 = str(tmp_path / "lines")
