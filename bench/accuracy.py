@@ -62,7 +62,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from larq_noisy import datasets, training  # noqa: E402
+from larq_noisy import datasets, quantizers, training  # noqa: E402
 from larq_noisy.distribute import STRATEGIES  # noqa: E402
 from larq_noisy.mappers import MAPPERS  # noqa: E402
 from larq_noisy.protocols import ARMS  # noqa: E402
@@ -72,7 +72,7 @@ from larq_noisy.rundir import RunDir, read_json, write_json  # noqa: E402
 from larq_noisy.tuning import HPARAM_KEYS as TUNED_KEYS, TUNED_ARMS  # noqa: E402
 
 FINETUNE_EPOCHS = 3
-PAPER = {"alpha": 1.0, "rho_pos": 0.005, "rho_neg": 0.005}
+PAPER = {k: quantizers.PAPER[k] for k in ("alpha", "rho_pos", "rho_neg")}  # the ablations'
 BASELINE = "baseline (pretrained, sign)"
 
 

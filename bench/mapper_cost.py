@@ -24,7 +24,7 @@ builds them):
 3. Mapper parameters at ResNet-18's shapes and their training memory with Adam (float32
    weights + 2 slots).
 
-    .venv/bin/python bench/mapper_cost.py --json docs/data/mapper_cost.json   # ~40 min, 2 CPU cores
+    .venv/bin/python bench/mapper_cost.py --json docs/data/mapper_cost.json   # ~17 min, 2 CPU cores
     .venv/bin/python bench/mapper_cost.py --shapes cifar --kinds sign cnn    # a subset
 
 Long runs resume: each finished (shape set, kind) measurement is kept in `<json>.partial`

@@ -133,7 +133,7 @@ class TapMixing(tf.keras.layers.Layer):
 def multiply_adds(layer: tf.keras.layers.Layer, input_shape) -> int:
     """The multiply-adds of one forward pass of `layer` on an input of `input_shape`.
 
-    Counts the products of convolutions (`Conv1D/2D` and larq's quantized ones, at
+    Counts the products of convolutions (`Conv1D/2D/3D` and larq's quantized ones, at
     every output position and tap, padding included: what a dense implementation
     computes), depthwise convolutions, `Dense` layers, layers with a
     `multiply_adds(input_shape)` method (`TapMixing`) and, recursively, `Sequential`
@@ -358,21 +358,46 @@ def _cnn_in_kernel_layout(mapper: tf.keras.Sequential, kernel):
     return tf.reshape(out, kernel.shape)
 
 
+def _separable_in_kernel_layout(mapper: tf.keras.Sequential, kernel):
+    """`separable`'s output computed in the kernel's layout; see `map_kernel`."""
+    taps, down, norm, _, up = mapper.layers
+    c_in, c_out = kernel.shape[-2:]
+    # The kernel (*spatial, c_in, c_out) read as (taps, c_in, c_out): the tap map is one
+    # product on the left, the channel maps are products over its middle axis.
+    x = tf.reshape(taps.kernel @ tf.reshape(kernel, (taps.kernel.shape[0], -1)),
+                   (-1, c_in, c_out))
+    h = tf.matmul(down.kernel, x, transpose_a=True)  # (taps, hidden, c_out)
+    mean, variance = tf.nn.moments(h, axes=[0, 2], keepdims=True)
+    h = tf.nn.batch_normalization(
+        h, mean, variance, norm.beta[:, None], norm.gamma[:, None], norm.epsilon
+    )
+    out = tf.matmul(up.kernel, tf.nn.relu(h), transpose_a=True) + up.bias[:, None]
+    return tf.reshape(out, kernel.shape)
+
+
 def map_kernel(kind: str, mapper: tf.keras.Sequential, kernel):
     r"""The mapper's output for `kernel`'s filters, in the kernel's layout, or `None`.
 
     Equal, up to float rounding, to
     `filters_to_kernel(mapper(kernel_to_filters(kernel)), kernel.shape)`, but faster
-    where a dedicated path exists; `None` where it does not (the caller then maps the
-    filters). One exists for the paper's `cnn` on 3x3 kernels in float32: its three
-    "same" 3x3 convolutions on 3x3 "images" are Toom-Cook/Winograd products (25
-    multiply-adds per channel pair instead of 81, `_toom_cook_3x3`), with the
-    activations kept in a (pixel, filter, channel) layout so that neither the kernel
-    nor the output is transposed. On ResNet-20 (CIFAR shapes, 2 CPU cores) that halves
-    the mapper's forward and backward time (docs/RESULTS.md, section 2.1).
-    `multiply_adds` still counts what the convolutions would compute (81 per pair).
+    where a dedicated path exists (in float32); `None` where it does not (the caller
+    then maps the filters). Two exist:
+
+    - the paper's `cnn` on 3x3 kernels: its three "same" 3x3 convolutions on 3x3
+      "images" are Toom-Cook/Winograd products (25 multiply-adds per channel pair
+      instead of 81, `_toom_cook_3x3`), with the activations kept in a (pixel, filter,
+      channel) layout so that neither the kernel nor the output is transposed;
+    - `separable`, on any kernel: the tap map and the channel maps are matrix products
+      on the kernel's own layout, no transpose either.
+
+    `multiply_adds` still counts what the stock layers compute (81 per channel pair
+    for a `cnn` conv). Measured gains: docs/RESULTS.md, section 2.1.
     """
     dense = kernel.dtype == tf.float32 and mapper.compute_dtype == "float32"
-    if kind == "cnn" and dense and tuple(kernel.shape[:-2]) == (3, 3):
+    if not dense:
+        return None
+    if kind == "cnn" and tuple(kernel.shape[:-2]) == (3, 3):
         return _cnn_in_kernel_layout(mapper, kernel)
+    if kind == "separable" and len(kernel.shape) >= 2:
+        return _separable_in_kernel_layout(mapper, kernel)
     return None

@@ -62,7 +62,7 @@ from larq_noisy.rundir import (
 from larq_noisy.distribute import STRATEGIES, make_strategy
 from larq_noisy.mappers import MAPPERS
 from larq_noisy.protocols import ARMS, get_protocol, lr_at_epoch
-from larq_noisy.quantizers import CLIPS, check_options
+from larq_noisy.quantizers import CLIPS, PAPER, check_options
 
 __all__ = [
     "DEFAULT_ALPHA_RANGE",
@@ -92,7 +92,6 @@ DEFAULT_RHO_RANGE = (0.0, 0.2)
 # thresholds up to 1e-3, and gammas from 1e-5 (slow, averaging over ~1e5 steps) to 1e-1.
 DEFAULT_BOP_THRESHOLD_RANGE = (1e-8, 1e-3)
 DEFAULT_BOP_GAMMA_RANGE = (1e-5, 1e-1)
-PAPER = {"alpha": 1.0, "rho": 0.005}  # the paper's CIFAR-10 values, for reference
 BOP_DEFAULTS = {"bop_threshold": 1e-8, "bop_gamma": 1e-4}  # larq's, for reference
 
 # Search budgets per dataset, for when --epochs / --steps-per-epoch / --max-trials are
@@ -401,7 +400,7 @@ class FineTuningHyperModel(kt.HyperModel):
         if s.alpha is not None:
             values["alpha"] = hp.Float("alpha", *s.alpha, sampling="log",
                                        default=_clamp(PAPER["alpha"], s.alpha))
-            rho = _clamp(PAPER["rho"], s.rho)
+            rho = _clamp(PAPER["rho_pos"], s.rho)
             if s.asymmetric_rho:
                 values["rho_pos"] = hp.Float("rho_pos", *s.rho, default=rho)
                 values["rho_neg"] = hp.Float("rho_neg", *s.rho, default=rho)
@@ -641,9 +640,11 @@ def search(config: TuneConfig, log=None) -> dict:
     log(f"tune: {config.tuner} search ({role}), {budget}, up to {config.epochs} epochs of "
         f"{steps} per trial, batch {base.batch_size}; {config.space.describe()}", flush=True)
     start = time.time()
-    tuner.search(  # the training data: FineTuningHyperModel.fit
-        validation_data=validation, epochs=config.epochs, verbose=2 if config.verbose else 0,
-    )
+    # train.py's environment (op determinism on): a trial is the train.py run of its values.
+    with training._run_environment(base):
+        tuner.search(  # the training data: FineTuningHyperModel.fit
+            validation_data=validation, epochs=config.epochs, verbose=2 if config.verbose else 0,
+        )
     summary = {"role": role, "ran": list(tuner.ran), "weights": weights,
                "output_dir": config.output_dir, "wall_seconds": time.time() - start}
     if role == "worker":
@@ -669,8 +670,8 @@ HPARAM_KEYS = ("alpha", "rho_pos", "rho_neg", "mapper", "clip", "aux_to_latent",
                "bop_threshold", "bop_gamma", "finetune_lr")
 _LOG_SAMPLED = ("alpha", "bop_threshold", "bop_gamma", "finetune_lr")
 # Reference values drawn on the plot: the paper's CIFAR-10 setting, larq's Bop defaults.
-_REFERENCES = {"alpha": (PAPER["alpha"], "paper"), "rho_pos": (PAPER["rho"], "paper"),
-               "rho_neg": (PAPER["rho"], "paper"),
+_REFERENCES = {"alpha": (PAPER["alpha"], "paper"), "rho_pos": (PAPER["rho_pos"], "paper"),
+               "rho_neg": (PAPER["rho_neg"], "paper"),
                "bop_threshold": (BOP_DEFAULTS["bop_threshold"], "larq's default"),
                "bop_gamma": (BOP_DEFAULTS["bop_gamma"], "larq's default")}
 

@@ -145,6 +145,14 @@ def test_sign_and_bop_searches_feed_train_py(arm, keys, pretrained, tmp_path):
     config = train.parse_args(["--arms", arm, "--hparams", path, "--output-dir",
                                str(tmp_path / "parsed")])
     assert {k: getattr(config, k) for k in keys} == best
+    if arm == "sign":  # a trial is the train.py run of its values: same batches, same weights
+        out = str(tmp_path / "train")
+        assert train.main(["--arms", arm, "--hparams", path, "--pretrained", pretrained,
+                           "--finetune-epochs", "1", *TINY[:-3], "--quiet", "--output-dir", out]) == 0
+        history = open(os.path.join(out, "arms", arm, "history.csv")).read().splitlines()
+        loss = float(history[1].split(",")[history[0].split(",").index("loss")])
+        trial = _trials(str(tmp_path / arm))["0"]["metrics"]["metrics"]
+        assert loss == trial["loss"]["observations"][0]["value"][0]
     if arm == "bop":  # train.py's bop arm flips with the searched threshold and gamma
         weights = os.path.join(pretrained, "pretrain", "weights.h5")
         model = training.build_arm(config.resolved(), "bop", weights)
