@@ -105,7 +105,7 @@ ABLATIONS = {
     "paper": Row("lns", "lns", PAPER),
     "mean": Row("lns", "lns", {**PAPER, "reduction": "mean"}),
     "warmup": Row("lns", "lns", {"start": "warmup", "warmup_epochs": 1}),
-    **{kind: Row("lns", "lns", {"mapper": kind}) for kind in ("cnn", "mlp", "linear")},
+    **{kind: Row("lns", "lns", {"mapper": kind}) for kind in ("cnn", "mlp", "linear", "separable")},
 }
 ROWS = {**MAIN_ROWS, **VARIANTS, **ABLATIONS}
 DEFAULT_STUDIES = (*MAIN_ROWS, *VARIANTS)

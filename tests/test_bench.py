@@ -165,10 +165,10 @@ def test_a_study_that_repeats_the_tuned_lns_is_skipped(accuracy, tmp_path):
     # The quantizer's defaults (hardtanh, aux to latent) are the tuned lns' when not given.
     assert studies({**accuracy.PAPER, "mapper": "cnn"}) == main | {
         "lns_clip-hardtanh_aux-mapper", "lns_clip-none_aux-latent", "lns_clip-none_aux-mapper",
-        "mean", "warmup", "mlp", "linear"}
+        "mean", "warmup", "mlp", "linear", "separable"}
     assert studies({"mapper": "mlp", "alpha": 0.5, "clip": "none"}) == main | {
         "lns_clip-hardtanh_aux-latent", "lns_clip-hardtanh_aux-mapper", "lns_clip-none_aux-mapper",
-        "paper", "mean", "warmup", "cnn", "linear"}
+        "paper", "mean", "warmup", "cnn", "linear", "separable"}
     # Without the lns row, nothing is a repeat.
     assert "lns_clip-hardtanh_aux-latent" in studies({}, names=accuracy.VARIANTS)
 
