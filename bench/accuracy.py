@@ -22,7 +22,7 @@ Each arm reads its settings from its own `--hparams ARM=FILE` (tune.py's best_hp
 a bare FILE is lns'); an arm without one gets the dataset protocol's.
 
 The schedule: 3 epochs of fine-tuning (3 x the old protocol, long enough for the mapped
-arm to recover or not, and 5 seeds x 8 fine-tuned rows still fit ~2 h on 2 CPU cores) at a
+arm to recover or not; 5 seeds x 8 fine-tuned rows took 50 min on 2 busy CPU cores) at a
 constant learning rate (the Fashion-MNIST protocol's shape). Constant, because Bop's
 threshold and gamma have no schedule: a decaying rate would anneal the sign arm's flips
 but not Bop's, and the comparison would no longer be between equally treated arms; and

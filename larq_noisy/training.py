@@ -756,7 +756,7 @@ class _NothingToActOn(logging.Filter):
 
 
 @contextlib.contextmanager
-def _run_environment(config: TrainConfig):
+def run_environment(config: TrainConfig):
     """Mixed precision, op determinism and quieter logs for the run; as they were after."""
     from tensorflow.python.framework import config as tf_config  # the public API cannot undo it
 
@@ -788,7 +788,7 @@ def run(config: TrainConfig) -> dict:
     run_dir = RunDir(config.output_dir)
     run_dir.ensure_writable()
     run_dir.check_settings(config.to_json())
-    with _run_environment(config):
+    with run_environment(config):
         # The strategy first: multi-worker needs it before any other TensorFlow op.
         strategy = make_strategy(config.strategy)
         chief = is_chief(strategy)

@@ -641,7 +641,7 @@ def search(config: TuneConfig, log=None) -> dict:
         f"{steps} per trial, batch {base.batch_size}; {config.space.describe()}", flush=True)
     start = time.time()
     # train.py's environment (op determinism on): a trial is the train.py run of its values.
-    with training._run_environment(base):
+    with training.run_environment(base):
         tuner.search(  # the training data: FineTuningHyperModel.fit
             validation_data=validation, epochs=config.epochs, verbose=2 if config.verbose else 0,
         )
