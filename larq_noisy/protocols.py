@@ -94,10 +94,6 @@ _IMAGENET = Protocol(
     finetune_lr=0.01,
     pretrain_milestones=(70 / 120, 90 / 120, 110 / 120),
     finetune_milestones=(1 / 3, 2 / 3),
-    # The separable mapper: 0.5% of a batch-256 step's multiply-adds and 0.57 M
-    # parameters, against 70% and 81.7 M for the paper's cnn (docs/RESULTS.md 2.1).
-    # Its accuracy is not measured yet; `--preset paper` gives the cnn. [project decision]
-    lns={"mapper": "separable"},
     note="paper, Sec. 5.2",
 )
 
