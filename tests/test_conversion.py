@@ -89,11 +89,16 @@ def test_birealnet_keeps_its_scaled_sign():
     np.testing.assert_array_equal(mapped(x, training=False), model(x, training=False))
 
 
-@pytest.mark.parametrize("start", ["warmup", "identity"])
-def test_gradients_reach_every_mapper_variable_and_latent_kernel(start, toy_data):
+@pytest.mark.parametrize(
+    "mapper, start, variables_per_layer",
+    [("cnn", "warmup", 8), ("cnn", "identity", 8),  # 3 convs, 2 norms (gamma, beta), 1 bias
+     ("separable", "identity", 6)],  # taps, down, norm (gamma, beta), up kernel and bias
+)
+def test_gradients_reach_every_mapper_variable_and_latent_kernel(
+        mapper, start, variables_per_layer, toy_data):
     x, y = toy_data
     tf.keras.utils.set_random_seed(0)
-    model = to_mapped(tiny_bnn(), start=start)
+    model = to_mapped(tiny_bnn(), mapper=mapper, start=start)
     optimizer = tf.keras.optimizers.SGD(0.05)
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy()
 
@@ -111,7 +116,7 @@ def test_gradients_reach_every_mapper_variable_and_latent_kernel(start, toy_data
     grads = dict(zip((v.name for v in model.trainable_variables), step()))
     mapper_vars = [v for l in mapped_layers(model) for v in l.kernel_quantizer.trainable_variables]
     kernels = [l.kernel.latent_variable for l in mapped_layers(model)]
-    assert len(mapper_vars) == 3 * 8  # cnn: 3 convs + 2 norms (gamma, beta) + 1 bias
+    assert len(mapper_vars) == 3 * variables_per_layer
     for v in mapper_vars + kernels:
         g = grads[v.name]
         assert g is not None and float(tf.reduce_max(tf.abs(g))) > 0, v.name
