@@ -67,7 +67,6 @@ __all__ = [
     "float_twin",
     "format_report",
     "load_model",
-    "main",
     "prepare_for_export",
     "run_model_path",
     "verify_flatbuffer",

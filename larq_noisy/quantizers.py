@@ -9,7 +9,7 @@ import numbers
 import larq as lq
 import tensorflow as tf
 
-from larq_noisy.losses import check_noise_rates, unbiased_loss
+from larq_noisy.losses import check_noise_rates
 from larq_noisy.mappers import MAPPERS, build_mapper, map_kernel
 
 __all__ = [
