@@ -245,13 +245,15 @@ def epoch_key(seed: int, epoch):
 
 def batches_per_epoch(name: str, split: str, batch_size: int, limit: int | None = None) -> int:
     """Batches in one epoch of `split`, as `load` batches it."""
-    spec = get_spec(name)
-    num_examples = spec.split_sizes[split]
-    if limit is not None:
-        num_examples = min(num_examples, limit)
+    num_examples = _num_examples(get_spec(name), split, limit)
     if _drop_remainder(split, num_examples, batch_size):
         return num_examples // batch_size
     return -(-num_examples // batch_size)
+
+
+def _num_examples(spec, split, limit) -> int:
+    """Examples in one epoch of `split`, `limit` applied."""
+    return spec.split_sizes[split] if limit is None else min(spec.split_sizes[split], limit)
 
 
 def _drop_remainder(split, num_examples, batch_size) -> bool:
@@ -314,9 +316,7 @@ def load(
     if not training and (epochs is not None or skip or steps_per_epoch):
         raise ValueError(f"epochs, skip and steps_per_epoch apply to 'train', not {split!r}.")
 
-    num_examples = spec.split_sizes[split]
-    if limit is not None:
-        num_examples = min(num_examples, limit)
+    num_examples = _num_examples(spec, split, limit)
     if drop_remainder is None:
         drop_remainder = _drop_remainder(split, num_examples, batch_size)
     size = image_size or spec.image_shape[0]

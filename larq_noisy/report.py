@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from larq_noisy.protocols import ARMS  # noqa: E402
+from larq_noisy.rundir import RunFileError, atomic_path  # noqa: E402
 
 __all__ = [
     "ARM_TITLES", "arm_color", "plot_accuracy", "plot_flip_rates", "read_history",
@@ -80,8 +81,6 @@ def write_results_md(results: dict, path: str) -> None:
 
 def read_history_rows(path: str) -> list[dict]:
     """The rows of a history.csv file, as written (strings)."""
-    from larq_noisy.rundir import RunFileError
-
     try:
         with open(path, newline="") as f:
             return [row for row in csv.DictReader(f) if row.get("epoch", "").isdigit()]
@@ -91,8 +90,6 @@ def read_history_rows(path: str) -> list[dict]:
 
 def write_history_rows(rows: list[dict], path: str) -> None:
     """Write history rows (dicts, `epoch` first) to `path` atomically."""
-    from larq_noisy.rundir import atomic_path
-
     columns = ["epoch", *sorted({k for row in rows for k in row} - {"epoch"})]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)

@@ -118,8 +118,16 @@ class RunDir:
     def pretrained_weights(self) -> str:
         return self.path("pretrain", "weights.h5")
 
+    @property
+    def baseline(self) -> str:
+        return self.path("baseline.json")
+
     def arm(self, arm: str) -> str:
         return self.path("arms", arm)
+
+    def lineage(self, arm: str) -> str:
+        """The record of the pretrained weights `arm` started from."""
+        return self.path("arms", arm, "pretrained.json")
 
     def tensorboard(self, name: str) -> str:
         return self.path("tensorboard", name)

@@ -700,7 +700,7 @@ def check_lineage(run_dir: RunDir, fingerprint: str) -> None:
     arms_dir = run_dir.path("arms")
     stale = []
     for arm in sorted(os.listdir(arms_dir)) if os.path.isdir(arms_dir) else []:
-        path = os.path.join(run_dir.arm(arm), "pretrained.json")
+        path = run_dir.lineage(arm)
         if os.path.exists(path):
             fix = f"delete {run_dir.arm(arm)} to redo the arm"
             if read_json(path, fix).get("sha256") != fingerprint:
@@ -715,7 +715,7 @@ def check_lineage(run_dir: RunDir, fingerprint: str) -> None:
 
 def baseline(session: Session, weights: str, fingerprint: str, reference) -> dict:
     """The pretrained model's accuracy, evaluated once per pretrained checkpoint."""
-    path = session.run_dir.path("baseline.json")
+    path = session.run_dir.baseline
     if os.path.exists(path):
         saved = read_json(path, "delete it: it is evaluated again")
         if saved.get("sha256") == fingerprint:
@@ -810,8 +810,9 @@ def run(config: TrainConfig) -> dict:
         scores = baseline(session, weights, fingerprint, reference)
         session.log(f"baseline (pretrained sign model): val accuracy {scores['val_accuracy']:.4f}, "
                     f"test accuracy {scores['test_accuracy']:.4f}")
+        results = collect_results(run_dir, config, scores)
         if chief:
-            publish(run_dir, collect_results(run_dir, config, scores))
+            publish(run_dir, results)
         for arm in config.arms:
             arm_dir = run_dir.arm(arm)
             if run_dir.read_result(arm_dir) is not None:
@@ -819,8 +820,7 @@ def run(config: TrainConfig) -> dict:
             else:
                 if chief:
                     os.makedirs(arm_dir, exist_ok=True)
-                    write_json(os.path.join(arm_dir, "pretrained.json"),
-                               {"weights": weights, "sha256": fingerprint})
+                    write_json(run_dir.lineage(arm), {"weights": weights, "sha256": fingerprint})
                 finetune(session, arm, weights, reference)
             if config.export and chief:
                 from larq_noisy import export  # LCE only when exporting
@@ -828,11 +828,9 @@ def run(config: TrainConfig) -> dict:
                 tflite = export.export_run(run_dir.root, arm=arm, verbose=bool(config.verbose))
                 result = run_dir.read_result(arm_dir)
                 write_json(run_dir.result(arm_dir), {**result, "tflite": tflite["tflite"]})
+            results = collect_results(run_dir, config, scores)
             if chief:
-                publish(run_dir, collect_results(run_dir, config, scores))
-        results = collect_results(run_dir, config, scores)
-        if chief:
-            publish(run_dir, results)
+                publish(run_dir, results)
         session.header(f"Done: {run_dir.path('results.md')}")
         if chief and config.verbose:
             with open(run_dir.path("results.md")) as f:
