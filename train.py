@@ -11,7 +11,6 @@ command again to resume an interrupted run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -37,7 +36,9 @@ def parse_args(argv=None) -> training.TrainConfig:
                      help="the baseline's weight binarization (default: the model's own)")
     run.add_argument("--pretrained", metavar="PATH",
                      help="skip phase 1: a train.py output dir or its pretrain/weights.h5")
-    run.add_argument("--hparams", metavar="FILE", help="JSON from tune.py (flags win over it)")
+    run.add_argument("--hparams", nargs="+", metavar="[ARM=]FILE",
+                     help="tune.py's best_hparams.json: ARM=FILE for that arm (and the arms "
+                          "tuned as it), a bare FILE for every arm; flags win over them")
     run.add_argument("--output-dir", help="default: runs/<dataset>")
     run.add_argument("--export", action="store_true",
                      help="convert each arm with Larq Compute Engine and verify it "
@@ -102,37 +103,22 @@ def parse_args(argv=None) -> training.TrainConfig:
     if args.rho is not None:
         for side in ("rho_pos", "rho_neg"):
             values[side] = args.rho if values[side] is None else values[side]
-    if args.hparams:
-        try:
-            with open(args.hparams) as f:
-                hparams = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            p.error(f"--hparams {args.hparams!r} is unreadable: {error}")
-        if not isinstance(hparams, dict):
-            p.error(f"--hparams {args.hparams!r} must hold a JSON object of settings, "
-                    f"not {type(hparams).__name__} {hparams!r}")
-        fields = {f for f in training.TrainConfig.__dataclass_fields__}
-        unknown = sorted(set(hparams) - fields)
-        if unknown:
-            p.error(f"--hparams {args.hparams!r} has unknown keys {unknown}; valid keys are {sorted(fields)}")
-        try:
-            training.TrainConfig.check_types(hparams)
-        except ValueError as error:
-            p.error(f"--hparams {args.hparams!r}: {error}")
-        for key, value in hparams.items():
-            if values.get(key) is None:  # an explicit flag wins
-                values[key] = value
+    try:
+        hparams, values["tuned"] = training.read_hparams(args.hparams)
+    except ValueError as error:
+        p.error(str(error))
+    for key, value in hparams.items():
+        if values.get(key) is None:  # an explicit flag wins
+            values[key] = value
     values["output_dir"] = values["output_dir"] or f"runs/{args.dataset}"
     values["verbose"] = 0 if values.pop("quiet") else args.verbose
     values["deterministic"] = not values.pop("nondeterministic")
     for key in ("rho", "hparams"):
         values.pop(key)
-    config = training.TrainConfig(**values)
-    try:
-        config.resolved()  # every bad value is reported now, before any work
+    try:  # the one resolution of the run: every bad value is reported now, before any work
+        return training.TrainConfig(**values).resolved()
     except ValueError as error:
         p.error(str(error))
-    return config
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,7 @@ learning rate), every arm with the same tuner, trials and epochs.
     python tune.py                                   # lns, offline default: Fashion-MNIST, CPU
     python tune.py --arm sign && python tune.py --arm bop    # the same budget, other arms
     python tune.py --pretrained runs/fashion_mnist --tuner bayesian --max-trials 20
-    python train.py --arms lns --hparams tune_runs/fashion_mnist/lns/best_hparams.json
+    python train.py --hparams lns=tune_runs/fashion_mnist/lns/best_hparams.json   # lns' settings
 
 Each trial fine-tunes the arm from a pretrained sign checkpoint (--pretrained; else
 train.py's runs/<dataset>, else a one-time pretraining that the arms' searches share)
@@ -23,7 +23,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ notices: nothing to act on
 
 import models  # noqa: E402
-from larq_noisy import datasets, tuning
+from larq_noisy import datasets, errors, tuning
 from larq_noisy.distribute import STRATEGIES
 from larq_noisy.mappers import MAPPERS
 from larq_noisy.quantizers import CLIPS
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> tuple[tuning.TuneConfig, argparse.Namespace, argparse.ArgumentParser]:
+def parse_args(argv=None) -> tuple[tuning.TuneConfig, argparse.Namespace]:
     p = build_parser()
     args = p.parse_args(argv)
     for name, arm in _ARM_FLAGS.items():
@@ -141,22 +141,14 @@ def parse_args(argv=None) -> tuple[tuning.TuneConfig, argparse.Namespace, argpar
         config = config.resolved()  # every bad value is reported now, before any work
     except ValueError as error:
         p.error(str(error))
-    return config, args, p
+    return config, args
 
 
 def main(argv=None) -> int:
-    config, args, p = parse_args(argv)
-    try:
-        if args.pretrain_only:
-            print(tuning.prepare_checkpoint(config))
-            return 0
-        tuning.search(config)
-    except tuning.SetupError as error:  # bad checkpoint, changed settings, missing data
-        p.error(str(error))
-    except RuntimeError as error:  # keras-tuner: too many failed trials in a row
-        print(f"tune.py: {error}", file=sys.stderr)
-        return 1
-    return 0
+    config, args = parse_args(argv)
+    if args.pretrain_only:
+        return errors.run_script("tune.py", lambda: print(tuning.prepare_checkpoint(config)))
+    return errors.run_script("tune.py", lambda: tuning.search(config))
 
 
 if __name__ == "__main__":

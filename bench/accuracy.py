@@ -18,17 +18,17 @@ of one arm). The rows:
     paper, mean, warmup, cnn, mlp, linear   (only with --studies) the 1-epoch ablations
                of docs/RESULTS.md section 1.2, over the tuned lns
 
-Each arm reads its settings from its own `--hparams ARM=FILE` (tune.py's best_hparams.json;
-a bare FILE is lns'); an arm without one gets the dataset protocol's.
+Each arm takes its settings as train.py does: `--hparams ARM=FILE` (tune.py's
+best_hparams.json) for that arm, else the dataset protocol's tuned settings
+(`Protocol.tuned`, which on Fashion-MNIST are the files of the commands below).
 
-The schedule: 3 epochs of fine-tuning (3 x the old protocol, long enough for the mapped
-arm to recover or not; 5 seeds x 8 fine-tuned rows took 50 min on 2 busy CPU cores) at a
-constant learning rate (the Fashion-MNIST protocol's shape). Constant, because Bop's
-threshold and gamma have no schedule: a decaying rate would anneal the sign arm's flips
-but not Bop's, and the comparison would no longer be between equally treated arms; and
-because tune.py's trials then run exactly this schedule (tune with `--epochs 3
---steps-per-epoch 390`, a full epoch at batch 128), so the tuned values are the ones
-measured here. [project decision]
+The schedule is the dataset protocol's fine-tuning (Fashion-MNIST: 3 epochs at a
+constant learning rate; 5 seeds x 8 fine-tuned rows took 50 min on 2 busy CPU cores).
+Constant, because Bop's threshold and gamma have no schedule: a decaying rate would
+anneal the sign arm's flips but not Bop's, and the comparison would no longer be between
+equally treated arms; and because tune.py's trials then run exactly this schedule (tune
+with `--epochs 3 --steps-per-epoch 390`, a full epoch at batch 128), so the tuned values
+are the ones measured here. [project decision]
 
     .venv/bin/python tune.py --arm sign --tuner random --max-trials 10 --epochs 3 --steps-per-epoch 390
     .venv/bin/python tune.py --arm bop  --tuner random --max-trials 10 --epochs 3 --steps-per-epoch 390
@@ -37,7 +37,7 @@ measured here. [project decision]
         bop=tune_runs/fashion_mnist/bop/best_hparams.json lns=tune_runs/fashion_mnist/lns/best_hparams.json
     .venv/bin/python bench/accuracy.py --seeds 0 1 --studies sign lns     # a subset
     .venv/bin/python bench/accuracy.py --dataset cifar10 --data-dir /data/tfds \\
-        --finetune-epochs 120 --strategy mirrored --mixed-precision       # the paper's table, GPUs
+        --strategy mirrored --mixed-precision       # the paper's table, GPUs
 
 Each run is a train.py output directory, so an interrupted benchmark resumes where it
 stopped with the same command (finished runs are skipped, an interrupted one continues
@@ -65,24 +65,19 @@ import numpy as np  # noqa: E402
 from larq_noisy import datasets, quantizers, training  # noqa: E402
 from larq_noisy.distribute import STRATEGIES  # noqa: E402
 from larq_noisy.mappers import MAPPERS  # noqa: E402
-from larq_noisy.protocols import ARMS  # noqa: E402
+from larq_noisy.protocols import ARMS, TUNED_ARMS  # noqa: E402
 from larq_noisy.rundir import RunDir, read_json, write_json  # noqa: E402
-# The arms tune.py searches (--arm), and what its best_hparams.json may hold: anything
-# else (seed, epochs, output_dir, ...) would break the pairing of the rows.
-from larq_noisy.tuning import HPARAM_KEYS as TUNED_KEYS, TUNED_ARMS  # noqa: E402
 
-FINETUNE_EPOCHS = 3
 PAPER = {k: quantizers.PAPER[k] for k in ("alpha", "rho_pos", "rho_neg")}  # the ablations'
 BASELINE = "baseline (pretrained, sign)"
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One row of the tables: `arm` fine-tuned with the tuned settings of `tuned` (an arm
-    of `TUNED_ARMS`), then `options` (`TrainConfig` fields) over them."""
+    """One row of the tables: `arm` fine-tuned with its tuned settings (its
+    `Arm.tuned_as`'s), then `options` (`TrainConfig` fields) over them."""
 
     arm: str
-    tuned: str
     options: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -93,19 +88,17 @@ class Row:
 
 def _variant(clip: str, aux_to_latent: bool) -> tuple[str, Row]:
     name = f"lns_clip-{clip}_aux-{'latent' if aux_to_latent else 'mapper'}"
-    return name, Row("lns", "lns", {"clip": clip, "aux_to_latent": aux_to_latent})
+    return name, Row("lns", {"clip": clip, "aux_to_latent": aux_to_latent})
 
 
-MAIN_ROWS = {"sign": Row("sign", "sign"), "bop": Row("bop", "bop"),
-             "mapped": Row("mapped", "lns"), "lns_rho0": Row("lns_rho0", "lns"),
-             "lns": Row("lns", "lns")}
+MAIN_ROWS = {arm: Row(arm) for arm in ("sign", "bop", "mapped", "lns_rho0", "lns")}
 VARIANTS = dict(_variant(c, a) for c in ("hardtanh", "none") for a in (True, False))
 #: The 1-epoch ablations of docs/RESULTS.md section 1.2, over the tuned lns.
 ABLATIONS = {
-    "paper": Row("lns", "lns", PAPER),
-    "mean": Row("lns", "lns", {**PAPER, "reduction": "mean"}),
-    "warmup": Row("lns", "lns", {"start": "warmup", "warmup_epochs": 1}),
-    **{kind: Row("lns", "lns", {"mapper": kind}) for kind in ("cnn", "mlp", "linear", "separable")},
+    "paper": Row("lns", PAPER),
+    "mean": Row("lns", {**PAPER, "reduction": "mean"}),
+    "warmup": Row("lns", {"start": "warmup", "warmup_epochs": 1}),
+    **{kind: Row("lns", {"mapper": kind}) for kind in ("cnn", "mlp", "linear", "separable")},
 }
 ROWS = {**MAIN_ROWS, **VARIANTS, **ABLATIONS}
 DEFAULT_STUDIES = (*MAIN_ROWS, *VARIANTS)
@@ -125,16 +118,16 @@ def pretrain_config(args, seed: int) -> training.TrainConfig:
     )
 
 
-def configs(args, tuned: dict[str, dict]) -> dict[tuple[int, str], training.TrainConfig]:
+def configs(args, common: dict, tuned: dict[str, dict]) -> dict[tuple[int, str], training.TrainConfig]:
     """`{(seed, row): TrainConfig}` in the order to run them (row "pretrain": the seed's
-    checkpoint), from each tuned arm's settings `tuned[arm]`."""
+    checkpoint), with `training.read_hparams`' settings for every arm and per arm."""
     def row_config(pretrain, name):
         row = ROWS[name]
-        settings = {**tuned.get(row.tuned, {}), **row.options}
+        settings = {**common, **row.options}
         if args.mapper and ARMS[row.arm].quantizer is not None and "mapper" not in row.options:
             settings["mapper"] = args.mapper
         return dataclasses.replace(
-            pretrain, **settings, arms=(row.arm,), finetune_epochs=args.finetune_epochs,
+            pretrain, **settings, tuned=tuned, arms=(row.arm,), finetune_epochs=args.finetune_epochs,
             pretrained=pretrain.output_dir,
             output_dir=os.path.join(args.output_dir, f"seed{pretrain.seed}", name),
         )
@@ -163,8 +156,8 @@ def effective(config: training.TrainConfig) -> dict:
     (its default included, whoever set it)."""
     from larq_noisy import NoisyMappedQuantizer
 
-    c = _resolved(config)
-    arm = c.arms[0]
+    arm = config.arms[0]
+    c = _resolved(config).for_arm(arm)
     out = {"finetune_lr": c.finetune_lr}
     if ARMS[arm].bop:  # None: larq's default
         out.update(bop_threshold=c.bop_threshold, bop_gamma=c.bop_gamma)
@@ -191,7 +184,7 @@ def _finished(config: training.TrainConfig) -> bool:
     phase = run_dir.arm(config.arms[0]) if config.arms else run_dir.pretrain
     if run_dir.read_result(phase) is None or not os.path.exists(run_dir.path("results.json")):
         return False
-    run_dir.check_settings(config.resolved().to_json(), record=False)
+    run_dir.check_settings(config.resolved().recorded(), record=False)
     return True
 
 
@@ -321,14 +314,15 @@ def report(runs, args, tuned: dict) -> dict:
         if name != "pretrain" and name not in settings:
             settings[name] = effective(config)
     wall = wall_time(args)
-    summary = {"finetune_epochs": args.finetune_epochs, "tuned": tuned, "settings": settings,
+    epochs = _resolved(next(iter(runs.values()))).finetune_epochs
+    summary = {"finetune_epochs": epochs, "tuned": tuned, "settings": settings,
                "rows": {k: {str(s): r for s, r in v.items()} for k, v in rows.items()},
                "paired": [c for c in comparisons if c], "wall_seconds": wall["total_seconds"]}
     os.makedirs(args.output_dir, exist_ok=True)
     write_json(os.path.join(args.output_dir, "summary.json"), summary)
-    files = ", ".join(f"{a} {args.hparams_files.get(a, '(none: the protocol)')}" for a in TUNED_ARMS)
-    text = [f"{args.finetune_epochs} fine-tuning epochs per row; seeds {list(args.seeds)}; "
-            f"tuned settings: {files}", "", "Settings per row:", ""]
+    files = " ".join(args.hparams or ["none (the dataset protocol's)"])
+    text = [f"{epochs} fine-tuning epochs per row; seeds {list(args.seeds)}; "
+            f"--hparams: {files}", "", "Settings per row:", ""]
     text += [f"- `{name}`: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in s.items()) for name, s in settings.items()]
     text += ["", table(rows, main_rows), "", table(rows, variants), "",
@@ -357,43 +351,19 @@ def report(runs, args, tuned: dict) -> dict:
     return summary
 
 
-def read_hparams(p, specs) -> tuple[dict[str, dict], dict[str, str]]:
-    """`--hparams [ARM=]FILE ...` as `{arm: settings}` and `{arm: file}`, checked as
-    train.py checks its --hparams (names and types), or `p.error`."""
-    tuned, files = {}, {}
-    for spec in specs or ():
-        arm, sep, path = spec.partition("=")
-        arm, path = (arm, path) if sep else ("lns", spec)
-        if arm not in TUNED_ARMS:
-            p.error(f"--hparams {spec!r}: {arm!r} is not a tuned arm; give ARM=FILE with ARM "
-                    f"one of {list(TUNED_ARMS)}.")
-        try:
-            values = read_json(path, "give the best_hparams.json written by tune.py --arm " + arm)
-            if not isinstance(values, dict):
-                raise ValueError(f"{path} must hold a JSON object of settings, not {values!r}")
-            unknown = sorted(set(values) - set(TUNED_KEYS))
-            if unknown:
-                raise ValueError(f"{path} has keys {unknown} that tune.py does not tune; "
-                                 f"keep only {list(TUNED_KEYS)}")
-            training.TrainConfig.check_types(values)
-        except ValueError as error:
-            p.error(f"--hparams {spec!r}: {error}")
-        tuned[arm], files[arm] = values, path
-    return tuned, files
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist", choices=sorted(datasets.DATASETS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--studies", nargs="+", choices=list(ROWS), default=list(DEFAULT_STUDIES),
                    metavar="ROW", help=f"rows to run, of {list(ROWS)} (default: {list(DEFAULT_STUDIES)})")
-    p.add_argument("--hparams", nargs="+", metavar="ARM=FILE",
-                   help=f"tune.py's best_hparams.json per arm of {list(TUNED_ARMS)} (a bare "
-                        "FILE: lns'); default: the dataset protocol's settings")
+    p.add_argument("--hparams", nargs="+", metavar="[ARM=]FILE",
+                   help=f"as train.py's: tune.py's best_hparams.json per arm of "
+                        f"{list(TUNED_ARMS)} (a bare FILE: every arm); default: the dataset "
+                        "protocol's tuned settings")
     p.add_argument("--mapper", choices=list(MAPPERS), help="the mapper rows' mapper "
                    "(default: lns' --hparams, else the dataset protocol's)")
-    p.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS)
+    p.add_argument("--finetune-epochs", type=int, help="default: the protocol's")
     p.add_argument("--output-dir", default="bench_runs/accuracy")
     p.add_argument("--plots", default="docs", help="where the PNG files go ('' for none)")
     p.add_argument("--data-dir")
@@ -405,12 +375,15 @@ def main(argv=None):
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--verbose", type=int, default=0)
     args = p.parse_args(argv)
-    if args.finetune_epochs < 1:
+    if args.finetune_epochs is not None and args.finetune_epochs < 1:
         p.error(f"--finetune-epochs {args.finetune_epochs} must be >= 1.")
     args.studies = list(dict.fromkeys(args.studies))
-    tuned, args.hparams_files = read_hparams(p, args.hparams)
+    try:
+        common, tuned = training.read_hparams(args.hparams)
+    except ValueError as error:
+        p.error(str(error))
 
-    runs = configs(args, tuned)
+    runs = configs(args, common, tuned)
     for config in runs.values():  # every bad value before the first run starts
         try:
             _resolved(config)

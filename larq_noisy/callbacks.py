@@ -1,18 +1,31 @@
-"""Keras callbacks that watch the binary weights while training."""
+"""The Keras callbacks of a run: they watch the binary weights, schedule, time, log and
+save each phase, and stop it when the loss diverges."""
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+
+import larq as lq
+import numpy as np
 import tensorflow as tf
 
 from larq_noisy.conversion import (
-    flip_rates,
-    mapped_layers,
-    mean_flip_rate,
-    mean_saturation,
-    saturation,
+    flip_rates, mapped_layers, mean_flip_rate, mean_saturation, saturation,
+)
+from larq_noisy.rundir import (
+    read_history_rows, read_json, save_weights, write_history_rows, write_json,
 )
 
-__all__ = ["FlipRateCallback", "auxiliary_losses"]
+__all__ = [
+    "AtomicCheckpoint", "EpochLine", "FlipRateCallback", "HistoryCSV", "LearningRateScheduler",
+    "SlowCallbackFilter", "StopOnNaN", "TrainingDiverged", "WallClock", "auxiliary_losses",
+]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 def auxiliary_losses(model) -> dict[str, float]:
@@ -58,3 +71,147 @@ class FlipRateCallback(tf.keras.callbacks.Callback):
             logs[f"saturation/{name}"] = fraction
         logs["saturation"] = mean_saturation(self.model, fractions)
         logs["aux_loss"] = sum(auxiliary_losses(self.model).values())
+
+
+class StopOnNaN(tf.keras.callbacks.Callback):
+    """Stops at the first non-finite loss, before anything saves the broken weights."""
+
+    def __init__(self, phase: str, checkpoint: str):
+        super().__init__()
+        self.phase, self.checkpoint = phase, checkpoint
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            kept = (
+                f"the last good checkpoint is kept at {self.checkpoint}"
+                if os.path.exists(self.checkpoint)
+                else "no epoch finished, so there is no checkpoint of this phase yet"
+            )
+            raise TrainingDiverged(
+                f"{self.phase}: the loss became {loss} at epoch {self.epoch + 1}, step "
+                f"{batch + 1}; training stopped and {kept}. Try a lower learning rate "
+                "or a lower alpha."
+            )
+
+
+class LearningRateScheduler(tf.keras.callbacks.LearningRateScheduler):
+    """Keras' scheduler, which under larq's `CaseOptimizer` (the bop arm) schedules the
+    default optimizer: Bop's threshold and gamma stay as they are."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        if isinstance(optimizer, lq.optimizers.CaseOptimizer):
+            tf.keras.backend.set_value(optimizer.default.lr, self.schedule(epoch))
+        else:
+            super().on_epoch_begin(epoch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        optimizer = getattr(optimizer, "default", optimizer)
+        if logs is not None:
+            logs["lr"] = float(tf.keras.backend.get_value(optimizer.lr))
+
+
+class WallClock(tf.keras.callbacks.Callback):
+    """Adds `wall_seconds` to the epoch logs: the phase's time so far, the sessions
+    before a resumption included. The chief records it in `path` whenever
+    `BackupAndRestore` backs up (`save_freq`), so a resumed phase starts from the time
+    of the backup it resumes."""
+
+    def __init__(self, path: str, position: int, save_freq, chief: bool):
+        super().__init__()
+        self.path, self.position, self.save_freq, self.chief = path, position, save_freq, chief
+        saved = read_json(path, "delete it (only the wall time is lost)") if (
+            position and os.path.exists(path)) else {}
+        self.offset = saved.get("wall_seconds", 0.0) if saved.get("position") == position else 0.0
+        self.start = time.time()
+
+    @property
+    def total(self) -> float:
+        return self.offset + time.time() - self.start
+
+    def _record(self):
+        if self.chief:
+            write_json(self.path, {"position": self.position, "wall_seconds": self.total})
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.position += 1
+        if isinstance(self.save_freq, int) and self.position % self.save_freq == 0:
+            self._record()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["wall_seconds"] = self.total
+        self._record()
+
+
+class HistoryCSV(tf.keras.callbacks.Callback):
+    """Keras' `CSVLogger`, written atomically: a resumed phase keeps the rows of the
+    epochs before it, and a failed write leaves the previous file."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.rows = read_history_rows(path) if os.path.exists(path) else []
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch, **{k: _scalar(v) for k, v in (logs or {}).items()}}
+        self.rows = [r for r in self.rows if int(r["epoch"]) < epoch] + [row]
+        write_history_rows(self.rows, self.path)
+
+
+def _scalar(value):
+    return float(value) if np.ndim(value) == 0 else value
+
+
+class AtomicCheckpoint(tf.keras.callbacks.Callback):
+    """The weights at each epoch end, written atomically. Every worker saves (reading
+    distributed variables may need collectives); only the chief keeps the file."""
+
+    def __init__(self, path: str, chief: bool):
+        super().__init__()
+        self.path, self.chief = path, chief
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_weights(self.model, self.path, self.chief)
+
+
+class EpochLine(tf.keras.callbacks.Callback):
+    """One line per epoch (`verbose=2`): the losses, accuracies, flips, lr and time."""
+
+    def __init__(self, name: str, epochs: int, log):
+        super().__init__()
+        self.name, self.epochs, self.log = name, epochs, log
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        parts = [f"{self.name} epoch {epoch + 1}/{self.epochs}:"]
+        if "aux_loss" in logs:
+            parts.append(f"loss {logs['loss']:.4f} = cross-entropy + aux_loss ({logs['aux_loss']:.4g})")
+        else:
+            parts.append(f"loss {logs.get('loss', float('nan')):.4f}")
+        for key, label in (("accuracy", "acc"), ("val_accuracy", "val acc")):
+            if key in logs:
+                parts.append(f"{label} {logs[key]:.4f}")
+        if "flip_rate" in logs:
+            parts.append(f"flipped {logs['flip_rate']:.2%}")
+        if "lr" in logs:
+            parts.append(f"lr {logs['lr']:.3g}")
+        parts.append(f"{time.time() - self.start:.0f} s")
+        self.log(" ".join(parts), flush=True)
+
+
+class SlowCallbackFilter(logging.Filter):
+    """Drops Keras' notes that a callback is slow against a tiny batch: backups and flip rates
+    are, and the user can do nothing about it."""
+
+    def filter(self, record):
+        return "is slow compared to the batch time" not in record.getMessage()

@@ -20,12 +20,15 @@ def _first_line(error: BaseException) -> str:
 def describe(error: BaseException) -> tuple[int | None, str]:
     """`(exit code, one-line message)` for an error a user can act on; `(None, "")` for
     an unexpected one (a bug: let its traceback show)."""
-    training = sys.modules.get("larq_noisy.training")
-    if training is not None and isinstance(error, training.TrainingDiverged):
+    callbacks = sys.modules.get("larq_noisy.callbacks")  # where training raises it
+    if callbacks is not None and isinstance(error, callbacks.TrainingDiverged):
         return 1, str(error)  # names the phase, the step and the checkpoint kept
     export = sys.modules.get("larq_noisy.export")
     if export is not None and isinstance(error, export.VerificationError):
         return 1, f"export failed, nothing written: {error}"
+    tuning = sys.modules.get("larq_noisy.tuning")
+    if tuning is not None and isinstance(error, tuning.SearchFailed):
+        return 1, str(error)  # keras-tuner's limit of failed trials, the last one's error
     if isinstance(error, (ValueError, FileNotFoundError)):  # bad settings, files, missing data
         return 2, f"error: {error}"
     tf = sys.modules.get("tensorflow")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 
 import matplotlib
@@ -11,11 +10,11 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from larq_noisy.protocols import ARMS  # noqa: E402
-from larq_noisy.rundir import RunFileError, atomic_path  # noqa: E402
+from larq_noisy.rundir import read_history_rows  # noqa: E402
 
 __all__ = [
     "ARM_TITLES", "arm_color", "plot_accuracy", "plot_flip_rates", "read_history",
-    "read_history_rows", "write_history_rows", "write_results_md",
+    "write_results_md",
 ]
 
 #: How the reports name each arm.
@@ -35,6 +34,20 @@ def _pct(value) -> str:
 
 def _epochs(n) -> str:
     return f"{n} epoch" + ("" if n == 1 else "s")
+
+
+def _settings(result: dict) -> str:
+    """An arm's learning rate, Bop's and the quantizer's options, from its result.json."""
+    def fmt(values):
+        return ", ".join(f"{k} {'default' if v is None else f'{v:.3g}' if isinstance(v, float) else v}"
+                         for k, v in values.items())
+
+    parts = [f"lr {result['finetune_lr']:.3g}"]
+    if result.get("bop"):
+        parts.append("Bop " + fmt(result["bop"]))
+    if result.get("quantizer") is not None:
+        parts.append("mapper options: " + (fmt(result["quantizer"]) or "defaults"))
+    return "; ".join(parts)
 
 
 def write_results_md(results: dict, path: str) -> None:
@@ -75,26 +88,13 @@ def write_results_md(results: dict, path: str) -> None:
         *rows,
         "",
     ]
+    settings = [f"- `{arm}`: {_settings(r)}" for arm, r in results.get("arms", {}).items()
+                if "finetune_lr" in r]
+    if settings:
+        lines += ["Each arm's fine-tuning settings:", "",
+                  *settings, ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
-
-
-def read_history_rows(path: str) -> list[dict]:
-    """The rows of a history.csv file, as written (strings)."""
-    try:
-        with open(path, newline="") as f:
-            return [row for row in csv.DictReader(f) if row.get("epoch", "").isdigit()]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise RunFileError(f"{path} is unreadable ({error}): delete it (only the log is lost).") from None
-
-
-def write_history_rows(rows: list[dict], path: str) -> None:
-    """Write history rows (dicts, `epoch` first) to `path` atomically."""
-    columns = ["epoch", *sorted({k for row in rows for k in row} - {"epoch"})]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def read_history(path: str) -> dict[str, list[float]]:

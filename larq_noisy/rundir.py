@@ -22,12 +22,16 @@ named, with what to do, in one line.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
 import tempfile
 
-__all__ = ["CheckpointError", "RunDir", "RunFileError", "atomic_path", "read_json", "write_json"]
+__all__ = [
+    "CheckpointError", "RunDir", "RunFileError", "atomic_path", "backup_position",
+    "read_history_rows", "read_json", "save_weights", "write_history_rows", "write_json",
+]
 
 
 class RunFileError(ValueError):
@@ -92,6 +96,59 @@ def weights_fingerprint(path: str, fix: str = "delete it to train it again") -> 
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path} is corrupted or truncated ({error}): {fix}.") from None
     return digest.hexdigest()
+
+
+def read_history_rows(path: str) -> list[dict]:
+    """The rows of a history.csv file, as written (strings)."""
+    try:
+        with open(path, newline="") as f:
+            return [row for row in csv.DictReader(f) if row.get("epoch", "").isdigit()]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise RunFileError(f"{path} is unreadable ({error}): delete it (only the log is lost).") from None
+
+
+def write_history_rows(rows: list[dict], path: str) -> None:
+    """Write history rows (dicts, `epoch` first) to `path` atomically."""
+    columns = ["epoch", *sorted({k for row in rows for k in row} - {"epoch"})]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_weights(model, path: str, chief: bool = True) -> None:
+    """`model.save_weights(path)` atomically on the chief; a discarded copy elsewhere."""
+    if chief:
+        with atomic_path(path) as tmp:
+            model.save_weights(tmp)
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            model.save_weights(os.path.join(scratch, os.path.basename(path)))
+
+
+def backup_position(backup_dir: str) -> int:
+    """The global training step a Keras `BackupAndRestore` backup resumes at (0 without
+    one), after reading every tensor of it: `CheckpointError` names an unreadable file."""
+    import tensorflow as tf
+
+    directory = os.path.join(backup_dir, "chief")  # where every worker restores from
+    fix = f"delete {backup_dir} to redo this phase from its start (finished phases are kept)"
+    try:
+        latest = tf.train.latest_checkpoint(directory) if os.path.isdir(directory) else None
+    except (tf.errors.OpError, ValueError, OSError) as error:
+        raise CheckpointError(f"{directory}/checkpoint is unreadable ({error}): {fix}.") from None
+    if latest is None:
+        return 0
+    try:
+        reader = tf.train.load_checkpoint(latest)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+        return int(reader.get_tensor("train_counter/.ATTRIBUTES/VARIABLE_VALUE"))
+    except (tf.errors.OpError, ValueError, OSError, IndexError, KeyError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(
+            f"The backup {latest}.* is corrupted or truncated ({reason}): {fix}."
+        ) from None
 
 
 class RunDir:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import math
 import os
 import tempfile
@@ -25,39 +24,46 @@ import typing
 import warnings
 
 import larq as lq
-import numpy as np
 import tensorflow as tf
 
 import models
 from larq_noisy import datasets, report
-from larq_noisy.callbacks import FlipRateCallback, auxiliary_losses
+from larq_noisy.callbacks import (
+    AtomicCheckpoint, EpochLine, FlipRateCallback, HistoryCSV, LearningRateScheduler,
+    SlowCallbackFilter, StopOnNaN, TrainingDiverged, WallClock, auxiliary_losses,
+)
 from larq_noisy.conversion import (
     bake, flip_rates, mapped_layers, mean_flip_rate, mean_saturation, to_mapped,
 )
 from larq_noisy.distribute import STRATEGIES, is_chief, make_strategy
-from larq_noisy.protocols import ARMS, PRESETS, get_protocol, lr_at_epoch
+from larq_noisy.protocols import ARMS, PRESETS, TUNED_ARMS, get_protocol, lr_at_epoch
 from larq_noisy.quantizers import OPTIONS, check_options
 from larq_noisy.rundir import (
-    CheckpointError, RunDir, atomic_path, pretrained_weights_path, read_json, weights_fingerprint,
-    write_json,
+    CheckpointError, RunDir, atomic_path, backup_position, pretrained_weights_path, read_json,
+    save_weights, weights_fingerprint, write_json,
 )
 
-__all__ = ["CheckpointError", "TrainConfig", "TrainingDiverged", "build_arm", "run"]
+__all__ = [
+    "ARM_FIELDS", "CheckpointError", "TrainConfig", "TrainingDiverged", "build_arm",
+    "read_hparams", "run",
+]
 
 OPTIMIZERS = ("sgd", "adam")
+#: The `TrainConfig` fields an arm may have its own value of (`Protocol.tuned`,
+#: `--hparams ARM=FILE`): how it fine-tunes, nothing that would unpair the arms.
+ARM_FIELDS = ("finetune_lr", "bop_threshold", "bop_gamma", "alpha", "rho_pos", "rho_neg",
+              "mapper", "width", "start", "labels", "reduction", "clip", "aux_to_latent")
 #: The data streams of a run: all arms share "finetune", so they see the same batches.
 STREAMS = ("pretrain", "finetune", "warmup")
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
 @dataclasses.dataclass
 class TrainConfig:
-    """Every setting of a run. `None` means the dataset's protocol default
-    (`protocols.PROTOCOLS`, including its `lns` options) or else, for the LNS options,
-    `NoisyMappedQuantizer`'s default."""
+    """Every setting of a run. `None` means the default, resolved once (`resolved`,
+    `for_arm`) in this order: the value given here (train.py's flags, then a bare
+    `--hparams FILE`) > the arm's `tuned` settings (`--hparams ARM=FILE`) > the dataset
+    protocol's (`protocols.PROTOCOLS`, its `tuned` settings per arm first; `preset`
+    replaces those) > `NoisyMappedQuantizer`'s and larq's Bop defaults."""
 
     dataset: str = "fashion_mnist"
     model: str | None = None
@@ -85,6 +91,9 @@ class TrainConfig:
     bop_threshold: float | None = None  # the bop arm's; None: larq's Bop defaults
     bop_gamma: float | None = None
     preset: str | None = None  # "paper": the paper's LNS options instead of the protocol's
+    # Settings per tuned arm (`TUNED_ARMS` -> {`ARM_FIELDS` field: value}), over the
+    # protocol's; the arms tuned as one (`Arm.tuned_as`) take its settings too.
+    tuned: dict[str, dict] = dataclasses.field(default_factory=dict)
     seed: int = 0
     strategy: str = "auto"
     output_dir: str = "runs/fashion_mnist"
@@ -97,23 +106,40 @@ class TrainConfig:
     backup_every: int | None = None  # steps between backups; None: every epoch
     export: bool = False  # convert each finished arm with LCE (larq_noisy.export)
     verbose: int = 1  # 0: only where the results are; 1: progress bars; 2: a line per epoch
+    # Set by `resolved` only; any change (`dataclasses.replace`) clears it.
+    _resolved: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     def resolved(self) -> TrainConfig:
-        """A copy with the protocol's defaults filled in, checked for bad values."""
-        self.check_types(dataclasses.asdict(self))
+        """A copy with the protocol's run-wide defaults filled in, every arm's settings
+        checked; `ValueError` for any bad value. Resolving a resolved config returns it."""
+        if self._resolved:
+            return self
+        self.check_types(self.to_json())
         protocol = get_protocol(self.dataset)
         filled = dataclasses.replace(self)
         for field in ("model", "pretrain_epochs", "finetune_epochs", "batch_size", "optimizer",
-                      "lr", "finetune_lr", "arms"):
+                      "lr", "arms"):
             if getattr(filled, field) is None:
                 setattr(filled, field, getattr(protocol, field))
         filled.arms = tuple(filled.arms)
-        lns = PRESETS[filled.preset] if filled.preset in PRESETS else protocol.lns
-        for option, value in lns.items():  # recorded in config.json, so checked on resume
-            if getattr(filled, option) is None:
-                setattr(filled, option, value)
         filled.validate()
+        filled._resolved = True
         return filled
+
+    def for_arm(self, arm: str) -> TrainConfig:
+        """This config with `arm`'s fine-tuning settings (`ARM_FIELDS`) filled in: the
+        values given here win over the arm's `tuned` settings, which win over the
+        protocol's for the arm (the preset's instead, if one is set) and then its
+        `finetune_lr`. Options still `None` take the quantizer's or Bop's defaults."""
+        source = ARMS[arm].tuned_as or arm
+        protocol = get_protocol(self.dataset)
+        defaults = {"finetune_lr": protocol.finetune_lr}
+        defaults.update(PRESETS[self.preset] if self.preset else protocol.tuned.get(source, {}))
+        defaults.update(self.tuned.get(source, {}))
+        given = {f: getattr(self, f) for f in ARM_FIELDS if getattr(self, f) is not None}
+        config = dataclasses.replace(self, **{**defaults, **given})
+        config._resolved = self._resolved  # `validate` checked every arm's settings
+        return config
 
     @classmethod
     def check_types(cls, values: dict) -> None:
@@ -150,16 +176,25 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1.")
-        for name in ("lr", "finetune_lr", "bop_threshold", "bop_gamma"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name}={value} must be > 0.")
         if self.preset not in (None, *PRESETS):
             raise ValueError(f"Unknown preset {self.preset!r}; choose one of {list(PRESETS)}.")
         if self.verbose not in (0, 1, 2):
             raise ValueError(f"verbose={self.verbose} must be 0, 1 or 2.")
         if self.pretrain_epochs == 0 and not self.pretrained:
             raise ValueError("pretrain_epochs=0 needs a pretrained checkpoint to fine-tune from.")
+        for arm, values in self.tuned.items():
+            if arm not in TUNED_ARMS:
+                raise ValueError(f"tuned settings for {arm!r}, which is not a tuned arm; "
+                                 f"give them for one of {list(TUNED_ARMS)}.")
+            unknown = sorted(set(values) - set(ARM_FIELDS))
+            if unknown:
+                raise ValueError(f"the {arm} arm's settings {unknown} are not an arm's; "
+                                 f"an arm may set {list(ARM_FIELDS)}.")
+        for config in (self, *(self.for_arm(arm) for arm in self.arms)):
+            for name in ("lr", "finetune_lr", "bop_threshold", "bop_gamma"):
+                value = getattr(config, name)
+                if value is not None and not value > 0:
+                    raise ValueError(f"{name}={value} must be > 0.")
         for arm in self.arms:  # every arm's quantizer options are valid
             options = self.quantizer_options(arm)
             if options is not None:
@@ -171,10 +206,11 @@ class TrainConfig:
             )
 
     def quantizer_options(self, arm: str) -> dict | None:
-        """The `NoisyMappedQuantizer` options of `arm` (`None` for the sign arm)."""
+        """The `NoisyMappedQuantizer` options of `arm` (`None` for sign weights)."""
         if ARMS[arm].quantizer is None:
             return None
-        options = {k: getattr(self, k) for k in OPTIONS if getattr(self, k, None) is not None}
+        config = self.for_arm(arm)
+        options = {k: getattr(config, k) for k in OPTIONS if getattr(config, k, None) is not None}
         return {**options, **ARMS[arm].quantizer}
 
     @property
@@ -214,10 +250,62 @@ class TrainConfig:
         return dataset
 
     def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self) if f.init}
+
+    def recorded(self) -> dict:
+        """What config.json records: every setting, and every arm's fine-tuning settings
+        as they resolve (`"<arm>.<field>"`), so that a resumed run is checked against
+        the values its arms use, wherever they came from."""
+        record = self.to_json()
+        for arm in ARMS:
+            config = self.for_arm(arm)
+            settings = {"finetune_lr": config.finetune_lr}
+            if ARMS[arm].bop:
+                settings.update(bop_threshold=config.bop_threshold, bop_gamma=config.bop_gamma)
+            settings.update(self.quantizer_options(arm) or {})
+            record.update({f"{arm}.{k}": v for k, v in settings.items()})
+        return record
 
 
-_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+_FIELD_TYPES = {k: v for k, v in typing.get_type_hints(TrainConfig).items() if k != "_resolved"}
+
+
+def read_hparams(specs) -> tuple[dict, dict[str, dict]]:
+    """`--hparams [ARM=]FILE ...` (tune.py's best_hparams.json files) as the settings of
+    every arm (a bare FILE: any `TrainConfig` fields) and `{arm: settings}` (ARM=FILE:
+    `ARM_FIELDS` of a tuned arm). `ValueError` naming the file for anything else, and
+    for a setting given both ways."""
+    common, tuned = {}, {}
+    for spec in specs or ():
+        arm, sep, path = spec.partition("=")
+        arm, path = (arm, path) if sep else (None, spec)
+        if arm is not None and arm not in TUNED_ARMS:
+            raise ValueError(f"--hparams {spec!r}: {arm!r} is not a tuned arm; give ARM=FILE "
+                             f"with ARM one of {list(TUNED_ARMS)}, or a bare FILE for every arm.")
+        values = read_json(path, "give the best_hparams.json written by tune.py")
+        if not isinstance(values, dict):
+            raise ValueError(f"--hparams {path!r} must hold a JSON object of settings, "
+                             f"not {type(values).__name__} {values!r}")
+        fields = ARM_FIELDS if arm else tuple(_FIELD_TYPES)
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"--hparams {path!r} has keys {unknown} that "
+                             + (f"are not an arm's; valid keys are {list(fields)}" if arm
+                                else f"are not settings; valid keys are {sorted(fields)}"))
+        try:
+            TrainConfig.check_types(values)
+        except ValueError as error:
+            raise ValueError(f"--hparams {path!r}: {error}") from None
+        if arm:
+            tuned[arm] = values
+        else:
+            common.update(values)
+    both = sorted(set(common) & {k for values in tuned.values() for k in values})
+    if both:
+        raise ValueError(f"--hparams: {both} given both for every arm (a bare FILE) and per "
+                         "arm (ARM=FILE); give each in one of them.")
+    return common, tuned
 
 
 def _type_error(name: str, value, hint) -> str | None:
@@ -240,8 +328,10 @@ def _type_error(name: str, value, hint) -> str | None:
             return None
         if kind is tuple and isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value):
             return None
+        if kind is dict and isinstance(value, dict):
+            return None
     names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
-             tuple: "a list of strings"}
+             tuple: "a list of strings", dict: "an object"}
     wanted = " or ".join(names[typing.get_origin(o) or o] for o in options if o is not type(None))
     return f"{name}={value!r} must be {wanted}"
 
@@ -311,6 +401,7 @@ def build_arm(config: TrainConfig, arm: str, weights: str):
     options = config.quantizer_options(arm)
     if options is not None:
         model = to_mapped(model, **options)
+    config = config.for_arm(arm)
     _compile(model, config, config.finetune_lr, bop=ARMS[arm].bop)
     return model
 
@@ -326,178 +417,6 @@ class _MapperWarmup(tf.keras.Model):
             loss = self.compute_loss(x, y, y_pred)
         self.optimizer.minimize(loss, variables, tape=tape)
         return self.compute_metrics(x, y, y_pred, None)
-
-
-# --------------------------------------------------------------------------- callbacks
-
-
-class StopOnNaN(tf.keras.callbacks.Callback):
-    """Stops at the first non-finite loss, before anything saves the broken weights."""
-
-    def __init__(self, phase: str, checkpoint: str):
-        super().__init__()
-        self.phase, self.checkpoint = phase, checkpoint
-        self.epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not np.isfinite(loss):
-            kept = (
-                f"the last good checkpoint is kept at {self.checkpoint}"
-                if os.path.exists(self.checkpoint)
-                else "no epoch finished, so there is no checkpoint of this phase yet"
-            )
-            raise TrainingDiverged(
-                f"{self.phase}: the loss became {loss} at epoch {self.epoch + 1}, step "
-                f"{batch + 1}; training stopped and {kept}. Try a lower learning rate "
-                "or a lower alpha."
-            )
-
-
-class LearningRateScheduler(tf.keras.callbacks.LearningRateScheduler):
-    """Keras' scheduler, which under larq's `CaseOptimizer` (the bop arm) schedules the
-    default optimizer: Bop's threshold and gamma stay as they are."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
-        if isinstance(optimizer, lq.optimizers.CaseOptimizer):
-            tf.keras.backend.set_value(optimizer.default.lr, self.schedule(epoch))
-        else:
-            super().on_epoch_begin(epoch, logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
-        optimizer = getattr(optimizer, "default", optimizer)
-        if logs is not None:
-            logs["lr"] = float(tf.keras.backend.get_value(optimizer.lr))
-
-
-class WallClock(tf.keras.callbacks.Callback):
-    """Adds `wall_seconds` to the epoch logs: the phase's time so far, the sessions
-    before a resumption included. The chief records it in `path` whenever
-    `BackupAndRestore` backs up (`save_freq`), so a resumed phase starts from the time
-    of the backup it resumes."""
-
-    def __init__(self, path: str, position: int, save_freq, chief: bool):
-        super().__init__()
-        self.path, self.position, self.save_freq, self.chief = path, position, save_freq, chief
-        saved = read_json(path, "delete it (only the wall time is lost)") if (
-            position and os.path.exists(path)) else {}
-        self.offset = saved.get("wall_seconds", 0.0) if saved.get("position") == position else 0.0
-        self.start = time.time()
-
-    @property
-    def total(self) -> float:
-        return self.offset + time.time() - self.start
-
-    def _record(self):
-        if self.chief:
-            write_json(self.path, {"position": self.position, "wall_seconds": self.total})
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.position += 1
-        if isinstance(self.save_freq, int) and self.position % self.save_freq == 0:
-            self._record()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["wall_seconds"] = self.total
-        self._record()
-
-
-class HistoryCSV(tf.keras.callbacks.Callback):
-    """Keras' `CSVLogger`, written atomically: a resumed phase keeps the rows of the
-    epochs before it, and a failed write leaves the previous file."""
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.path = path
-        self.rows = report.read_history_rows(path) if os.path.exists(path) else []
-
-    def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": epoch, **{k: _scalar(v) for k, v in (logs or {}).items()}}
-        self.rows = [r for r in self.rows if int(r["epoch"]) < epoch] + [row]
-        report.write_history_rows(self.rows, self.path)
-
-
-def _scalar(value):
-    return float(value) if np.ndim(value) == 0 else value
-
-
-class AtomicCheckpoint(tf.keras.callbacks.Callback):
-    """The weights at each epoch end, written atomically. Every worker saves (reading
-    distributed variables may need collectives); only the chief keeps the file."""
-
-    def __init__(self, path: str, chief: bool):
-        super().__init__()
-        self.path, self.chief = path, chief
-
-    def on_epoch_end(self, epoch, logs=None):
-        save_weights(self.model, self.path, self.chief)
-
-
-def save_weights(model, path: str, chief: bool = True) -> None:
-    """`model.save_weights(path)` atomically on the chief; a discarded copy elsewhere."""
-    if chief:
-        with atomic_path(path) as tmp:
-            model.save_weights(tmp)
-    else:
-        with tempfile.TemporaryDirectory() as scratch:
-            model.save_weights(os.path.join(scratch, os.path.basename(path)))
-
-
-class EpochLine(tf.keras.callbacks.Callback):
-    """One line per epoch (`verbose=2`): the losses, accuracies, flips, lr and time."""
-
-    def __init__(self, name: str, epochs: int, log):
-        super().__init__()
-        self.name, self.epochs, self.log = name, epochs, log
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.time()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        parts = [f"{self.name} epoch {epoch + 1}/{self.epochs}:"]
-        if "aux_loss" in logs:
-            parts.append(f"loss {logs['loss']:.4f} = cross-entropy + aux_loss ({logs['aux_loss']:.4g})")
-        else:
-            parts.append(f"loss {logs.get('loss', float('nan')):.4f}")
-        for key, label in (("accuracy", "acc"), ("val_accuracy", "val acc")):
-            if key in logs:
-                parts.append(f"{label} {logs[key]:.4f}")
-        if "flip_rate" in logs:
-            parts.append(f"flipped {logs['flip_rate']:.2%}")
-        if "lr" in logs:
-            parts.append(f"lr {logs['lr']:.3g}")
-        parts.append(f"{time.time() - self.start:.0f} s")
-        self.log(" ".join(parts), flush=True)
-
-
-def backup_position(backup_dir: str) -> int:
-    """The global training step a Keras `BackupAndRestore` backup resumes at (0 without
-    one), after reading every tensor of it: `CheckpointError` names an unreadable file."""
-    directory = os.path.join(backup_dir, "chief")  # where every worker restores from
-    fix = f"delete {backup_dir} to redo this phase from its start (finished phases are kept)"
-    try:
-        latest = tf.train.latest_checkpoint(directory) if os.path.isdir(directory) else None
-    except (tf.errors.OpError, ValueError, OSError) as error:
-        raise CheckpointError(f"{directory}/checkpoint is unreadable ({error}): {fix}.") from None
-    if latest is None:
-        return 0
-    try:
-        reader = tf.train.load_checkpoint(latest)
-        for name in reader.get_variable_to_shape_map():
-            reader.get_tensor(name)
-        return int(reader.get_tensor("train_counter/.ATTRIBUTES/VARIABLE_VALUE"))
-    except (tf.errors.OpError, ValueError, OSError, IndexError, KeyError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(
-            f"The backup {latest}.* is corrupted or truncated ({reason}): {fix}."
-        ) from None
 
 
 # --------------------------------------------------------------------------- phases
@@ -535,6 +454,14 @@ class Session:
             if "top5" in logs:
                 scores[f"{split}_top5"] = float(logs["top5"])
         return scores
+
+
+def _describe(values: dict) -> str:
+    """`{"alpha": 0.15939, "clip": "none"}` as "alpha 0.159, clip none"; None: default."""
+    return ", ".join(
+        f"{k} {'default' if v is None else f'{v:.3g}' if isinstance(v, float) else v}"
+        for k, v in values.items()
+    ) or "defaults"
 
 
 def _epochs(n: int) -> str:
@@ -619,9 +546,9 @@ def pretrain(session: Session) -> str:
     return weights
 
 
-def warmup(session: Session, model, arm_dir: str) -> float:
-    """Train the mappers alone first, BatchNorm frozen too (inference mode)."""
-    c = session.config
+def warmup(session: Session, c: TrainConfig, model, arm_dir: str) -> float:
+    """Train the mappers alone first (`c`: the arm's settings), BatchNorm frozen too
+    (inference mode)."""
     session.log(f"warm-up: {_epochs(c.warmup_epochs)} of the mappers alone")
     batchnorms = [l for l in model.layers if isinstance(l, tf.keras.layers.BatchNormalization)]
     for layer in batchnorms:
@@ -640,13 +567,15 @@ def warmup(session: Session, model, arm_dir: str) -> float:
 
 def finetune(session: Session, arm: str, weights: str, reference) -> dict:
     """Phase 2 for one arm: fine-tune from `weights`, evaluate, bake and save."""
-    c, protocol = session.config, get_protocol(session.config.dataset)
+    c, protocol = session.config.for_arm(arm), get_protocol(session.config.dataset)
     arm_dir = session.run_dir.arm(arm)
     options = c.quantizer_options(arm)
     session.header(
         f"Phase 2/2: fine-tuning arm '{arm}' for {_epochs(c.finetune_epochs)}, "
-        f"lr {c.finetune_lr}"
-        + (", sign weights" if options is None else f", mapper options {options or 'default'}")
+        f"lr {c.finetune_lr:.3g}, "
+        + ("sign weights" if options is None else f"mapper options: {_describe(options)}")
+        + (f", Bop {_describe({'threshold': c.bop_threshold, 'gamma': c.bop_gamma})}"
+           if ARMS[arm].bop else "")
     )
     if options is not None and options.get("alpha", 1) > 0:
         session.log("The loss is cross-entropy + aux_loss, the noisy-supervision term alpha * "
@@ -655,7 +584,7 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
     with session.strategy.scope():
         model = build_arm(c, arm, weights)
     session.summary(model, "sign" if options is None else "mapped")
-    warm = warmup(session, model, arm_dir) if options is not None and c.warmup_epochs else 0.0
+    warm = warmup(session, c, model, arm_dir) if options is not None and c.warmup_epochs else 0.0
     flips = [FlipRateCallback(reference=reference)]
     wall, resumed = fit_phase(session, model, arm_dir, arm, "finetune", c.finetune_lr,
                               c.finetune_epochs, protocol.finetune_milestones, extra=flips)
@@ -665,8 +594,11 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
         "epochs": c.finetune_epochs,
         "resumed": resumed,
         "flip_rates": flip_rates(model, reference=reference),
+        "finetune_lr": c.finetune_lr,
         "quantizer": options,
     }
+    if ARMS[arm].bop:  # None: larq's default
+        result["bop"] = {"threshold": c.bop_threshold, "gamma": c.bop_gamma}
     result["flip_rate"] = mean_flip_rate(model, result["flip_rates"])
     if options is not None:
         result["mapper_flip_rate"] = mean_flip_rate(model, flip_rates(model))
@@ -747,14 +679,6 @@ def publish(run_dir: RunDir, results: dict) -> None:
         report.plot_flip_rates(results, tmp)
 
 
-class _NothingToActOn(logging.Filter):
-    """Keras' notes that a callback is slow against a tiny batch: backups and flip rates
-    are, and the user can do nothing about it."""
-
-    def filter(self, record):
-        return "is slow compared to the batch time" not in record.getMessage()
-
-
 @contextlib.contextmanager
 def run_environment(config: TrainConfig):
     """Mixed precision, op determinism and quieter logs for the run; as they were after."""
@@ -766,7 +690,7 @@ def run_environment(config: TrainConfig):
         tf.keras.mixed_precision.set_global_policy("mixed_float16")
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    quiet = _NothingToActOn()
+    quiet = SlowCallbackFilter()
     tf.get_logger().addFilter(quiet)
     try:
         yield
@@ -787,7 +711,7 @@ def run(config: TrainConfig) -> dict:
     config = config.resolved()
     run_dir = RunDir(config.output_dir)
     run_dir.ensure_writable()
-    run_dir.check_settings(config.to_json())
+    run_dir.check_settings(config.recorded())
     with run_environment(config):
         # The strategy first: multi-worker needs it before any other TensorFlow op.
         strategy = make_strategy(config.strategy)

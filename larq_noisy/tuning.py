@@ -57,11 +57,11 @@ import tensorflow as tf
 
 from larq_noisy import datasets, training
 from larq_noisy.rundir import (
-    RunDir, ensure_writable_dir, pretrained_weights_path, read_json, write_json,
+    RunDir, RunFileError, ensure_writable_dir, pretrained_weights_path, read_json, write_json,
 )
 from larq_noisy.distribute import STRATEGIES, make_strategy
 from larq_noisy.mappers import MAPPERS
-from larq_noisy.protocols import ARMS, get_protocol, lr_at_epoch
+from larq_noisy.protocols import ARMS, TUNED_ARMS, get_protocol, lr_at_epoch
 from larq_noisy.quantizers import CLIPS, PAPER, check_options
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "TUNED_ARMS",
     "TUNERS",
     "FineTuningHyperModel",
+    "SearchFailed",
     "SearchSpace",
     "SetupError",
     "TuneConfig",
@@ -81,7 +82,6 @@ __all__ = [
 ]
 
 TUNERS = ("hyperband", "bayesian", "random")
-TUNED_ARMS = ("lns", "sign", "bop")
 OBJECTIVE = "val_accuracy"
 PROJECT = "search"  # keras-tuner's project directory, inside the output directory
 DEFAULT_ALPHA_RANGE = (1e-3, 10.0)
@@ -118,6 +118,10 @@ def _missing_packages(needs: dict) -> list[str]:
 
 class SetupError(ValueError):
     """A bad setting or checkpoint, found before any trial started."""
+
+
+class SearchFailed(RuntimeError):
+    """keras-tuner stopped the search: too many trials in a row failed."""
 
 
 def _fmt(value) -> str:
@@ -219,8 +223,10 @@ class SearchSpace:
             if unknown:
                 raise ValueError(f"Unknown clip {unknown[0]!r}; choose from {list(CLIPS)}.")
 
-    def hparams(self, values: dict) -> dict:
-        """A trial's values as `TrainConfig` fields (what `train.py --hparams` reads)."""
+    @staticmethod
+    def hparams(values: dict) -> dict:
+        """A trial's values (or anything by hyperparameter name) as `TrainConfig` fields
+        (what `train.py --hparams` reads): `rho` sets both `rho_pos` and `rho_neg`."""
         out = {}
         for name, value in values.items():
             if name.startswith("tuner/"):  # Hyperband's bookkeeping
@@ -246,27 +252,6 @@ class SearchSpace:
                             corner.update({k: v for k, v in (("mapper", mapper), ("clip", clip))
                                            if v is not None})
                             yield corner
-
-    def describe(self) -> str:
-        def log_uniform(name, bounds):
-            return f"{name} log-uniform in [{_fmt(bounds[0])}, {_fmt(bounds[1])}]"
-
-        parts = []
-        if self.alpha is not None:
-            parts.append(log_uniform("alpha", self.alpha))
-            rho = f"[{_fmt(self.rho[0])}, {_fmt(self.rho[1])}]"
-            parts.append(f"rho_pos and rho_neg each uniform in {rho}" if self.asymmetric_rho
-                         else f"rho uniform in {rho} (rho_pos = rho_neg = rho)")
-        if self.mappers is not None:
-            parts.append(f"mapper in {list(self.mappers)}")
-        if self.clips is not None:
-            parts.append(f"clip in {list(self.clips)}")
-        if self.search_aux_to_latent:
-            parts.append("aux_to_latent in [True, False]")
-        for name in ("bop_threshold", "bop_gamma", "finetune_lr"):
-            if getattr(self, name) is not None:
-                parts.append(log_uniform(name, getattr(self, name)))
-        return "; ".join(parts) or "nothing (every value fixed)"
 
 
 @dataclasses.dataclass
@@ -298,13 +283,18 @@ class TuneConfig:
     aux_to_latent: bool | None = None
     pretrain_epochs: int | None = None  # for the one-time pretraining
     verbose: int = 1
+    # Set by `resolved` only; any change (`dataclasses.replace`) clears it.
+    _resolved: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     @property
     def arm(self) -> str:
         return self.space.arm
 
     def resolved(self) -> TuneConfig:
-        """A copy with the defaults filled in; `ValueError` for any bad value."""
+        """A copy with the defaults filled in; `ValueError` for any bad value. Resolving a
+        resolved config returns it."""
+        if self._resolved:
+            return self
         c = dataclasses.replace(self, space=dataclasses.replace(self.space))
         datasets.get_spec(c.dataset)
         protocol = get_protocol(c.dataset)
@@ -351,10 +341,12 @@ class TuneConfig:
         options = base.quantizer_options(c.space.arm)
         for corner in c.space.corners():
             check_options(**{**options, **corner})
+        c._resolved = True
         return c
 
     def train_config(self, weights: str | None = None, **overrides) -> training.TrainConfig:
-        """The resolved `TrainConfig` every trial starts from (`arms=(arm,)`)."""
+        """The resolved `TrainConfig` every trial starts from: `arms=(arm,)`, with the
+        arm's settings (`TrainConfig.for_arm`)."""
         settings = dict(
             dataset=self.dataset, model=self.model, arms=(self.space.arm,),
             batch_size=self.batch_size, limit=self.limit, seed=self.seed,
@@ -366,10 +358,11 @@ class TuneConfig:
         if not settings["pretrained"] and self.pretrain_epochs is not None:
             settings["pretrain_epochs"] = self.pretrain_epochs
         settings.update(overrides)
-        return training.TrainConfig(**settings).resolved()
+        return training.TrainConfig(**settings).resolved().for_arm(self.space.arm)
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
+        data.pop("_resolved")
         data["space"] = {k: list(v) if isinstance(v, tuple) else v for k, v in data["space"].items()}
         return data
 
@@ -452,15 +445,15 @@ def _role() -> str:
 
 
 def _run_settings(weights: str) -> dict:
-    """The train.py settings (config.json) of the run that wrote `weights`, if known."""
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(weights)))
-    path = os.path.join(run_dir, "config.json")
-    if os.path.basename(os.path.dirname(os.path.abspath(weights))) != "pretrain":
+    """The train.py settings (config.json) of the run whose pretrained weights are
+    `weights`; `{}` when unknown (another file, or no readable config.json): then only
+    `check_checkpoint` checks them."""
+    run = RunDir(os.path.dirname(os.path.dirname(os.path.abspath(weights))))
+    if run.pretrained_weights != os.path.abspath(weights):
         return {}
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+        return read_json(run.config, "")
+    except RunFileError:
         return {}
 
 
@@ -535,21 +528,30 @@ def check_checkpoint(config: training.TrainConfig, weights: str) -> None:
 # --------------------------------------------------------------------------- search
 
 
-def _tuner_class(name: str):
-    base = {"hyperband": kt.Hyperband, "bayesian": kt.BayesianOptimization,
-            "random": kt.RandomSearch}[name]
+class _Recording:
+    """Remembers the trials this process ran (a worker's share of the search): keras-tuner
+    records no tuner id per trial, and `on_trial_end` is its hook for this."""
 
-    class Tuner(base):
-        """Remembers the trials this process ran (a worker's share of the search)."""
+    ran: list  # set by `make_tuner`
 
-        ran: list
+    def on_trial_end(self, trial):
+        self.ran.append(trial.trial_id)
+        super().on_trial_end(trial)
 
-        def on_trial_end(self, trial):
-            self.ran.append(trial.trial_id)
-            super().on_trial_end(trial)
 
-    Tuner.__name__ = base.__name__
-    return Tuner
+class Hyperband(_Recording, kt.Hyperband):
+    pass
+
+
+class BayesianOptimization(_Recording, kt.BayesianOptimization):
+    pass
+
+
+class RandomSearch(_Recording, kt.RandomSearch):
+    pass
+
+
+TUNER_CLASSES = {"hyperband": Hyperband, "bayesian": BayesianOptimization, "random": RandomSearch}
 
 
 def make_tuner(config: TuneConfig, hypermodel: FineTuningHyperModel, strategy):
@@ -559,7 +561,7 @@ def make_tuner(config: TuneConfig, hypermodel: FineTuningHyperModel, strategy):
         directory=config.output_dir, project_name=PROJECT, overwrite=False,
         distribution_strategy=strategy,
     )
-    cls = _tuner_class(config.tuner)
+    cls = TUNER_CLASSES[config.tuner]
     if config.tuner == "hyperband":
         tuner = cls(max_epochs=config.epochs, factor=3, **common)
         tuner.oracle.max_trials = config.max_trials  # a cap; None: one full iteration
@@ -638,13 +640,24 @@ def search(config: TuneConfig, log=None) -> dict:
               else "one Hyperband iteration")
     steps = f"{config.steps_per_epoch} steps" if config.steps_per_epoch else "full epochs"
     log(f"tune: {config.tuner} search ({role}), {budget}, up to {config.epochs} epochs of "
-        f"{steps} per trial, batch {base.batch_size}; {config.space.describe()}", flush=True)
+        f"{steps} per trial, batch {base.batch_size}; {describe_space(tuner.oracle.get_space())}",
+        flush=True)
     start = time.time()
     # train.py's environment (op determinism on): a trial is the train.py run of its values.
-    with training.run_environment(base):
-        tuner.search(  # the training data: FineTuningHyperModel.fit
-            validation_data=validation, epochs=config.epochs, verbose=2 if config.verbose else 0,
-        )
+    try:
+        with training.run_environment(base):
+            tuner.search(  # the training data: FineTuningHyperModel.fit
+                validation_data=validation, epochs=config.epochs, verbose=2 if config.verbose else 0,
+            )
+    except RuntimeError as error:  # keras-tuner's limit of failed trials in a row, or a bug
+        first, *traceback = str(error).strip().splitlines() or [""]  # the last trial's
+        if "consecutive failures" not in first:
+            raise
+        trials = os.path.join(config.output_dir, PROJECT, "trial_*", "trial.json")
+        raise SearchFailed(
+            f"{first} The last failed with: {traceback[-1].strip() if traceback else '?'}. "
+            f"Each trial's traceback: {trials}."
+        ) from error
     summary = {"role": role, "ran": list(tuner.ran), "weights": weights,
                "output_dir": config.output_dir, "wall_seconds": time.time() - start}
     if role == "worker":
@@ -665,37 +678,53 @@ def search(config: TuneConfig, log=None) -> dict:
 # --------------------------------------------------------------------------- reports
 
 
-#: The `TrainConfig` fields a search can set, in the order of the reports' columns.
-HPARAM_KEYS = ("alpha", "rho_pos", "rho_neg", "mapper", "clip", "aux_to_latent",
-               "bop_threshold", "bop_gamma", "finetune_lr")
-_LOG_SAMPLED = ("alpha", "bop_threshold", "bop_gamma", "finetune_lr")
 # Reference values drawn on the plot: the paper's CIFAR-10 setting, larq's Bop defaults.
 _REFERENCES = {"alpha": (PAPER["alpha"], "paper"), "rho_pos": (PAPER["rho_pos"], "paper"),
                "rho_neg": (PAPER["rho_neg"], "paper"),
                "bop_threshold": (BOP_DEFAULTS["bop_threshold"], "larq's default"),
                "bop_gamma": (BOP_DEFAULTS["bop_gamma"], "larq's default")}
+_SAMPLING = {"linear": "uniform", "log": "log-uniform", "reverse_log": "reverse-log-uniform"}
 
 
-def trial_rows(oracle, space: SearchSpace) -> list[dict]:
-    """The completed trials, best first (keras-tuner's `get_best_trials`): their values
-    as `TrainConfig` fields, epochs and validation accuracy."""
+def describe_space(space: kt.HyperParameters) -> str:
+    """keras-tuner's search space (`oracle.get_space()`, what `search_space_summary`
+    prints) in one line, from each hyperparameter's `get_config()`."""
+    parts = []
+    for config in (hp.get_config() for hp in space.space):
+        if "min_value" in config:  # Float, Int
+            parts.append(f"{config['name']} {_SAMPLING.get(config['sampling'], config['sampling'])}"
+                         f" in [{_fmt(config['min_value'])}, {_fmt(config['max_value'])}]")
+        else:  # Choice, Boolean
+            parts.append(f"{config['name']} in {config.get('values', [True, False])}")
+    return "; ".join(parts) or "nothing (every value fixed)"
+
+
+def _ranges(space: kt.HyperParameters) -> dict:
+    """Each searched number's `(low, high, log-sampled)`, by `TrainConfig` field."""
+    configs = [hp.get_config() for hp in space.space]
+    return SearchSpace.hparams({c["name"]: (c["min_value"], c["max_value"], c["sampling"] == "log")
+                                for c in configs if "min_value" in c})
+
+
+def trial_rows(oracle) -> list[dict]:
+    """The completed trials, best first (keras-tuner's `get_best_trials`): their id,
+    values as `TrainConfig` fields (`hparams`, in the order of the search space), epochs
+    and validation accuracy."""
+    names = [hp.name for hp in oracle.get_space().space]
     rows = []
     for trial in oracle.get_best_trials(len(oracle.trials)):
         if trial.status != "COMPLETED" or trial.score is None or math.isnan(trial.score):
             continue
         values = trial.hyperparameters.values
-        rows.append({
-            "trial": trial.trial_id,
-            **space.hparams(values),
-            "epochs": values.get("tuner/epochs"),
-            "val_accuracy": float(trial.score),
-        })
+        rows.append({"trial": trial.trial_id, "epochs": values.get("tuner/epochs"),
+                     "hparams": SearchSpace.hparams({n: values[n] for n in names if n in values}),
+                     "val_accuracy": float(trial.score)})
     return rows
 
 
 def publish(config: TuneConfig, oracle, weights: str, top: int = 10) -> dict:
     """Write best_hparams.json, trials.md and trials.png from the oracle's trials."""
-    rows = trial_rows(oracle, config.space)
+    rows = trial_rows(oracle)
     for row in rows:  # Hyperband says how long each trial trained; the others train all epochs
         row["epochs"] = row["epochs"] or config.epochs
     out = config.output_dir
@@ -703,10 +732,10 @@ def publish(config: TuneConfig, oracle, weights: str, top: int = 10) -> dict:
     if not rows:
         return {"trials": 0, "failed": failed, "files": []}
     best = rows[0]
-    hparams = {k: best[k] for k in HPARAM_KEYS if k in best}
     files = [os.path.join(out, name) for name in ("best_hparams.json", "trials.md", "trials.png")]
-    write_json(files[0], hparams)
+    write_json(files[0], best["hparams"])
     arm, model = config.arm, config.train_config(weights).model
+    space = oracle.get_space()
     title = f"Search of the `{arm}` arm ({ARMS[arm].title}): {model} on {config.dataset}"
     intro = (
         f"{config.tuner} tuner; {len(rows)} completed trials"
@@ -714,33 +743,36 @@ def publish(config: TuneConfig, oracle, weights: str, top: int = 10) -> dict:
         + f". Each fine-tunes the `{arm}` arm from `{weights}` for up to {config.epochs} epochs"
         + (f" of {config.steps_per_epoch} steps" if config.steps_per_epoch else "")
         + ", scored by its best accuracy on the validation split (held out of train; the "
-        f"test split is not used).\n\nSearch space: {config.space.describe()}."
+        f"test split is not used).\n\nSearch space: {describe_space(space)}."
     )
     usage = ("Feed the best values to train.py: "
-             f"`python train.py --arms {arm} --hparams {files[0]}`")
+             f"`python train.py --hparams {arm}={files[0]}` (with the other arms' own files)")
     write_trials_md(rows, files[1], title, intro, usage, top)
-    plot_trials(config.space, rows, files[2], title.replace("`", ""))
-    return {"trials": len(rows), "failed": failed, "best": best, "best_hparams": hparams,
-            "files": files}
+    plot_trials(rows, _ranges(space), files[2], title.replace("`", ""))
+    return {"trials": len(rows), "failed": failed, "best": best,
+            "best_hparams": best["hparams"], "files": files}
 
 
 def _columns(rows) -> list[str]:
     """The searched fields, with one `rho_pos` column when rho_pos = rho_neg throughout."""
-    columns = [k for k in HPARAM_KEYS if k in rows[0]]
-    if "rho_neg" in columns and all(r["rho_pos"] == r["rho_neg"] for r in rows):
+    columns = list(rows[0]["hparams"])
+    if "rho_neg" in columns and all(r["hparams"]["rho_pos"] == r["hparams"]["rho_neg"]
+                                    for r in rows):
         columns.remove("rho_neg")
     return columns
 
 
 def write_trials_md(rows, path, title: str, intro: str, usage: str, top: int = 10) -> None:
-    """The `top` rows (best first) as a markdown table under `title` and `intro`."""
+    """The `top` rows (best first, `trial_rows`) as a markdown table under `title` and
+    `intro`."""
     columns = _columns(rows)
     titles = {"rho_pos": "rho"} if "rho_neg" not in columns else {}
     head = ["rank", "trial", *(titles.get(c, c) for c in columns), "epochs", "val acc %"]
     lines = [f"# {title}", "", intro, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rank, row in enumerate(rows[:top], 1):
+        values = [row["hparams"][c] for c in columns]
         cells = [str(rank), row["trial"]]
-        cells += [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        cells += [f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
         cells += [str(row["epochs"] or "-"), f"{100 * row['val_accuracy']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", usage, ""]
@@ -748,9 +780,10 @@ def write_trials_md(rows, path, title: str, intro: str, usage: str, top: int = 1
         f.write("\n".join(lines))
 
 
-def plot_trials(space: SearchSpace, rows, path, title: str = "") -> None:
-    """Validation accuracy against each searched number (one panel each, log x where
-    sampled log-uniformly); the searched choices (clip, aux_to_latent, mapper) as colours."""
+def plot_trials(rows, ranges: dict, path, title: str = "") -> None:
+    """Validation accuracy against each searched number (rows of `trial_rows`; one panel
+    each over its `ranges` entry `(low, high, log-sampled)`); the searched choices (clip,
+    aux_to_latent, mapper) as colours."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -760,34 +793,35 @@ def plot_trials(space: SearchSpace, rows, path, title: str = "") -> None:
     # Hyperband trains some values in several trials: plot each values' best score.
     best = {}
     for row in rows:
-        key = tuple(row[k] for k in columns)
+        key = tuple(row["hparams"][k] for k in columns)
         if key not in best or row["val_accuracy"] > best[key]["val_accuracy"]:
             best[key] = row
-    numbers = [c for c in columns if isinstance(rows[0][c], float)]
+    numbers = [c for c in columns if c in ranges]
     choices = [c for c in columns if c not in numbers]
     groups: dict[str, list] = {}
     for row in best.values():
-        label = ", ".join(f"{c}={row[c]}" for c in choices) or "trials"
+        label = ", ".join(f"{c}={row['hparams'][c]}" for c in choices) or "trials"
         groups.setdefault(label, []).append(row)
     top = rows[0]  # best_hparams.json's trial
     fig, axes = plt.subplots(1, len(numbers), figsize=(max(8.0, 4.5 * len(numbers) + 1), 4.5),
                              squeeze=False, sharey=True)
     for ax, name in zip(axes[0], numbers):
         for i, (label, members) in enumerate(sorted(groups.items())):
-            ax.scatter([r[name] for r in members], [100 * r["val_accuracy"] for r in members],
+            ax.scatter([r["hparams"][name] for r in members],
+                       [100 * r["val_accuracy"] for r in members],
                        color=f"C{i}", s=40, edgecolors="black", linewidths=0.5, label=label)
-        ax.scatter([top[name]], [100 * top["val_accuracy"]], marker="*", s=300,
+        ax.scatter([top["hparams"][name]], [100 * top["val_accuracy"]], marker="*", s=300,
                    facecolors="none", edgecolors="red", linewidths=1.5, label="best")
         if name in _REFERENCES:
             value, what = _REFERENCES[name]
             ax.axvline(value, color="grey", ls=":", label=what)
-        bounds = getattr(space, "rho" if name.startswith("rho") else name)
-        if name in _LOG_SAMPLED:
+        low, high, log = ranges[name]
+        if log:
             ax.set_xscale("log")
-            ax.set_xlim(bounds[0] / 1.5, bounds[1] * 1.5)
+            ax.set_xlim(low / 1.5, high * 1.5)
         else:
-            margin = 0.05 * (bounds[1] - bounds[0])
-            ax.set_xlim(bounds[0] - margin, bounds[1] + margin)
+            margin = 0.05 * (high - low)
+            ax.set_xlim(low - margin, high + margin)
         ax.set_xlabel(name if "rho_neg" in columns or name != "rho_pos" else "rho (= rho_pos = rho_neg)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation accuracy %")

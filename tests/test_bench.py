@@ -53,13 +53,13 @@ def test_report_statistics_and_paired_differences(accuracy, tmp_path, capsys):
     accuracy.main(["--report-only", "--output-dir", str(out), "--plots", str(tmp_path / "png"),
                    "--seeds", "0", "1", "2", "--studies", "sign", "lns", "warmup"])
     summary = json.loads((out / "summary.json").read_text())
-    fashion = get_protocol("fashion_mnist")  # no --hparams: the protocol's settings
-    assert summary["settings"]["sign"] == {"finetune_lr": fashion.finetune_lr}
+    fashion = get_protocol("fashion_mnist")  # no --hparams: the protocol's tuned settings
+    assert summary["settings"]["sign"] == fashion.tuned["sign"]
     lns = summary["settings"]["lns"]
-    assert {k: lns[k] for k in fashion.lns} == fashion.lns and lns["clip"] == "hardtanh"
+    assert {k: lns[k] for k in fashion.tuned["lns"]} == fashion.tuned["lns"]
     assert summary["settings"]["warmup"]["start"] == "warmup"
     assert sorted(summary["rows"]) == ["baseline", "lns", "sign", "warmup"]
-    assert summary["finetune_epochs"] == accuracy.FINETUNE_EPOCHS == 3
+    assert summary["finetune_epochs"] == fashion.finetune_epochs == 3
 
     text = (out / "summary.md").read_text()
     lns = 100 * np.array(LNS)
@@ -119,7 +119,7 @@ def test_each_arm_runs_with_its_own_tuned_settings(accuracy, tmp_path, capsys):
                                                         "aux_to_latent": True}
     assert summary["rows"] == {} and summary["tuned"]["bop"]["bop_threshold"] == 1e-5
     text = (out / "summary.md").read_text()
-    assert f"bop {files['bop']}" in text and "Total time: 0.0 min over 0 session(s)" in text
+    assert f"bop={files['bop']}" in text and "Total time: 0.0 min over 0 session(s)" in text
 
     # Each row is a train.py run of its arm, from its seed's one pretraining.
     args = accuracy.main.__globals__["argparse"].Namespace(
@@ -127,7 +127,7 @@ def test_each_arm_runs_with_its_own_tuned_settings(accuracy, tmp_path, capsys):
         pretrain_epochs=None, strategy="auto", mixed_precision=False, seeds=[0, 1],
         output_dir=str(tmp_path / "c"), studies=list(accuracy.DEFAULT_STUDIES), mapper=None,
         finetune_epochs=3)
-    runs = accuracy.configs(args, {})
+    runs = accuracy.configs(args, {}, {})
     assert sorted({seed for seed, _ in runs}) == [0, 1]
     bop = runs[1, "bop"]
     assert bop.arms == ("bop",) and bop.finetune_epochs == 3 and bop.seed == 1
@@ -137,9 +137,9 @@ def test_each_arm_runs_with_its_own_tuned_settings(accuracy, tmp_path, capsys):
 
 @pytest.mark.parametrize("spec, values, needle", [
     ("mapped={}", {"alpha": 0.1}, "'mapped' is not a tuned arm"),
-    ("sign={}", {"seed": 3}, "keys ['seed'] that tune.py does not tune"),
+    ("sign={}", {"seed": 3}, "keys ['seed'] that are not an arm's"),
     ("lns={}", {"clip": 1}, "clip=1 must be a string"),
-    ("{}", {"alpha": -1.0}, "alpha=-1.0 must be a finite number >= 0"),  # a bare file: lns'
+    ("{}", {"alpha": -1.0}, "alpha=-1.0 must be a finite number >= 0"),  # a bare file: all
 ])
 def test_bad_hparams_are_refused_before_any_training(accuracy, tmp_path, capsys, spec, values, needle):
     path = _hparams(tmp_path, "bad", values)
@@ -157,17 +157,19 @@ def test_a_study_that_repeats_the_tuned_lns_is_skipped(accuracy, tmp_path):
             dataset="fashion_mnist", data_dir=None, verbose=0, limit=None, steps_per_epoch=None,
             pretrain_epochs=None, strategy="auto", mixed_precision=False, seeds=[0, 1],
             output_dir=str(tmp_path), studies=list(names), mapper=None, finetune_epochs=3)
-        runs = accuracy.configs(args, {"lns": lns})
+        runs = accuracy.configs(args, {}, {"lns": lns})
         assert {s for s, _ in runs} == {0, 1}  # every seed
         return {study for seed, study in runs if seed == 1}
 
     main = {"pretrain", *accuracy.MAIN_ROWS}
-    # The quantizer's defaults (hardtanh, aux to latent) are the tuned lns' when not given.
+    # The paper's alpha and rho with cnn over the protocol's tuned lns (hardtanh, aux to
+    # the mapper): the rows "paper" and "cnn" and that variant repeat the tuned lns.
     assert studies({**accuracy.PAPER, "mapper": "cnn"}) == main | {
-        "lns_clip-hardtanh_aux-mapper", "lns_clip-none_aux-latent", "lns_clip-none_aux-mapper",
+        "lns_clip-hardtanh_aux-latent", "lns_clip-none_aux-latent", "lns_clip-none_aux-mapper",
         "mean", "warmup", "mlp", "linear", "separable"}
+    # Unset options are the protocol's tuned lns' (aux_to_latent False).
     assert studies({"mapper": "mlp", "alpha": 0.5, "clip": "none"}) == main | {
-        "lns_clip-hardtanh_aux-latent", "lns_clip-hardtanh_aux-mapper", "lns_clip-none_aux-mapper",
+        "lns_clip-hardtanh_aux-latent", "lns_clip-hardtanh_aux-mapper", "lns_clip-none_aux-latent",
         "paper", "mean", "warmup", "cnn", "linear", "separable"}
     # Without the lns row, nothing is a repeat.
     assert "lns_clip-hardtanh_aux-latent" in studies({}, names=accuracy.VARIANTS)
@@ -189,12 +191,12 @@ def test_finished_runs_are_skipped_and_changed_settings_refused(accuracy, tmp_pa
         dataset="fashion_mnist", data_dir=None, verbose=0, limit=None, steps_per_epoch=None,
         pretrain_epochs=None, strategy="auto", mixed_precision=False, seeds=[0],
         output_dir=str(tmp_path), studies=["sign"], mapper=None, finetune_epochs=3)
-    runs = accuracy.configs(args, {})
+    runs = accuracy.configs(args, {}, {})
     pretrain, sign = runs[0, "pretrain"], runs[0, "sign"]
     os.makedirs(os.path.join(pretrain.output_dir, "pretrain"))  # as train.py leaves them
     os.makedirs(os.path.join(sign.output_dir, "arms", "sign"))
     for config, phase in ((pretrain, "pretrain"), (sign, os.path.join("arms", "sign"))):
-        for name, data in (("config.json", config.resolved().to_json()),
+        for name, data in (("config.json", config.resolved().recorded()),
                            (os.path.join(phase, "result.json"), {}), ("results.json", {})):
             with open(os.path.join(config.output_dir, name), "w") as f:
                 json.dump(data, f)

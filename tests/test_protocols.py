@@ -40,35 +40,60 @@ def test_unknown_dataset_names_the_choices():
 
 
 @pytest.mark.parametrize("dataset", sorted(PROTOCOLS))
-def test_lns_defaults_are_valid_options(dataset):
-    from larq_noisy.quantizers import check_options
+def test_every_protocol_resolves_with_valid_settings_per_arm(dataset):
+    from larq_noisy.protocols import ARMS, TUNED_ARMS
+    from larq_noisy.training import ARM_FIELDS, TrainConfig
 
-    check_options(**get_protocol(dataset).lns)
+    protocol = get_protocol(dataset)
+    assert set(protocol.tuned) <= set(TUNED_ARMS)
+    assert all(set(values) <= set(ARM_FIELDS) for values in protocol.tuned.values())
+    config = TrainConfig(dataset=dataset, arms=tuple(ARMS)).resolved()  # checks every arm
+    for arm in ARMS:
+        assert config.for_arm(arm).finetune_lr > 0
 
 
-def test_lns_defaults_fill_the_config_and_flags_win(monkeypatch):
+def test_each_arm_resolves_its_settings_in_one_order(monkeypatch):
     import dataclasses
 
     from larq_noisy.training import TrainConfig
 
-    protocol = dataclasses.replace(PROTOCOLS["mnist"], lns={"alpha": 0.25, "mapper": "mlp"})
+    protocol = dataclasses.replace(PROTOCOLS["mnist"], finetune_lr=1e-3, tuned={
+        "lns": {"alpha": 0.25, "mapper": "mlp", "finetune_lr": 2e-3},
+        "bop": {"bop_threshold": 1e-6},
+    })
     monkeypatch.setitem(PROTOCOLS, "mnist", protocol)
     config = TrainConfig(dataset="mnist", rho_pos=0.1, rho_neg=0.1).resolved()
-    assert (config.alpha, config.mapper) == (0.25, "mlp")  # in config.json: checked on resume
+    # The protocol's settings of the arm, over its finetune_lr; a given value wins.
     assert config.quantizer_options("lns") == {"alpha": 0.25, "mapper": "mlp", "rho_pos": 0.1,
                                                "rho_neg": 0.1}
+    assert [config.for_arm(a).finetune_lr for a in ("sign", "bop", "lns", "mapped")] == [
+        1e-3, 1e-3, 2e-3, 2e-3]  # mapped is tuned as lns
     assert config.quantizer_options("mapped")["alpha"] == 0.0  # the arm's own option wins
-    assert TrainConfig(dataset="mnist", alpha=2.0).resolved().alpha == 2.0  # a flag wins
+    assert config.quantizer_options("lns_rho0")["mapper"] == "mlp"
+    assert config.for_arm("bop").bop_threshold == 1e-6 and config.for_arm("sign").bop_threshold is None
+    # --hparams ARM=FILE (`tuned`) wins over the protocol, a flag over both.
+    tuned = TrainConfig(dataset="mnist", tuned={"lns": {"alpha": 0.5, "finetune_lr": 5e-4}})
+    assert (tuned.for_arm("lns").alpha, tuned.for_arm("lns").finetune_lr) == (0.5, 5e-4)
+    assert tuned.for_arm("mapped").finetune_lr == 5e-4 and tuned.for_arm("sign").finetune_lr == 1e-3
+    flagged = dataclasses.replace(tuned, alpha=2.0, finetune_lr=1e-4)
+    assert (flagged.for_arm("lns").alpha, flagged.for_arm("sign").finetune_lr) == (2.0, 1e-4)
+    # A preset replaces the protocol's settings: the paper's options, one rate for all.
+    paper = TrainConfig(dataset="mnist", preset="paper").resolved()
+    assert (paper.for_arm("lns").alpha, paper.for_arm("lns").finetune_lr) == (1.0, 1e-3)
+    # Resolved once: resolving again is the same object; a change clears it.
+    assert config.resolved() is config
+    assert dataclasses.replace(config, seed=1).resolved() is not config
 
 
 def test_preset_paper_is_one_flag_away_and_flags_still_win():
     from larq_noisy.quantizers import PAPER, NoisyMappedQuantizer
 
-    default = train.parse_args([]).resolved()
-    paper = train.parse_args(["--preset", "paper"]).resolved()
+    default = train.parse_args([]).for_arm("lns")
+    paper = train.parse_args(["--preset", "paper"]).for_arm("lns")
     assert {k: getattr(paper, k) for k in PAPER} == PAPER
     assert default.mapper != paper.mapper  # Fashion-MNIST's measured options differ
-    assert train.parse_args(["--preset", "paper", "--alpha", "0.5"]).resolved().alpha == 0.5
+    assert paper.finetune_lr == get_protocol("fashion_mnist").finetune_lr  # one rate for all
+    assert train.parse_args(["--preset", "paper", "--alpha", "0.5"]).for_arm("lns").alpha == 0.5
     # The paper's values are the quantizer's defaults: one definition.
     assert {k: getattr(NoisyMappedQuantizer(), k if k != "mapper" else "mapper_kind")
             for k in PAPER} == PAPER

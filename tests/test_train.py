@@ -48,6 +48,10 @@ def test_all_arms_write_results(full_run):
     assert results["arms"]["mapped"]["quantizer"]["alpha"] == 0.0
     assert results["arms"]["lns_rho0"]["quantizer"]["rho_pos"] == 0.0
     assert results["arms"]["lns"]["aux_loss"] > 0
+    tuned = get_protocol("fashion_mnist").tuned  # each arm at its own tuned rate
+    assert results["arms"]["sign"]["finetune_lr"] == tuned["sign"]["finetune_lr"]
+    assert results["arms"]["mapped"]["finetune_lr"] == tuned["lns"]["finetune_lr"]
+    assert results["arms"]["lns"]["quantizer"]["alpha"] == tuned["lns"]["alpha"]
     assert 0.0 <= results["baseline"]["test_accuracy"] <= 1.0
     for name in ("results.md", "accuracy.png", "flip_rates.png", "config.json",
                  "pretrain/weights.h5", "pretrain/checkpoint.h5"):
@@ -134,6 +138,32 @@ def test_hparams_file_sets_defaults_and_flags_win(tmp_path):
         train.parse_args(["--hparams", str(hparams)])
 
 
+def test_hparams_per_arm_set_that_arm_and_the_arms_tuned_as_it(tmp_path, capsys):
+    def write(name, values):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(values))
+        return str(path)
+
+    sign = write("sign", {"finetune_lr": 1e-5})
+    lns = write("lns", {"alpha": 0.5, "finetune_lr": 2e-3})
+    config = train.parse_args(["--hparams", f"sign={sign}", f"lns={lns}", "--rho", "0.1"])
+    assert config.for_arm("sign").finetune_lr == 1e-5
+    assert (config.for_arm("lns").alpha, config.for_arm("lns").finetune_lr) == (0.5, 2e-3)
+    assert config.for_arm("mapped").finetune_lr == 2e-3 and config.quantizer_options("mapped")["alpha"] == 0
+    assert config.for_arm("lns").rho_pos == 0.1  # a flag wins
+    bop = get_protocol("fashion_mnist").tuned["bop"]
+    assert config.for_arm("bop").finetune_lr == bop["finetune_lr"]  # no file: the protocol's
+    for argv, needle in (
+        ([f"mapped={lns}"], "'mapped' is not a tuned arm"),
+        ([f"sign={write('bad', {'seed': 1})}"], "keys ['seed'] that are not an arm's"),
+        ([sign, f"sign={sign}"], "['finetune_lr'] given both for every arm"),
+    ):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--hparams", *argv])
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "dataset, model, size",
     [("cifar10", "resnet_e18", 32), ("imagenet2012", "birealnet18", 32)],
@@ -199,8 +229,8 @@ def test_unwritable_output_and_missing_data_get_clear_messages(tmp_path, capsys)
 def test_changed_settings_on_a_resumed_run_are_refused(full_run, capsys):
     argv = SMOKE + ["--arms", "lns", "--alpha", "3", "--output-dir", full_run]
     assert train.main(argv) == 2
-    recorded = get_protocol("fashion_mnist").lns.get("alpha")  # the protocol's, in config.json
-    assert f"alpha: {recorded} -> 3.0" in capsys.readouterr().err
+    recorded = get_protocol("fashion_mnist").tuned["lns"]["alpha"]  # what the arm used
+    assert f"lns.alpha: {recorded} -> 3.0" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_what_was_written(full_run, tmp_path, capsys):
@@ -306,9 +336,11 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path):
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    from larq_noisy.rundir import save_weights
+
     model = tf.keras.Sequential([tf.keras.layers.Dense(2, input_shape=(3,))])
     path = str(tmp_path / "checkpoint.h5")
-    training.save_weights(model, path)
+    save_weights(model, path)
     good = open(path, "rb").read()
 
     def full_disk(target, *args, **kwargs):
@@ -318,7 +350,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model, "save_weights", full_disk)
     with pytest.raises(OSError):
-        training.save_weights(model, path)
+        save_weights(model, path)
     assert open(path, "rb").read() == good
 
 

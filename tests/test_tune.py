@@ -108,8 +108,8 @@ def test_train_py_accepts_and_runs_the_best_hparams(searched, pretrained, tmp_pa
 
 
 def test_options_become_the_search_space():
-    config, _, _ = tune.parse_args(["--asymmetric-rho", "--search-lr", "--rho-range", "0", "0.3",
-                                    "--alpha-range", "0.01", "5"])
+    config, _ = tune.parse_args(["--asymmetric-rho", "--search-lr", "--rho-range", "0", "0.3",
+                                 "--alpha-range", "0.01", "5"])
     space = config.space
     assert space.alpha == (0.01, 5.0) and space.rho == (0.0, 0.3) and space.asymmetric_rho
     lr = get_protocol("fashion_mnist").finetune_lr
@@ -141,13 +141,13 @@ def test_sign_and_bop_searches_feed_train_py(arm, keys, pretrained, tmp_path):
     if arm == "bop":
         assert 1e-8 <= best["bop_threshold"] <= 1e-3 and 1e-5 <= best["bop_gamma"] <= 1e-1
     table = open(os.path.join(out, "trials.md")).read()
-    assert f"Search of the `{arm}` arm" in table and f"--arms {arm} --hparams" in table
-    config = train.parse_args(["--arms", arm, "--hparams", path, "--output-dir",
+    assert f"Search of the `{arm}` arm" in table and f"--hparams {arm}=" in table
+    config = train.parse_args(["--arms", arm, "--hparams", f"{arm}={path}", "--output-dir",
                                str(tmp_path / "parsed")])
-    assert {k: getattr(config, k) for k in keys} == best
+    assert {k: getattr(config.for_arm(arm), k) for k in keys} == best
     if arm == "sign":  # a trial is the train.py run of its values: same batches, same weights
         out = str(tmp_path / "train")
-        assert train.main(["--arms", arm, "--hparams", path, "--pretrained", pretrained,
+        assert train.main(["--arms", arm, "--hparams", f"{arm}={path}", "--pretrained", pretrained,
                            "--finetune-epochs", "1", *TINY[:-3], "--quiet", "--output-dir", out]) == 0
         history = open(os.path.join(out, "arms", arm, "history.csv")).read().splitlines()
         loss = float(history[1].split(",")[history[0].split(",").index("loss")])
@@ -198,7 +198,7 @@ def test_each_arm_searches_its_own_directory_from_one_pretraining():
         (["--arm", "bop", "--no-aux-to-latent"], "--no-aux-to-latent shapes the search of --arm lns"),
         (["--arm", "bop", "--bop-threshold-range", "0", "1e-3"], "low end must be > 0"),
         (["--no-search-lr", "--lr-range", "1e-4", "1e-3"], "contradict each other"),
-        (["--arm", "mapped"], "invalid choice: 'mapped' (choose from 'lns', 'sign', 'bop')"),
+        (["--arm", "mapped"], "invalid choice: 'mapped' (choose from 'sign', 'bop', 'lns')"),
     ],
 )
 def test_bad_arguments_fail_before_any_trial(argv, needle, capsys, tmp_path):
@@ -222,27 +222,36 @@ def test_incompatible_checkpoints_are_refused_before_any_trial(pretrained, tmp_p
     other = str(tmp_path / "other_model.h5")  # the weights of another model
     tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(3)]).save_weights(other)
     out = tmp_path / "search"
-    with pytest.raises(SystemExit) as exit_info:
-        tune.main(TINY + ["--pretrained", other, "--output-dir", str(out)])
-    assert exit_info.value.code == 2
+    assert tune.main(TINY + ["--pretrained", other, "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert other in err and "does not fit model 'bnn_small'" in err
     assert not (out / tuning.PROJECT).exists()
     # A train.py run of another model, told by its config.json: no model is even built.
-    with pytest.raises(SystemExit) as exit_info:
-        tune.main(TINY + ["--pretrained", pretrained, "--model", "resnet20",
-                          "--output-dir", str(out)])
-    assert exit_info.value.code == 2
+    assert tune.main(TINY + ["--pretrained", pretrained, "--model", "resnet20",
+                             "--output-dir", str(out)]) == 2
     assert "trained with model='bnn_small'" in capsys.readouterr().err
 
 
 def test_changed_settings_on_a_resumed_search_are_refused(searched, capsys):
     argv = TINY + ["--tuner", "random", "--search-mapper", "linear", "mlp",
                    "--rho-range", "0", "0.1", "--output-dir", searched["out"]]
-    with pytest.raises(SystemExit) as exit_info:
-        tune.main(argv)
-    assert exit_info.value.code == 2
+    assert tune.main(argv) == 2
     assert "holds a search with other settings" in capsys.readouterr().err
+
+
+def test_a_search_whose_trials_keep_failing_exits_1_in_one_line(pretrained, tmp_path,
+                                                                  monkeypatch, capsys):
+    def fail(self, hp, model, *args, **kwargs):
+        raise ValueError("no luck")
+
+    monkeypatch.setattr(tuning.FineTuningHyperModel, "fit", fail)
+    out = tmp_path / "failing"
+    assert tune.main(TINY + ["--pretrained", pretrained, "--tuner", "random", "--max-trials", "5",
+                             "--mapper", "linear", "--output-dir", str(out)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("tune.py: Number of consecutive failures exceeded the limit of 3.")
+    assert "The last failed with: ValueError: no luck. Each trial's traceback: " in last
+    assert os.path.join(str(out), tuning.PROJECT, "trial_*", "trial.json") in last
 
 
 def test_distributed_search_without_checkpoint_does_not_pretrain(tmp_path, monkeypatch, capsys):
@@ -250,9 +259,7 @@ def test_distributed_search_without_checkpoint_does_not_pretrain(tmp_path, monke
     monkeypatch.setenv("KERASTUNER_TUNER_ID", "tuner0")
     monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
     monkeypatch.setenv("KERASTUNER_ORACLE_PORT", "1")
-    with pytest.raises(SystemExit) as exit_info:
-        tune.main(TINY + ["--output-dir", str(tmp_path / "search")])
-    assert exit_info.value.code == 2
+    assert tune.main(TINY + ["--output-dir", str(tmp_path / "search")]) == 2
     assert "a distributed search does not pretrain" in capsys.readouterr().err
     assert not (tmp_path / "search" / "pretrain_run").exists()
 
