@@ -24,14 +24,24 @@ builds them):
 3. Mapper parameters at ResNet-18's shapes and their training memory with Adam (float32
    weights + 2 slots).
 
+Every mapped kind is built with the quantizer's defaults but for `--aux-to-latent` (default:
+the quantizer's, `quantizers.DEFAULTS["aux_to_latent"]`, False). With `--aux-to-latent` (the
+paper's) the auxiliary loss comes from the same mapper pass as the forward output; with
+`--no-aux-to-latent` (and alpha > 0, as by default) from a second pass on `stop_gradient(W)`,
+so the mapper runs twice per step. The times measure it; the counts of 2. are of one pass
+(`train`, `train_fraction`), with `mapper_passes` and `train_all_passes` for both (the second
+pass needs no gradient with respect to W, so 3 forward passes bound it from above).
+
     .venv/bin/python bench/mapper_cost.py --json docs/data/mapper_cost.json   # ~17 min, 2 CPU cores
     .venv/bin/python bench/mapper_cost.py --shapes cifar --kinds sign cnn    # a subset
+    .venv/bin/python bench/mapper_cost.py --aux-to-latent --json ...          # the paper's aux loss
 
 Long runs resume: each finished (shape set, kind) measurement is kept in `<json>.partial`
-and skipped when the same command runs again (same batch, steps and --jit); the final
-`<json>` is written once everything is measured. Step times are medians over `--steps`
-timed rounds after `--warmup` untimed steps. The mapper runs once per step whatever the
-batch, so its share of a step shrinks as the batch grows.
+and skipped when the same command runs again (same batch, steps, --jit and
+--aux-to-latent); the final `<json>` is written once everything is measured. Step times
+are medians over `--steps` timed rounds after `--warmup` untimed steps. The mapper runs
+once per step (twice with `--no-aux-to-latent`) whatever the batch, so its share of a
+step shrinks as the batch grows.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from larq_noisy.mappers import MAPPERS  # noqa: E402
+from larq_noisy.quantizers import DEFAULTS  # noqa: E402
 
 KINDS = ("sign", *MAPPERS)  # "sign": the kernels as the model builds them
 #: model, input size, classes, batch, timed rounds, warm-up steps
@@ -90,25 +101,35 @@ def resnet18_network_multiply_adds() -> int:
     return network_multiply_adds(models.build("birealnet18", (224, 224, 3), 1000))
 
 
-def resnet18_mapper_cost(kind: str, batch: int = IMAGENET_BATCH, width=None) -> dict:
+def resnet18_mapper_cost(kind: str, batch: int = IMAGENET_BATCH, width=None,
+                         aux_to_latent: bool = DEFAULTS["aux_to_latent"]) -> dict:
     """`kind`'s mappers over ResNet-18's 16 binarized layers: parameters and the
-    multiply-adds of a training step, also as a fraction of the network's at `batch`."""
+    multiply-adds of a training step, also as a fraction of the network's at `batch`.
+
+    `train` and `train_fraction` are one mapper pass's; `mapper_passes` is 2 where the
+    auxiliary loss takes its own pass (`aux_to_latent=False`, alpha > 0), and
+    `train_all_passes` counts them all (the second pass as 3 forward passes too, an upper
+    bound: it needs no gradient with respect to W)."""
     from larq_noisy import NoisyMappedQuantizer
     from larq_noisy.mappers import multiply_adds
 
     params = forward = 0
+    passes = 1
     for c_in, c_out, count in RESNET18_CONVS:
-        quantizer = NoisyMappedQuantizer(mapper=kind, width=width)
+        quantizer = NoisyMappedQuantizer(mapper=kind, width=width, aux_to_latent=aux_to_latent)
         quantizer.build((3, 3, c_in, c_out))
         params += count * quantizer.count_params()
         forward += count * multiply_adds(quantizer.mapper, (c_out, 3, 3, c_in))
+        passes = 1 if quantizer.aux_to_latent or quantizer.alpha == 0 else 2
     network = TRAINING_PASSES * batch * resnet18_network_multiply_adds()
     train = TRAINING_PASSES * forward  # once per step, whatever the batch
     return {"params": params, "forward": forward, "train": train, "network_train": network,
-            "train_fraction": train / network, "adam_mib": 12 * params / 2**20}
+            "train_fraction": train / network, "adam_mib": 12 * params / 2**20,
+            "aux_to_latent": aux_to_latent, "mapper_passes": passes,
+            "train_all_passes": passes * train}
 
 
-def _model(kind: str, shape: dict, jit: bool):
+def _model(kind: str, shape: dict, jit: bool, aux_to_latent: bool = DEFAULTS["aux_to_latent"]):
     import tensorflow as tf
 
     import models
@@ -117,13 +138,14 @@ def _model(kind: str, shape: dict, jit: bool):
     size = shape["image_size"]
     model = models.build(shape["model"], (size, size, 3), shape["classes"])
     if kind != "sign":
-        model = to_mapped(model, mapper=kind)
+        model = to_mapped(model, mapper=kind, aux_to_latent=aux_to_latent)
     model.compile(tf.keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy",
                   jit_compile=jit)
     return model
 
 
-def measure_pair(kind: str, shape: dict, jit: bool) -> dict:
+def measure_pair(kind: str, shape: dict, jit: bool,
+                 aux_to_latent: bool = DEFAULTS["aux_to_latent"]) -> dict:
     """In this process: `kind`'s peak RSS alone, then its steps alternated with sign's."""
     import numpy as np
     import tensorflow as tf
@@ -133,7 +155,7 @@ def measure_pair(kind: str, shape: dict, jit: bool) -> dict:
     size, batch = shape["image_size"], shape["batch_size"]
     x = tf.constant(rng.normal(size=(batch, size, size, 3)).astype("float32"))
     y = tf.constant(rng.integers(0, shape["classes"], batch))
-    model = _model(kind, shape, jit)
+    model = _model(kind, shape, jit, aux_to_latent)
     for _ in range(shape["warmup"]):
         model.train_on_batch(x, y)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -157,6 +179,7 @@ def measure_pair(kind: str, shape: dict, jit: bool) -> dict:
         "rounds": shape["steps"],
         "peak_rss_mib": peak_rss_mib,
         "params": int(model.count_params()),
+        "aux_to_latent": aux_to_latent,
     }
 
 
@@ -172,6 +195,7 @@ def _measure_in_subprocess(kind: str, shape_name: str, args) -> dict:
                "--steps", str(shape["steps"]), "--batch-size", str(shape["batch_size"])]
     if args.jit:
         command.append("--jit")
+    command.append("--aux-to-latent" if args.aux_to_latent else "--no-aux-to-latent")
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -180,12 +204,14 @@ def step_ratios(shape_name: str, args, progress: dict, save) -> dict:
     shape = _shape(shape_name, args)
     print(f"\nTraining step, {shape['model']} at {shape['image_size']}x{shape['image_size']}x3, "
           f"{shape['classes']} classes, batch {shape['batch_size']} (Adam; one process per kind, "
-          f"{shape['steps']} rounds alternating with sign):", flush=True)
+          f"{shape['steps']} rounds alternating with sign; aux_to_latent={args.aux_to_latent}):",
+          flush=True)
     print(f"{'kernels':<11}{'ms/step':>10}{'sign ms':>9}{'x sign':>8}{'x sign CPU':>11}"
           f"{'params':>13}{'peak RSS MiB':>14}")
     results = {}
     for kind in args.kinds:
-        key = f"{shape_name}/{kind}/batch{shape['batch_size']}/steps{shape['steps']}/jit{args.jit}"
+        key = (f"{shape_name}/{kind}/batch{shape['batch_size']}/steps{shape['steps']}/jit{args.jit}"
+               f"/aux_to_latent{args.aux_to_latent}")
         if key not in progress:
             progress[key] = _measure_in_subprocess(kind, shape_name, args)
             save()
@@ -193,10 +219,10 @@ def step_ratios(shape_name: str, args, progress: dict, save) -> dict:
         print(f"{kind:<11}{r['ms_per_step']:>10.1f}{r['sign_ms_per_step']:>9.1f}"
               f"{r['ratio_to_sign']:>8.2f}{r['cpu_ratio_to_sign']:>11.2f}{r['params']:>13,}"
               f"{r['peak_rss_mib']:>14.0f}", flush=True)
-    return {"shape": shape, "kinds": results}
+    return {"shape": shape, "aux_to_latent": args.aux_to_latent, "kinds": results}
 
 
-def imagenet_counts(kinds) -> dict:
+def imagenet_counts(kinds, aux_to_latent: bool = DEFAULTS["aux_to_latent"]) -> dict:
     print(f"\nMappers at ResNet-18's ImageNet shapes (16 binarized 3x3 layers), counted; "
           f"a training step = {TRAINING_PASSES} forward passes, the network's at batch "
           f"{IMAGENET_BATCH}:")
@@ -206,13 +232,16 @@ def imagenet_counts(kinds) -> dict:
     for kind in kinds:
         if kind == "sign":
             continue
-        c = report[kind] = resnet18_mapper_cost(kind)
+        c = report[kind] = resnet18_mapper_cost(kind, aux_to_latent=aux_to_latent)
         print(f"{kind:<11}{c['params']:>13,}{c['adam_mib']:>13,.0f}{c['forward'] / 1e9:>13.2f}G"
               f"{c['train'] / 1e9:>11.1f}G{100 * c['train_fraction']:>13.2f}%")
     network = resnet18_network_multiply_adds()
     print(f"(the network: {network / 1e9:.2f} G multiply-adds forward per image, "
           f"{TRAINING_PASSES * IMAGENET_BATCH * network / 1e12:.2f} T per training step at "
           f"batch {IMAGENET_BATCH})", flush=True)
+    if any(c["mapper_passes"] == 2 for c in report.values()):
+        print(f"(one mapper pass; with aux_to_latent={aux_to_latent} the auxiliary loss takes a "
+              f"second pass, at most as much again: train_all_passes in the JSON)")
     report["network_forward_per_image"] = network
     return report
 
@@ -225,12 +254,19 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="default: the shape set's")
     p.add_argument("--steps", type=int, help="timed rounds (default: the shape set's)")
     p.add_argument("--jit", action="store_true")
+    p.add_argument("--aux-to-latent", action=argparse.BooleanOptionalAction,
+                   default=DEFAULTS["aux_to_latent"],
+                   help="the mapped kinds' aux_to_latent: the auxiliary loss from the forward "
+                   "output's mapper pass (the paper's) or, with --no-aux-to-latent, from a "
+                   "second pass on stop_gradient(W) (default: the quantizer's, "
+                   "%(default)s)")
     p.add_argument("--json", help="write the figures to this file (and resume from "
                    "<json>.partial)")
     p.add_argument("--one", choices=KINDS, help=argparse.SUPPRESS)  # a single measurement
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(measure_pair(args.one, _shape(args.shapes[0], args), args.jit)))
+        print(json.dumps(measure_pair(args.one, _shape(args.shapes[0], args), args.jit,
+                                      args.aux_to_latent)))
         return
     import tensorflow as tf
 
@@ -246,11 +282,12 @@ def main(argv=None):
             with open(partial, "w") as f:
                 json.dump(progress, f, indent=2)
 
-    report = {"machine": f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}", "steps": {}}
-    print(report["machine"])
+    report = {"machine": f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}",
+              "aux_to_latent": args.aux_to_latent, "steps": {}}
+    print(report["machine"], f"aux_to_latent={args.aux_to_latent}")
     for shape_name in args.shapes:
         report["steps"][shape_name] = step_ratios(shape_name, args, progress, save)
-    report["resnet18_imagenet"] = imagenet_counts(args.kinds)
+    report["resnet18_imagenet"] = imagenet_counts(args.kinds, args.aux_to_latent)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

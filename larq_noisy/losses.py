@@ -62,7 +62,7 @@ def squared_loss(pred, label):
     return tf.math.squared_difference(pred, label)
 
 
-def unbiased_loss(pred, noisy_label, rho_pos=0.005, rho_neg=0.005):
+def unbiased_loss(pred, noisy_label, rho_pos, rho_neg):
     r"""Element-wise squared loss corrected for class-conditional label noise.
 
     With flip rates $\rho_{+1} = P(\tilde q = -1 \mid q = +1)$ and

@@ -68,8 +68,8 @@ class Protocol:
     arms: tuple[str, ...] = ("sign", "mapped", "lns")
     # Each tuned arm's (`TUNED_ARMS`) fine-tuning settings on this dataset: `TrainConfig`
     # fields (finetune_lr, bop_threshold, bop_gamma, the NoisyMappedQuantizer options)
-    # over `finetune_lr`, larq's Bop defaults and the quantizer's defaults (the paper's
-    # CIFAR-10 values). Flags and --hparams win.
+    # over `finetune_lr`, larq's Bop defaults and the quantizer's defaults
+    # (`quantizers.DEFAULTS`). Flags and --hparams win.
     tuned: dict = dataclasses.field(default_factory=dict)
     note: str = ""
 
@@ -110,6 +110,7 @@ _SMALL_IMAGES = Protocol(
 # 70/90/110; fine-tune 45 epochs, lr 0.01 x0.1 every 15. Bi-Real Net baseline.
 _IMAGENET = Protocol(
     model="birealnet18",
+    tuned={"lns": PAPER},  # the paper's LNS options (no ImageNet values given: CIFAR-10's)
     pretrain_epochs=120,
     finetune_epochs=45,
     batch_size=256,
@@ -137,6 +138,7 @@ PROTOCOLS = {
         finetune_lr=0.01,
         finetune_milestones=(0.25, 0.5, 0.75),
         pretrain_cosine=True,
+        tuned={"lns": PAPER},
         note="paper, Sec. 5.1",
     ),
     "imagenet2012": _IMAGENET,

@@ -197,7 +197,7 @@ def test_bench_resumes_from_its_partial_file(bench, tmp_path, monkeypatch):
             "cpu_ratio_to_sign": 1.2, "rounds": 20, "peak_rss_mib": 900.0, "params": 1}
     out = tmp_path / "cost.json"
     (tmp_path / "cost.json.partial").write_text(
-        json.dumps({"cifar/cnn/batch128/steps20/jitFalse": done}))
+        json.dumps({"cifar/cnn/batch128/steps20/jitFalse/aux_to_latentFalse": done}))
 
     def measure(kind, *args):  # only what is not in the partial file is measured
         assert kind == "separable"

@@ -94,6 +94,10 @@ def test_preset_paper_is_one_flag_away_and_flags_still_win():
     assert default.mapper != paper.mapper  # Fashion-MNIST's measured options differ
     assert paper.finetune_lr == get_protocol("fashion_mnist").finetune_lr  # one rate for all
     assert train.parse_args(["--preset", "paper", "--alpha", "0.5"]).for_arm("lns").alpha == 0.5
-    # The paper's values are the quantizer's defaults: one definition.
+    # The quantizer's defaults are the paper's but for the measured aux_to_latent; the
+    # paper's own protocols keep the paper's.
     assert {k: getattr(NoisyMappedQuantizer(), k if k != "mapper" else "mapper_kind")
-            for k in PAPER} == PAPER
+            for k in PAPER} == {**PAPER, "aux_to_latent": False}
+    for dataset in ("cifar10", "imagenet2012", "imagenette"):
+        lns = train.parse_args(["--dataset", dataset]).for_arm("lns")
+        assert {k: getattr(lns, k) for k in PAPER} == PAPER
