@@ -113,7 +113,7 @@ def run_model_path(run_dir, arm: str) -> str:
     run_dir = os.fspath(run_dir)
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"Run directory {run_dir!r} does not exist.")
-    path = os.path.join(RunDir(run_dir).arm(arm), "model.h5")
+    path = RunDir.model(RunDir(run_dir).arm(arm))
     if not os.path.isfile(path):
         trained = _trained_arms(run_dir)
         choices = f"the trained arms are {trained}" if trained else "no arm has a model.h5 yet"
@@ -124,14 +124,11 @@ def run_model_path(run_dir, arm: str) -> str:
 
 
 def _trained_arms(run_dir: str) -> list[str]:
-    arms_dir = os.path.join(run_dir, "arms")
+    run = RunDir(run_dir)
+    arms_dir = run.path("arms")
     if not os.path.isdir(arms_dir):
         return []
-    return sorted(
-        arm
-        for arm in os.listdir(arms_dir)
-        if os.path.isfile(os.path.join(arms_dir, arm, "model.h5"))
-    )
+    return sorted(arm for arm in os.listdir(arms_dir) if os.path.isfile(RunDir.model(run.arm(arm))))
 
 
 def _read_run_config(run_dir: str) -> dict:
@@ -143,8 +140,7 @@ def _read_run_config(run_dir: str) -> dict:
 
 def _is_run_dir(path: str) -> bool:
     return os.path.isdir(path) and (
-        os.path.isdir(os.path.join(path, "arms"))
-        or os.path.isfile(os.path.join(path, "config.json"))
+        os.path.isdir(RunDir(path).path("arms")) or os.path.isfile(RunDir(path).config)
     )
 
 

@@ -194,6 +194,11 @@ class RunDir:
         return os.path.join(phase_dir, "result.json")
 
     @staticmethod
+    def model(arm_dir: str) -> str:
+        """The arm's baked, deployable model."""
+        return os.path.join(arm_dir, "model.h5")
+
+    @staticmethod
     def checkpoint(phase_dir: str) -> str:
         return os.path.join(phase_dir, "checkpoint.h5")
 

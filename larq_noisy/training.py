@@ -608,7 +608,7 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
         _compile(deployable, c, c.finetune_lr)  # saved compiled, as the sign arm's model
     else:
         deployable = model
-    path = os.path.join(arm_dir if session.chief else tempfile.mkdtemp(), "model.h5")
+    path = RunDir.model(arm_dir if session.chief else tempfile.mkdtemp())
     with atomic_path(path) as tmp, warnings.catch_warnings():
         # h5 is what LCE's tooling and larq expect.
         warnings.filterwarnings("ignore", message="You are saving your model as an HDF5")

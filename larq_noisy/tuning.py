@@ -290,6 +290,11 @@ class TuneConfig:
     def arm(self) -> str:
         return self.space.arm
 
+    @property
+    def saved_settings(self) -> str:
+        """tune_config.json: the settings of the search in `output_dir`."""
+        return os.path.join(self.output_dir, "tune_config.json")
+
     def resolved(self) -> TuneConfig:
         """A copy with the defaults filled in; `ValueError` for any bad value. Resolving a
         resolved config returns it."""
@@ -483,7 +488,7 @@ def locate_checkpoint(config: TuneConfig) -> tuple[str | None, str]:
         if reason:
             raise ValueError(f"--pretrained {config.pretrained!r} does not fit: {reason}.")
         return weights, f"fine-tuning from --pretrained {weights}"
-    saved = os.path.join(config.output_dir, "tune_config.json")
+    saved = config.saved_settings
     if os.path.exists(saved):
         previous = read_json(saved, "delete it to start the search anew").get("weights")
         if previous and os.path.isfile(previous):
@@ -572,10 +577,9 @@ def make_tuner(config: TuneConfig, hypermodel: FineTuningHyperModel, strategy):
 
 
 def _check_resume(config: TuneConfig, weights: str) -> None:
-    path = os.path.join(config.output_dir, "tune_config.json")
     current = {**config.to_json(), "weights": os.path.abspath(weights)}
     RunDir(config.output_dir).check_settings(
-        current, _RESUMABLE, "a search", config=path, record=_role() != "worker"
+        current, _RESUMABLE, "a search", config=config.saved_settings, record=_role() != "worker"
     )
 
 
