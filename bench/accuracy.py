@@ -156,14 +156,11 @@ def effective(config: training.TrainConfig) -> dict:
     (its default included, whoever set it)."""
     from larq_noisy import NoisyMappedQuantizer
 
-    arm = config.arms[0]
-    c = _resolved(config).for_arm(arm)
-    out = {"finetune_lr": c.finetune_lr}
-    if ARMS[arm].bop:  # None: larq's default
-        out.update(bop_threshold=c.bop_threshold, bop_gamma=c.bop_gamma)
-    options = c.quantizer_options(arm)
-    if options is not None:
-        quantizer = {**NoisyMappedQuantizer().get_config(), **options}
+    arm, c = config.arms[0], _resolved(config)
+    settings = c.arm_settings(arm)
+    out = {k: settings[k] for k in ("finetune_lr", "bop_threshold", "bop_gamma") if k in settings}
+    if ARMS[arm].quantizer is not None:
+        quantizer = {**NoisyMappedQuantizer().get_config(), **settings}
         out.update({k: quantizer[k] for k in ("alpha", "rho_pos", "rho_neg", "mapper", "clip",
                                               "aux_to_latent", "reduction", "start")})
         out["warmup_epochs"] = c.warmup_epochs

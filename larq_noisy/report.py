@@ -13,7 +13,7 @@ from larq_noisy.protocols import ARMS  # noqa: E402
 from larq_noisy.rundir import read_history_rows  # noqa: E402
 
 __all__ = [
-    "ARM_TITLES", "arm_color", "plot_accuracy", "plot_flip_rates", "read_history",
+    "ARM_TITLES", "arm_color", "describe", "plot_accuracy", "plot_flip_rates", "read_history",
     "write_results_md",
 ]
 
@@ -36,17 +36,21 @@ def _epochs(n) -> str:
     return f"{n} epoch" + ("" if n == 1 else "s")
 
 
+def describe(values: dict) -> str:
+    """`{"alpha": 0.15939, "clip": "none"}` as "alpha 0.159, clip none"; None: default."""
+    return ", ".join(
+        f"{k} {'default' if v is None else f'{v:.3g}' if isinstance(v, float) else v}"
+        for k, v in values.items()
+    ) or "defaults"
+
+
 def _settings(result: dict) -> str:
     """An arm's learning rate, Bop's and the quantizer's options, from its result.json."""
-    def fmt(values):
-        return ", ".join(f"{k} {'default' if v is None else f'{v:.3g}' if isinstance(v, float) else v}"
-                         for k, v in values.items())
-
     parts = [f"lr {result['finetune_lr']:.3g}"]
     if result.get("bop"):
-        parts.append("Bop " + fmt(result["bop"]))
+        parts.append("Bop " + describe(result["bop"]))
     if result.get("quantizer") is not None:
-        parts.append("mapper options: " + (fmt(result["quantizer"]) or "defaults"))
+        parts.append("mapper options: " + describe(result["quantizer"]))
     return "; ".join(parts)
 
 

@@ -253,18 +253,22 @@ class TrainConfig:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
                 for f in dataclasses.fields(self) if f.init}
 
+    def arm_settings(self, arm: str) -> dict:
+        """What `arm` fine-tunes with, as it resolves: its learning rate, Bop's threshold
+        and gamma (the bop arm; `None`: larq's defaults) and its quantizer options."""
+        config = self.for_arm(arm)
+        settings = {"finetune_lr": config.finetune_lr}
+        if ARMS[arm].bop:
+            settings.update(bop_threshold=config.bop_threshold, bop_gamma=config.bop_gamma)
+        return {**settings, **(self.quantizer_options(arm) or {})}
+
     def recorded(self) -> dict:
         """What config.json records: every setting, and every arm's fine-tuning settings
         as they resolve (`"<arm>.<field>"`), so that a resumed run is checked against
         the values its arms use, wherever they came from."""
         record = self.to_json()
         for arm in ARMS:
-            config = self.for_arm(arm)
-            settings = {"finetune_lr": config.finetune_lr}
-            if ARMS[arm].bop:
-                settings.update(bop_threshold=config.bop_threshold, bop_gamma=config.bop_gamma)
-            settings.update(self.quantizer_options(arm) or {})
-            record.update({f"{arm}.{k}": v for k, v in settings.items()})
+            record.update({f"{arm}.{k}": v for k, v in self.arm_settings(arm).items()})
         return record
 
 
@@ -456,14 +460,6 @@ class Session:
         return scores
 
 
-def _describe(values: dict) -> str:
-    """`{"alpha": 0.15939, "clip": "none"}` as "alpha 0.159, clip none"; None: default."""
-    return ", ".join(
-        f"{k} {'default' if v is None else f'{v:.3g}' if isinstance(v, float) else v}"
-        for k, v in values.items()
-    ) or "defaults"
-
-
 def _epochs(n: int) -> str:
     return f"{n} epoch" + ("" if n == 1 else "s")
 
@@ -573,8 +569,8 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
     session.header(
         f"Phase 2/2: fine-tuning arm '{arm}' for {_epochs(c.finetune_epochs)}, "
         f"lr {c.finetune_lr:.3g}, "
-        + ("sign weights" if options is None else f"mapper options: {_describe(options)}")
-        + (f", Bop {_describe({'threshold': c.bop_threshold, 'gamma': c.bop_gamma})}"
+        + ("sign weights" if options is None else f"mapper options: {report.describe(options)}")
+        + (f", Bop {report.describe({'threshold': c.bop_threshold, 'gamma': c.bop_gamma})}"
            if ARMS[arm].bop else "")
     )
     if options is not None and options.get("alpha", 1) > 0:
