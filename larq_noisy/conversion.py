@@ -24,6 +24,7 @@ from larq_noisy.quantizers import (
 
 __all__ = [
     "binarized_layers",
+    "is_binary",
     "bake",
     "flip_rates",
     "freeze_labels",
@@ -35,8 +36,8 @@ __all__ = [
 ]
 
 
-def _is_binary(quantizer) -> bool:
-    # larq's own test (layers_base._is_binary): precision 1 and not a NoOp marker.
+def is_binary(quantizer) -> bool:
+    # larq's own test (layers_base.is_binary): precision 1 and not a NoOp marker.
     return getattr(quantizer, "precision", None) == 1 and not isinstance(
         quantizer, lq.quantizers.NoOp
     )
@@ -57,7 +58,7 @@ def binarized_layers(model) -> list:
     binarizes another weight (`QuantDepthwiseConv2D`'s `depthwise_quantizer`, ...)
     is not one of them.
     """
-    return [l for l in _walk(model) if _is_binary(getattr(l, "kernel_quantizer", None))]
+    return [l for l in _walk(model) if is_binary(getattr(l, "kernel_quantizer", None))]
 
 
 def mapped_layers(model) -> list:
@@ -306,7 +307,7 @@ def _plan(model, mapper_kind: str, width):
             for name, value in vars(layer).items()
             if name.endswith("_quantizer")
             and name not in ("input_quantizer", "kernel_quantizer")
-            and _is_binary(value)
+            and is_binary(value)
         )
         reasons = []
         if others:
@@ -314,7 +315,7 @@ def _plan(model, mapper_kind: str, width):
                 f"its {', '.join(others)} binarizes a weight other than a kernel (only "
                 "kernel_quantizer is mapped)"
             )
-        if _is_binary(getattr(layer, "kernel_quantizer", None)):
+        if is_binary(getattr(layer, "kernel_quantizer", None)):
             shape = tuple(layer.kernel.shape)
             if len(shape) not in (2, 3, 4):
                 reasons.append(

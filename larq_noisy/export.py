@@ -46,7 +46,7 @@ from larq_compute_engine.tflite.python.interpreter import Interpreter
 from tensorflow.lite.python import schema_py_generated as tflite_schema
 
 # Importing conversion registers NoisyMappedQuantizer and the mappers for load_model.
-from larq_noisy.conversion import bake, binarized_layers, mapped_layers, rebuild
+from larq_noisy.conversion import is_binary, bake, binarized_layers, mapped_layers, rebuild
 from larq_noisy.rundir import RunDir, RunFileError, atomic_path, read_json, write_json
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "load_model",
     "prepare_for_export",
     "run_model_path",
+    "threshold_hits",
     "verify_flatbuffer",
 ]
 
@@ -322,11 +323,39 @@ def _random_inputs(model, count: int) -> np.ndarray:
     return rng.standard_normal((count, *_input_shape(model))).astype("float32")
 
 
+def threshold_hits(model, images) -> dict:
+    """How many inputs of the binarized layers sit exactly on the sign threshold (0).
+
+    larq's `ste_sign` maps 0 (and -0.0) to +1. LCE binarizes a fused
+    BatchNorm-then-sign output by comparing the integer accumulator with a threshold,
+    and a value exactly on it can come out -1 (seen at zero-padded borders of
+    `padding="same"` convolutions, and depending on the CPU's rounding): the only
+    place a converted model can disagree with Keras. Trained BatchNorm statistics make
+    exact ties vanishingly rare; an untrained BatchNorm after a binary layer makes many.
+
+    # Returns
+        `{"threshold_hits", "binary_inputs"}` over the top-level binarized layers that
+        binarize their input.
+    """
+    layers = [l for l in binarized_layers(model)
+              if l in model.layers and is_binary(getattr(l, "input_quantizer", None))]
+    if not layers:
+        return {"threshold_hits": 0, "binary_inputs": 0}
+    probe = tf.keras.Model(model.inputs, [l.input for l in layers])
+    inputs = probe.predict(images, batch_size=64, verbose=0)
+    inputs = inputs if isinstance(inputs, list) else [inputs]
+    return {
+        "threshold_hits": int(sum(np.count_nonzero(x == 0) for x in inputs)),
+        "binary_inputs": int(sum(x.size for x in inputs)),
+    }
+
+
 def compare_outputs(model, flatbuffer: bytes, images, *, threads: int = 2) -> dict:
     """How closely LCE's interpreter running `flatbuffer` follows `model` on `images`.
 
     # Returns
-        `{"images", "top1_agreement", "max_abs_diff"}`.
+        `{"images", "top1_agreement", "max_abs_diff", "threshold_hits",
+        "binary_inputs"}` (the last two: `threshold_hits`).
     """
     expected = model.predict(images, batch_size=64, verbose=0)
     actual = Interpreter(flatbuffer, num_threads=threads).predict(images)
@@ -336,17 +365,26 @@ def compare_outputs(model, flatbuffer: bytes, images, *, threads: int = 2) -> di
         "images": len(images),
         "top1_agreement": float(agreement),
         "max_abs_diff": float(np.max(np.abs(actual - expected))),
+        **threshold_hits(model, images),
     }
 
 
 def check_agreement(agreement: dict, min_agreement: float) -> None:
-    """Raise `VerificationError` if the top-1 agreement is below `min_agreement`."""
+    """Raise `VerificationError` if the top-1 agreement is below `min_agreement`,
+    naming the exact ties at binary inputs (`threshold_hits`) where there were any."""
     if agreement["top1_agreement"] < min_agreement:
+        hits = agreement.get("threshold_hits", 0)
+        why = (
+            f" {hits} of the {agreement['binary_inputs']} inputs of binarized layers are "
+            "exactly 0, where larq's sign gives +1 and LCE's fused BatchNorm threshold may "
+            "give -1: train the model (its BatchNorm statistics) before exporting it."
+            if hits else ""
+        )
         raise VerificationError(
             f"LCE's interpreter and the Keras model agree on the top-1 class of only "
             f"{agreement['top1_agreement']:.2%} of {agreement['images']} images "
             f"(required: {min_agreement:.2%}; max abs output difference "
-            f"{agreement['max_abs_diff']:.3g})."
+            f"{agreement['max_abs_diff']:.3g}).{why}"
         )
 
 
@@ -535,7 +573,9 @@ def format_report(report: dict) -> str:
     else:
         lines.append(
             f"  agreement with Keras on {agreement['inputs']}: top-1 "
-            f"{agreement['top1_agreement']:.2%}, max abs diff {agreement['max_abs_diff']:.3g}"
+            f"{agreement['top1_agreement']:.2%}, max abs diff {agreement['max_abs_diff']:.3g}, "
+            f"{agreement['threshold_hits']} of {agreement['binary_inputs']} binary inputs "
+            "exactly on the sign threshold"
         )
     bench = report["benchmark"]
     if bench is not None:

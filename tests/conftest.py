@@ -49,6 +49,25 @@ def tiny_bnn(input_shape=(12, 12, 1), num_classes=10, kernel_quantizer="ste_sign
     return tf.keras.Model(inputs, outputs, name="tiny_bnn")
 
 
+def set_batchnorm_statistics(model, seed=0):
+    """Give every BatchNormalization of `model` random statistics, as training would.
+
+    At their initial state (mean 0, beta 0) a sum of +-1 products reaches the next
+    sign unchanged and is often exactly 0, the sign's threshold, where larq and LCE
+    may round differently (`larq_noisy.export.threshold_hits`). With these, a tie
+    needs an integer to equal a random float: tests that compare a model with its
+    flatbuffer then depend on no CPU's rounding."""
+    rng = np.random.default_rng(seed)
+    for layer in model.submodules:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            shape = layer.moving_mean.shape
+            layer.set_weights([
+                rng.uniform(0.5, 1.5, shape), rng.uniform(-0.5, 0.5, shape),
+                rng.uniform(-0.5, 0.5, shape), rng.uniform(0.5, 2.0, shape),
+            ])
+    return model
+
+
 @pytest.fixture
 def tiny_model():
     tf.keras.utils.set_random_seed(0)

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import larq_noisy
 import models
-from conftest import tiny_bnn
+from conftest import set_batchnorm_statistics, tiny_bnn
 from larq_noisy import datasets, export
 from export import main
 from larq_noisy.export import VerificationError, export_model, export_run
@@ -80,6 +80,7 @@ def test_small_mapped_model_exports_to_binary_convs_that_agree_on_fashion(
     assert report["prepared"] == ["baked"]
     assert report["agreement"]["images"] == 128
     assert report["agreement"]["top1_agreement"] >= 0.99
+    assert report["agreement"]["threshold_hits"] == 0  # trained BatchNorm: no exact ties
     assert report["size_ratio"] > 5
     assert out.read_bytes()[4:8] == b"TFL3" and out.stat().st_size == report["bytes"]
     assert json.loads((tmp_path / "small.tflite.json").read_text()) == report
@@ -88,9 +89,11 @@ def test_small_mapped_model_exports_to_binary_convs_that_agree_on_fashion(
 
 def test_mapped_resnet20_exports_every_binarized_conv_as_lce_bconv(tmp_path):
     tf.keras.utils.set_random_seed(1)
-    mapped = larq_noisy.to_mapped(models.build("resnet20", (32, 32, 3), 10), start="warmup")
+    baseline = set_batchnorm_statistics(models.build("resnet20", (32, 32, 3), 10))
+    mapped = larq_noisy.to_mapped(baseline, start="warmup")
     assert _flip_rate(mapped) > 0.01
     report = export_model(mapped, tmp_path / "r20.tflite", verify_images=16, verbose=False)
+    assert report["agreement"]["threshold_hits"] == 0
     assert report["binarized_convs"] == 18
     assert report["ops"][export.BINARY_CONV_OP] == 18
     assert report["agreement"]["inputs"] == "16 random inputs"
@@ -103,6 +106,27 @@ def test_a_binarized_conv_left_in_float_fails_loudly_and_writes_nothing(tmp_path
     with pytest.raises(VerificationError, match=r"1 LceBconv2d ops .* 2 binarized convs"):
         export_model(_float_input_bnn(), out, verify_images=0, verbose=False)
     assert not out.exists() and not (tmp_path / "model.tflite.json").exists()
+
+
+def test_exact_zeros_at_binary_inputs_are_counted_and_named():
+    """larq's sign maps 0 (and -0.0) to +1; LCE's fused BatchNorm threshold may not
+    (docs/METHOD.md section 7). An untrained BatchNorm passes the integer sums of a
+    binary conv on unchanged, so many reach the next sign as exact zeros: the export
+    counts them, and names them when LCE disagrees."""
+    np.testing.assert_array_equal(lq.quantizers.ste_sign(tf.constant([0.0, -0.0, 1e-30])),
+                                  [1.0, 1.0, 1.0])
+    tf.keras.utils.set_random_seed(0)
+    untrained = tiny_bnn()
+    images = np.random.default_rng(0).standard_normal((16, 12, 12, 1)).astype("float32")
+    hits = export.threshold_hits(untrained, images)
+    assert hits["binary_inputs"] == 16 * (12 * 12 * 8 + 6 * 6 * 16 + 16)  # bconv1, 2, bdense
+    assert hits["threshold_hits"] > 100
+    trained = export.threshold_hits(set_batchnorm_statistics(untrained), images)
+    assert trained == {"threshold_hits": 0, "binary_inputs": hits["binary_inputs"]}
+    agreement = {"images": 16, "top1_agreement": 0.8, "max_abs_diff": 0.9, **hits}
+    with pytest.raises(VerificationError,
+                       match=rf"{hits['threshold_hits']} of the .* exactly 0.*train the model"):
+        export.check_agreement(agreement, 0.99)
 
 
 def test_agreement_below_the_threshold_fails_loudly():
