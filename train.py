@@ -31,11 +31,16 @@ def parse_args(argv=None) -> training.TrainConfig:
     run = p.add_argument_group("what to run")
     run.add_argument("--dataset", default="fashion_mnist", choices=sorted(datasets.DATASETS))
     run.add_argument("--model", choices=sorted(models.MODELS), help="default: the dataset's")
-    run.add_argument("--arms", nargs="+", choices=list(ARMS), help="fine-tuning arms")
+    run.add_argument("--arms", nargs="*", choices=list(ARMS),
+                     help="fine-tuning arms (none given: pretraining only)")
     run.add_argument("--kernel-quantizer", choices=models.WEIGHT_QUANTIZERS,
                      help="the baseline's weight binarization (default: the model's own)")
     run.add_argument("--pretrained", metavar="PATH",
-                     help="skip phase 1: a train.py output dir or its pretrain/weights.h5")
+                     help="skip phase 1: a train.py output dir or its pretrain/weights.h5 "
+                          "(default: the protocol's shipped checkpoint, if any)")
+    run.add_argument("--pretrain", dest="pretrain_here", action="store_true",
+                     help="run phase 1 here, even where the protocol ships a converged "
+                          "checkpoint to fine-tune (Fashion-MNIST's bnn_small)")
     run.add_argument("--hparams", nargs="+", metavar="[ARM=]FILE",
                      help="tune.py's best_hparams.json: ARM=FILE for that arm (and the arms "
                           "tuned as it), a bare FILE for every arm; flags win over them")

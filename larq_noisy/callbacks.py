@@ -19,7 +19,7 @@ from larq_noisy.rundir import (
 )
 
 __all__ = [
-    "AtomicCheckpoint", "EpochLine", "FlipRateCallback", "HistoryCSV", "LearningRateScheduler",
+    "AtomicCheckpoint", "CosineDecayPerStep", "EpochLine", "FlipRateCallback", "HistoryCSV", "LearningRateScheduler",
     "SlowCallbackFilter", "StopOnNaN", "TrainingDiverged", "WallClock", "auxiliary_losses",
 ]
 
@@ -115,6 +115,41 @@ class LearningRateScheduler(tf.keras.callbacks.LearningRateScheduler):
         optimizer = getattr(optimizer, "default", optimizer)
         if logs is not None:
             logs["lr"] = float(tf.keras.backend.get_value(optimizer.lr))
+
+
+class CosineDecayPerStep(tf.keras.callbacks.Callback):
+    """The learning rate decays from `lr` to 0 along a half cosine over `steps` steps,
+    set before every step. Under larq's `CaseOptimizer` (the bop arm) Bop's `gamma`,
+    the rate of its gradient average (its learning rate, which Bop's authors decay),
+    decays with the same factor, so that Bop's flips settle as the other arms' latent
+    weights do; its threshold stays. A resumed phase continues from the optimizer's
+    restored step count."""
+
+    def __init__(self, lr: float, steps: int, gamma: float | None = None):
+        super().__init__()
+        self.lr, self.steps, self.gamma = lr, max(1, steps), gamma
+        self.step = None
+
+    def _optimizers(self):
+        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        if isinstance(optimizer, lq.optimizers.CaseOptimizer):
+            bop = next(o for o in optimizer.optimizers if isinstance(o, lq.optimizers.Bop))
+            return optimizer.default, bop
+        return optimizer, None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        default, bop = self._optimizers()
+        if self.step is None:  # after BackupAndRestore has restored the optimizer
+            self.step = int(tf.keras.backend.get_value(default.iterations))
+        factor = 0.5 * (1 + np.cos(np.pi * min(self.step, self.steps) / self.steps))
+        tf.keras.backend.set_value(default.lr, self.lr * factor)
+        if bop is not None and self.gamma is not None:
+            bop._set_hyper("gamma", self.gamma * factor)
+        self.step += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["lr"] = float(tf.keras.backend.get_value(self._optimizers()[0].lr))
 
 
 class WallClock(tf.keras.callbacks.Callback):

@@ -65,12 +65,23 @@ class Protocol:
     finetune_milestones: tuple[float, ...] = ()
     # The phase ends with a cosine decay instead of steps. [project decision]
     pretrain_cosine: bool = False
+    # Fine-tuning decays its learning rate to 0 along a cosine, step by step, and Bop's
+    # gamma with it (`callbacks.CosineDecayPerStep`). [project decision]
+    finetune_cosine: bool = False
     arms: tuple[str, ...] = ("sign", "mapped", "lns")
     # Each tuned arm's (`TUNED_ARMS`) fine-tuning settings on this dataset: `TrainConfig`
     # fields (finetune_lr, bop_threshold, bop_gamma, the NoisyMappedQuantizer options)
     # over `finetune_lr`, larq's Bop defaults and the quantizer's defaults
     # (`quantizers.DEFAULTS`). Flags and --hparams win.
     tuned: dict = dataclasses.field(default_factory=dict)
+    # The model `tuned` was measured on (None: any). Another model takes the paper's
+    # settings (`--preset paper`): tuned values such as alpha with the `sum` reduction
+    # depend on the size of the layers.
+    tuned_model: str | None = None
+    # A converged pretrained checkpoint of `tuned_model` shipped in models/weights/
+    # (its .json: SHA-256, the command that made it): fine-tuned by default, unless the
+    # run pretrains (`--pretrain`, `--pretrain-epochs`) or changes the baseline.
+    checkpoint: str | None = None
     note: str = ""
 
 
@@ -86,14 +97,15 @@ class Protocol:
 # paper's options and one learning rate for all arms: `--preset paper`.
 _SMALL_IMAGES = Protocol(
     model="bnn_small",
-    pretrain_epochs=3,
-    finetune_epochs=3,
+    pretrain_epochs=30,
+    finetune_epochs=2,
     batch_size=128,
     optimizer="adam",
     lr=3e-3,
     finetune_lr=3e-4,  # a tenth, the paper's ratio: the centre of tune.py's lr range
     pretrain_cosine=True,
-    arms=("sign", "bop", "mapped", "lns"),
+    finetune_cosine=True,
+    arms=("sign", "lns"),
     tuned={
         "sign": {"finetune_lr": 9.73787212128146e-05},
         "bop": {"bop_threshold": 7.649838676487011e-08, "bop_gamma": 1.4812432564466783e-05,
@@ -103,6 +115,8 @@ _SMALL_IMAGES = Protocol(
                 "clip": "hardtanh", "aux_to_latent": False,
                 "finetune_lr": 0.0010521645686184906},
     },
+    tuned_model="bnn_small",
+    checkpoint="bnn_small_fashion_mnist.h5",
     note="offline default [project decision]",
 )
 
@@ -124,7 +138,10 @@ _IMAGENET = Protocol(
 
 PROTOCOLS = {
     "fashion_mnist": _SMALL_IMAGES,
-    "mnist": dataclasses.replace(_SMALL_IMAGES, note="as fashion_mnist [project decision]"),
+    "mnist": dataclasses.replace(
+        _SMALL_IMAGES, tuned={"lns": PAPER}, tuned_model=None, checkpoint=None,
+        note="as fashion_mnist, the paper's LNS options [project decision]",
+    ),
     # Paper, CIFAR-10 ResNet-20: pretrain 400 epochs, batch 128, SGD 0.9, lr 0.1, no
     # weight decay; fine-tune 120 epochs, lr 0.01 x0.1 every 30. The pretraining
     # schedule is not given: cosine decay. [project decision]

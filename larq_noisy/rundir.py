@@ -252,6 +252,28 @@ class RunDir:
         return read_json(path, f"delete it to redo {os.path.relpath(phase_dir, self.root)}")
 
 
+def machine() -> dict:
+    """The CPU a run computes on: its model and widest x86 vector extension.
+
+    TensorFlow's CPU kernels sum in an order that depends on the instruction set, so a
+    run is reproducible to the last digit on one machine type, not across them: every
+    result records this, and paired arms always share one machine (one run)."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    vector = next((v for v in ("avx512f", "avx2", "avx", "sse4_2") if v in flags), None)
+    return {"cpu": model, "vector": vector, "arch": platform.machine()}
+
+
 def ensure_writable_dir(path: str) -> None:
     """Create `path` if needed; `ValueError` if nothing can be written there."""
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import os
 import tempfile
@@ -29,7 +30,7 @@ import tensorflow as tf
 import models
 from larq_noisy import datasets, report
 from larq_noisy.callbacks import (
-    AtomicCheckpoint, EpochLine, FlipRateCallback, HistoryCSV, LearningRateScheduler,
+    AtomicCheckpoint, CosineDecayPerStep, EpochLine, FlipRateCallback, HistoryCSV, LearningRateScheduler,
     SlowCallbackFilter, StopOnNaN, TrainingDiverged, WallClock, auxiliary_losses,
 )
 from larq_noisy.conversion import (
@@ -42,6 +43,9 @@ from larq_noisy.rundir import (
     CheckpointError, RunDir, atomic_path, backup_position, pretrained_weights_path, read_json,
     save_weights, weights_fingerprint, write_json,
 )
+
+#: larq's Bop's default gamma (the bop arm's when none is given).
+BOP_GAMMA = inspect.signature(lq.optimizers.Bop).parameters["gamma"].default
 
 __all__ = [
     "ARM_FIELDS", "CheckpointError", "TrainConfig", "TrainingDiverged", "build_arm",
@@ -98,6 +102,8 @@ class TrainConfig:
     strategy: str = "auto"
     output_dir: str = "runs/fashion_mnist"
     pretrained: str | None = None
+    # Pretrain here even where the protocol ships a converged checkpoint.
+    pretrain_here: bool = False
     data_dir: str | None = None
     image_size: int | None = None
     mixed_precision: bool = False
@@ -117,6 +123,13 @@ class TrainConfig:
         self.check_types(self.to_json())
         protocol = get_protocol(self.dataset)
         filled = dataclasses.replace(self)
+        filled.model = filled.model or protocol.model
+        if (protocol.checkpoint and filled.model == protocol.tuned_model and not filled.pretrain_here
+                and filled.pretrained is None and filled.pretrain_epochs is None
+                and filled.kernel_quantizer is None and filled.image_size is None):
+            filled.pretrained = os.path.join(models.WEIGHTS_DIR, protocol.checkpoint)
+        if protocol.tuned_model not in (None, filled.model) and filled.preset is None:
+            filled.preset = "paper"  # the tuned settings belong to another model
         for field in ("model", "pretrain_epochs", "finetune_epochs", "batch_size", "optimizer",
                       "lr", "arms"):
             if getattr(filled, field) is None:
@@ -180,6 +193,9 @@ class TrainConfig:
             raise ValueError(f"Unknown preset {self.preset!r}; choose one of {list(PRESETS)}.")
         if self.verbose not in (0, 1, 2):
             raise ValueError(f"verbose={self.verbose} must be 0, 1 or 2.")
+        if self.pretrain_here and self.pretrained:
+            raise ValueError(f"pretrain_here (--pretrain) and pretrained={self.pretrained!r} "
+                             "contradict each other: give one of them.")
         if self.pretrain_epochs == 0 and not self.pretrained:
             raise ValueError("pretrain_epochs=0 needs a pretrained checkpoint to fine-tune from.")
         for arm, values in self.tuned.items():
@@ -464,8 +480,22 @@ def _epochs(n: int) -> str:
     return f"{n} epoch" + ("" if n == 1 else "s")
 
 
+def lr_schedule(c: TrainConfig, stream: str, lr: float, epochs: int):
+    """The callback that schedules the learning rate of a phase reading `stream`
+    ("pretrain", "finetune" or "warmup": constant), as the dataset's protocol says."""
+    protocol = get_protocol(c.dataset)
+    if stream == "finetune" and protocol.finetune_cosine:
+        gamma = c.bop_gamma if c.bop_gamma is not None else BOP_GAMMA
+        return CosineDecayPerStep(lr, epochs * c.steps_per_epoch_run, gamma=gamma)
+    milestones, cosine = {
+        "pretrain": (protocol.pretrain_milestones, protocol.pretrain_cosine),
+        "finetune": (protocol.finetune_milestones, False),
+    }.get(stream, ((), False))
+    return LearningRateScheduler(lambda epoch: lr_at_epoch(epoch, lr, epochs, milestones, cosine))
+
+
 def fit_phase(session: Session, model, phase_dir: str, name: str, stream: str, lr: float,
-              epochs: int, milestones=(), cosine=False, extra=()) -> tuple[float, bool]:
+              epochs: int, extra=()) -> tuple[float, bool]:
     """Train `model` for `epochs` epochs of `stream` (resuming a backup in `phase_dir`).
 
     Returns the phase's wall time (sessions before a resumption included) and whether
@@ -482,7 +512,7 @@ def fit_phase(session: Session, model, phase_dir: str, name: str, stream: str, l
     bars = c.verbose == 1 and session.chief
     callbacks = [
         StopOnNaN(name, RunDir.checkpoint(phase_dir)),
-        LearningRateScheduler(lambda epoch: lr_at_epoch(epoch, lr, epochs, milestones, cosine)),
+        lr_schedule(c, stream, lr, epochs),
         # Before `extra`: the bar ends its line without the per-layer flip rates.
         *([tf.keras.callbacks.ProgbarLogger(count_mode="steps")] if bars else []),
         *extra,  # before the loggers: they add to the epoch logs
@@ -521,7 +551,6 @@ def pretrain(session: Session) -> str:
             session.header(f"Phase 1/2: already done, reusing {weights}")
             return weights
         session.log(f"{weights} is missing: pretraining again")
-    protocol = get_protocol(c.dataset)
     session.header(
         f"Phase 1/2: pretraining the sign baseline: {c.model} on {c.dataset}, "
         f"{_epochs(c.pretrain_epochs)}, {c.optimizer} lr {c.lr}, batch {c.batch_size}"
@@ -532,7 +561,7 @@ def pretrain(session: Session) -> str:
         _compile(model, c, c.lr)
     session.summary(model, "sign")
     wall, _ = fit_phase(session, model, run_dir.pretrain, "pretrain", "pretrain", c.lr,
-                        c.pretrain_epochs, protocol.pretrain_milestones, protocol.pretrain_cosine)
+                        c.pretrain_epochs)
     if not session.chief:  # its own copy: the chief may still be writing weights.h5
         weights = os.path.join(tempfile.mkdtemp(), "weights.h5")
     save_weights(model, weights)
@@ -563,7 +592,7 @@ def warmup(session: Session, c: TrainConfig, model, arm_dir: str) -> float:
 
 def finetune(session: Session, arm: str, weights: str, reference) -> dict:
     """Phase 2 for one arm: fine-tune from `weights`, evaluate, bake and save."""
-    c, protocol = session.config.for_arm(arm), get_protocol(session.config.dataset)
+    c = session.config.for_arm(arm)
     arm_dir = session.run_dir.arm(arm)
     options = c.quantizer_options(arm)
     session.header(
@@ -583,7 +612,7 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
     warm = warmup(session, c, model, arm_dir) if options is not None and c.warmup_epochs else 0.0
     flips = [FlipRateCallback(reference=reference)]
     wall, resumed = fit_phase(session, model, arm_dir, arm, "finetune", c.finetune_lr,
-                              c.finetune_epochs, protocol.finetune_milestones, extra=flips)
+                              c.finetune_epochs, extra=flips)
     fitted = time.time()
     result = {
         **session.evaluate(model),
@@ -697,6 +726,21 @@ def run_environment(config: TrainConfig):
             tf_config.disable_op_determinism()
 
 
+def settings_note(c: TrainConfig) -> str:
+    """Which fine-tuning settings the run's arms take, and why."""
+    protocol = get_protocol(c.dataset)
+    if protocol.tuned_model not in (None, c.model) and c.preset == "paper":
+        return (f"Fine-tuning settings: the paper's (--preset paper), as {c.dataset}'s tuned "
+                f"settings belong to {protocol.tuned_model}, not {c.model}: with the sum "
+                "reduction, alpha's scale grows with the size of the layers.")
+    if c.preset:
+        return f"Fine-tuning settings: the preset {c.preset!r}, one learning rate for every arm."
+    if protocol.tuned_model:
+        return (f"Fine-tuning settings: each arm's own, tuned for {c.model} on {c.dataset} "
+                "(docs/RESULTS.md section 1); flags and --hparams win.")
+    return f"Fine-tuning settings: {c.dataset}'s protocol ({protocol.note})."
+
+
 def run(config: TrainConfig) -> dict:
     """Run the protocol described by `config`; returns the content of results.json.
 
@@ -719,6 +763,7 @@ def run(config: TrainConfig) -> dict:
             validation=config.load_split("validation"), test=config.load_split("test"),
             log=(lambda *a, **k: None) if quiet else print,
         )
+        session.log(settings_note(config))
         weights = pretrain(session)
         fingerprint = weights_fingerprint(
             weights, "give another pretrained checkpoint" if config.pretrained

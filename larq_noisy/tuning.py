@@ -61,7 +61,7 @@ from larq_noisy.rundir import (
 )
 from larq_noisy.distribute import STRATEGIES, make_strategy
 from larq_noisy.mappers import MAPPERS
-from larq_noisy.protocols import ARMS, TUNED_ARMS, get_protocol, lr_at_epoch
+from larq_noisy.protocols import ARMS, TUNED_ARMS, get_protocol
 from larq_noisy.quantizers import CLIPS, PAPER, check_options
 
 __all__ = [
@@ -428,12 +428,9 @@ class FineTuningHyperModel(kt.HyperModel):
         first = kwargs.get("initial_epoch", 0)
         kwargs["steps_per_epoch"] = steps
         args = (self.config.train_stream("finetune", kwargs["epochs"], first * steps), *args)
-        lr = hp.values.get("finetune_lr", self.config.finetune_lr)
-        milestones = get_protocol(self.config.dataset).finetune_milestones
-        # train.py's scheduler: under Bop's CaseOptimizer it schedules the other variables'.
-        schedule = training.LearningRateScheduler(
-            lambda epoch: lr_at_epoch(epoch, lr, self.epochs, milestones)
-        )
+        # train.py's schedule, over the trial's epochs, with the trial's settings.
+        config = dataclasses.replace(self.config, **self.space.hparams(hp.values))
+        schedule = training.lr_schedule(config, "finetune", config.finetune_lr, self.epochs)
         # A diverging trial stops and is scored by its (poor) validation accuracy.
         callbacks = [*(callbacks or []), schedule, tf.keras.callbacks.TerminateOnNaN()]
         return model.fit(*args, callbacks=callbacks, **kwargs)

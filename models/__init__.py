@@ -34,8 +34,12 @@ from models.bireal_resnet import (
 )
 from models.zoo import BiRealNet18Factory, ResNetE18Factory
 
+#: Pretrained checkpoints shipped with the repository, each with a .json beside it.
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+
 __all__ = [
     "MODELS",
+    "WEIGHTS_DIR",
     "WEIGHT_QUANTIZERS",
     "BNNSmallFactory",
     "BiRealNet18Factory",

@@ -1,0 +1,243 @@
+"""Does LNS improve a *converged* BNN? Fashion-MNIST, bnn_small, every arm tuned alike,
+paired samples over several converged checkpoints (docs/RESULTS.md section 1).
+
+Stages, each a train.py or tune.py run under `--output-dir`, each resumed by running the
+same command again (finished runs are skipped, an interrupted one continues from its
+last backup):
+
+1. **Pretraining** (`pretrain/seed<S>_<E>ep`): the sign BNN with the protocol's
+   pretraining (Adam 3e-3, cosine decay) for `--pretrain-epochs` E, once per checkpoint
+   seed S in `--checkpoints`, and once for 2E epochs at seed 0: the convergence check
+   (E is converged if its final validation accuracy is within `--converged-margin` of
+   the best of the run twice as long). Each checkpoint is copied with its SHA-256 into
+   `--state` (checkpoint 0 is the one train.py ships) and every later stage reads it
+   from there.
+2. **Tuning** (`tune/<arm>`): `tune.py --arm sign|bop|lns` from checkpoint 0, the same
+   random search (trials, epochs, learning-rate range) for each arm, scored on the
+   validation split; each best_hparams.json is kept in `--state`.
+3. **Samples** (`samples/ckpt<S>_seed<T>`): from checkpoint S, fine-tuning seed T (the
+   order of the batches, the mapper's initialisation), one train.py run of the arms
+   sign, bop, mapped, lns, lns_rho0 with their tuned settings, and (`.../paper`) lns
+   with `--preset paper`, the paper's options untuned. Every arm of a sample reads the
+   same batches from the same weights: a paired sample.
+4. **Report**: tables, paired differences (mean, 95% CI, wins, p), one verdict per
+   comparison against the equivalence margin declared before running
+   (`EQUIVALENCE_MARGIN`), the variance split between checkpoints and fine-tuning seeds,
+   and plots, into `--docs`.
+
+Every finished run's rows are appended to `<state>/rows.json` with the machine they ran
+on, and the checkpoints and tuned settings live in `--state`: commit that folder and a
+fresh work tree resumes where the last one stopped. Rows of one sample must come from
+one machine type (TensorFlow's CPU kernels round differently on AVX2 and AVX-512): the
+report refuses to pair rows from different CPUs.
+
+    .venv/bin/python bench/converged.py              # everything, resumable
+    .venv/bin/python bench/converged.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from larq_noisy.rundir import read_json, write_json  # noqa: E402
+
+#: Declared before any sample ran: a paired difference whose 95% CI lies inside
+#: +-0.25 points is "equivalent"; the test accuracy of one seed moves by about that much.
+EQUIVALENCE_MARGIN = 0.25
+SAMPLE_ARMS = ("sign", "bop", "mapped", "lns", "lns_rho0")
+COMPARISONS = [("lns", "sign"), ("lns", "bop"), ("bop", "sign"), ("lns", "mapped"),
+               ("lns", "lns_rho0"), ("paper", "sign"), ("sign", "baseline"),
+               ("lns", "baseline"), ("bop", "baseline")]
+
+
+def machine() -> dict:
+    """The CPU a row ran on: its model and widest vector extension."""
+    from larq_noisy.rundir import machine as describe
+
+    return describe()
+
+
+def sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def call(script: str, args: list, log: str) -> None:
+    """Run `script` (train.py or tune.py) with `args`; its output goes to `log`."""
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    command = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(command)}\n")
+        f.flush()
+        code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code:
+        raise SystemExit(f"converged.py: {script} failed (exit {code}); see {log}")
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.out, self.state = args.output_dir, args.state
+        os.makedirs(self.state, exist_ok=True)
+        self.rows_path = os.path.join(self.state, "rows.json")
+        self.rows = read_json(self.rows_path, "delete it to run every sample again") \
+            if os.path.exists(self.rows_path) else {"rows": []}
+
+    def log(self, text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    # 1. Pretraining -------------------------------------------------------------
+
+    def checkpoint(self, seed: int) -> str:
+        """Checkpoint `seed`'s weights file in the state folder, pretrained if missing."""
+        epochs = self.args.pretrain_epochs
+        kept = os.path.join(self.state, f"bnn_small_seed{seed}_{epochs}ep.h5")
+        if seed == 0 and self.args.ship:
+            kept = self.args.ship
+        if os.path.exists(kept):
+            return kept
+        run = self.pretrain(seed, epochs)
+        shutil.copyfile(os.path.join(run, "pretrain", "weights.h5"), kept)
+        self.record_checkpoint(seed, epochs, run, kept)
+        return kept
+
+    def pretrain(self, seed: int, epochs: int) -> str:
+        run = os.path.join(self.out, "pretrain", f"seed{seed}_{epochs}ep")
+        if not os.path.exists(os.path.join(run, "results.json")) or not os.path.exists(
+                os.path.join(run, "pretrain", "weights.h5")):
+            self.log(f"pretraining seed {seed}, {epochs} epochs -> {run}")
+            call("train.py", ["--pretrain-epochs", epochs, "--arms", "--seed", seed,
+                              "--output-dir", run, "--verbose", 2],
+                 os.path.join(run, "log.txt"))
+        self.keep_curve(seed, epochs, run)
+        return run
+
+    def keep_curve(self, seed: int, epochs: int, run: str) -> None:
+        import csv
+
+        with open(os.path.join(run, "pretrain", "history.csv")) as f:
+            curve = [float(r["val_accuracy"]) for r in csv.DictReader(f)]
+        baseline = read_json(os.path.join(run, "results.json"), "")["baseline"]
+        curves = self.rows.setdefault("pretraining", {})
+        curves[f"seed{seed}_{epochs}ep"] = {
+            "seed": seed, "epochs": epochs, "val_accuracy_by_epoch": curve,
+            "val_accuracy": baseline["val_accuracy"], "test_accuracy": baseline["test_accuracy"],
+            "machine": machine()}
+        self.save()
+
+    def record_checkpoint(self, seed, epochs, run, kept) -> None:
+        info = {"seed": seed, "epochs": epochs, "file": os.path.relpath(kept, ROOT),
+                "sha256": sha256(kept), "machine": machine(),
+                "command": f".venv/bin/python train.py --pretrain-epochs {epochs} --arms "
+                           f"--seed {seed} --output-dir {os.path.relpath(run, ROOT)}",
+                **{k: read_json(os.path.join(run, "results.json"), "")["baseline"][k]
+                   for k in ("val_accuracy", "test_accuracy")}}
+        write_json(kept[:-3] + ".json", info)
+
+    # 2. Tuning ------------------------------------------------------------------
+
+    def tuned(self, arm: str, checkpoint: str) -> str:
+        kept = os.path.join(self.state, f"tuned_{arm}.json")
+        if os.path.exists(kept):
+            return kept
+        a = self.args
+        run = os.path.join(self.out, "tune", arm)
+        self.log(f"tuning {arm}: {a.trials} trials x {a.finetune_epochs} epochs -> {run}")
+        call("tune.py", ["--arm", arm, "--pretrained", checkpoint, "--tuner", "random",
+                         "--max-trials", a.trials, "--epochs", a.finetune_epochs,
+                         "--steps-per-epoch", a.steps_per_epoch, "--lr-range", *a.lr_range,
+                         "--output-dir", run, "--quiet"],
+             os.path.join(run, "log.txt"))
+        shutil.copyfile(os.path.join(run, "best_hparams.json"), kept)
+        shutil.copyfile(os.path.join(run, "trials.md"), os.path.join(self.state, f"trials_{arm}.md"))
+        return kept
+
+    # 3. Samples -----------------------------------------------------------------
+
+    def done(self, ckpt: int, seed: int, row: str) -> bool:
+        return any((r["checkpoint"], r["seed"], r["row"]) == (ckpt, seed, row)
+                   for r in self.rows["rows"])
+
+    def sample(self, ckpt: int, seed: int, checkpoint: str, hparams: list[str]) -> None:
+        run = os.path.join(self.out, "samples", f"ckpt{ckpt}_seed{seed}")
+        common = ["--pretrained", checkpoint, "--seed", seed, "--finetune-epochs",
+                  self.args.finetune_epochs, "--verbose", 2]
+        todo = [arm for arm in SAMPLE_ARMS if not self.done(ckpt, seed, arm)]
+        if todo:
+            self.log(f"sample checkpoint {ckpt}, seed {seed}: {' '.join(todo)}")
+            call("train.py", [*common, "--arms", *SAMPLE_ARMS, "--hparams", *hparams,
+                              "--output-dir", run], os.path.join(run, "log.txt"))
+            self.keep(ckpt, seed, checkpoint, read_json(os.path.join(run, "results.json"), ""))
+        if not self.done(ckpt, seed, "paper"):
+            paper = os.path.join(run, "paper")
+            self.log(f"sample checkpoint {ckpt}, seed {seed}: paper")
+            call("train.py", [*common, "--arms", "lns", "--preset", "paper",
+                              "--output-dir", paper], os.path.join(paper, "log.txt"))
+            self.keep(ckpt, seed, checkpoint,
+                      read_json(os.path.join(paper, "results.json"), ""), {"lns": "paper"})
+
+    def keep(self, ckpt, seed, checkpoint, results, names=None) -> None:
+        rows = self.rows["rows"]
+        fingerprint = sha256(checkpoint)
+        if not self.done(ckpt, seed, "baseline"):
+            rows.append({"checkpoint": ckpt, "seed": seed, "row": "baseline",
+                         "sha256": fingerprint, "machine": machine(), **results["baseline"]})
+        for arm, result in results["arms"].items():
+            row = (names or {}).get(arm, arm)
+            if not self.done(ckpt, seed, row):
+                rows.append({"checkpoint": ckpt, "seed": seed, "row": row,
+                             "sha256": fingerprint, "machine": machine(), **result})
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.rows_path, self.rows)
+
+    def run(self) -> None:
+        a = self.args
+        first = self.checkpoint(a.checkpoints[0])
+        hparams = [f"{arm}={self.tuned(arm, first)}" for arm in ("sign", "bop", "lns")]
+        checkpoints = {seed: self.checkpoint(seed) for seed in a.checkpoints}
+        self.pretrain(0, 2 * a.pretrain_epochs)  # the convergence check
+        for ckpt, seed in itertools.product(a.checkpoints, a.seeds):
+            self.sample(ckpt, seed, checkpoints[ckpt], hparams)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default=os.path.join(ROOT, "bench_runs", "converged_fashion_mnist"))
+    p.add_argument("--state", default=os.path.join(ROOT, "bench", "state", "converged_fashion_mnist"),
+                   help="what a later session needs (commit it): checkpoints, tuned settings, rows")
+    p.add_argument("--ship", default=os.path.join(ROOT, "models", "weights", "bnn_small_fashion_mnist.h5"),
+                   help="checkpoint 0: the one train.py fine-tunes by default")
+    p.add_argument("--docs", default=os.path.join(ROOT, "docs"))
+    p.add_argument("--pretrain-epochs", type=int, default=30)
+    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--steps-per-epoch", type=int, default=390, help="tune.py's trials: full epochs")
+    p.add_argument("--trials", type=int, default=16)
+    p.add_argument("--lr-range", nargs=2, default=["1e-5", "3e-3"])
+    p.add_argument("--checkpoints", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    bench = Bench(args)
+    if not args.report_only:
+        bench.run()
+    from converged_report import report  # noqa: E402
+
+    report(bench.rows, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
