@@ -62,6 +62,10 @@ def parse_args(argv=None) -> training.TrainConfig:
     sched.add_argument("--optimizer", choices=training.OPTIMIZERS)
     sched.add_argument("--lr", type=float, help="pretraining learning rate")
     sched.add_argument("--finetune-lr", type=float)
+    sched.add_argument("--finetune-cosine", action=argparse.BooleanOptionalAction,
+                       help="decay the fine-tuning rate (and Bop's gamma) to 0 along a cosine, "
+                            "step by step; --no-finetune-cosine: the protocol's milestones "
+                            "(constant on Fashion-MNIST)")
 
     lns = p.add_argument_group(
         "LNS (default: the dataset's protocol, else larq_noisy.NoisyMappedQuantizer's)")

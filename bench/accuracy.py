@@ -108,6 +108,21 @@ COMPARISONS = [("lns", "sign"), ("lns", "bop"), ("bop", "sign"), ("sign", "basel
                *[(name, "lns") for name in (*VARIANTS, *ABLATIONS)]]
 
 
+#: The short-pretraining study of docs/RESULTS.md section 2 (Fashion-MNIST): a 3-epoch
+#: checkpoint, 3 fine-tuning epochs at a constant rate, and the settings tune.py found
+#: for each arm from such a checkpoint (the commands above). The converged protocol's
+#: are bench/converged.py's.
+SHORT_PRETRAINING = {"pretrain_epochs": 3, "finetune_epochs": 3, "finetune_cosine": False}
+SHORT_PRETRAINING_TUNED = {
+    "sign": {"finetune_lr": 9.73787212128146e-05},
+    "bop": {"bop_threshold": 7.649838676487011e-08, "bop_gamma": 1.4812432564466783e-05,
+            "finetune_lr": 0.0007777927455520449},
+    "lns": {"mapper": "linear", "alpha": 0.15939632908339835,
+            "rho_pos": 0.1672553143895975, "rho_neg": 0.1672553143895975,
+            "clip": "hardtanh", "aux_to_latent": False, "finetune_lr": 0.0010521645686184906},
+}
+
+
 def pretrain_config(args, seed: int) -> training.TrainConfig:
     """The seed's pretraining: train.py's phase 1 alone, every row fine-tunes from it."""
     return training.TrainConfig(
@@ -128,7 +143,7 @@ def configs(args, common: dict, tuned: dict[str, dict]) -> dict[tuple[int, str],
             settings["mapper"] = args.mapper
         return dataclasses.replace(
             pretrain, **settings, tuned=tuned, arms=(row.arm,), finetune_epochs=args.finetune_epochs,
-            pretrained=pretrain.output_dir,
+            finetune_cosine=args.finetune_cosine, pretrained=pretrain.output_dir,
             output_dir=os.path.join(args.output_dir, f"seed{pretrain.seed}", name),
         )
 
@@ -379,6 +394,12 @@ def main(argv=None):
         common, tuned = training.read_hparams(args.hparams)
     except ValueError as error:
         p.error(str(error))
+    args.finetune_cosine = None
+    if args.dataset == "fashion_mnist":  # the short-pretraining study's schedule and settings
+        for key, value in SHORT_PRETRAINING.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        tuned = {**SHORT_PRETRAINING_TUNED, **tuned}
 
     runs = configs(args, common, tuned)
     for config in runs.values():  # every bad value before the first run starts

@@ -49,6 +49,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from larq_noisy.rundir import read_history_rows as read_history  # noqa: E402
 from larq_noisy.rundir import read_json, write_json  # noqa: E402
 
 #: Declared before any sample ran: a paired difference whose 95% CI lies inside
@@ -199,6 +200,27 @@ class Bench:
                              "sha256": fingerprint, "machine": machine(), **result})
         self.save()
 
+    def length_check(self, checkpoint: str, hparams: list[str]) -> None:
+        """Checkpoint 0, seed 0: the tuned arms fine-tuned twice as long, and every
+        arm's validation curve, to show that fine-tuning has converged."""
+        f = self.args.finetune_epochs
+        curves = self.rows.setdefault("finetuning_curves", {})
+        for epochs in (f, 2 * f):
+            run = os.path.join(self.out, "samples", "ckpt0_seed0" + ("" if epochs == f else f"_{epochs}ep"))
+            if epochs != f and not os.path.exists(os.path.join(run, "arms", "lns", "result.json")):
+                self.log(f"length check: sign bop lns for {epochs} epochs")
+                call("train.py", ["--pretrained", checkpoint, "--seed", 0, "--finetune-epochs",
+                                  epochs, "--arms", "sign", "bop", "lns", "--hparams", *hparams,
+                                  "--output-dir", run, "--verbose", 2], os.path.join(run, "log.txt"))
+            results = read_json(os.path.join(run, "results.json"), "")
+            for arm in ("sign", "bop", "lns"):
+                history = read_history(os.path.join(run, "arms", arm, "history.csv"))
+                curves[f"{arm}, {epochs} epochs"] = [
+                    results["baseline"]["val_accuracy"], *[float(r["val_accuracy"]) for r in history]]
+                self.rows.setdefault("length_check", {})[f"{arm}, {epochs} epochs"] = {
+                    k: results["arms"][arm][k] for k in ("val_accuracy", "test_accuracy")}
+        self.save()
+
     def save(self) -> None:
         write_json(self.rows_path, self.rows)
 
@@ -210,6 +232,8 @@ class Bench:
         self.pretrain(0, 2 * a.pretrain_epochs)  # the convergence check
         for ckpt, seed in itertools.product(a.checkpoints, a.seeds):
             self.sample(ckpt, seed, checkpoints[ckpt], hparams)
+            if (ckpt, seed) == (a.checkpoints[0], 0):
+                self.length_check(checkpoints[ckpt], hparams)
 
 
 def main(argv=None) -> int:

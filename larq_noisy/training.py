@@ -81,6 +81,9 @@ class TrainConfig:
     optimizer: str | None = None
     lr: float | None = None
     finetune_lr: float | None = None
+    # Fine-tuning's rate decays to 0 along a per-step cosine (Bop's gamma too), or
+    # follows the protocol's milestones (constant without any).
+    finetune_cosine: bool | None = None
     kernel_quantizer: str | None = None  # None: the model's own
     alpha: float | None = None
     rho_pos: float | None = None
@@ -131,7 +134,7 @@ class TrainConfig:
         if protocol.tuned_model not in (None, filled.model) and filled.preset is None:
             filled.preset = "paper"  # the tuned settings belong to another model
         for field in ("model", "pretrain_epochs", "finetune_epochs", "batch_size", "optimizer",
-                      "lr", "arms"):
+                      "lr", "arms", "finetune_cosine"):
             if getattr(filled, field) is None:
                 setattr(filled, field, getattr(protocol, field))
         filled.arms = tuple(filled.arms)
@@ -484,7 +487,7 @@ def lr_schedule(c: TrainConfig, stream: str, lr: float, epochs: int):
     """The callback that schedules the learning rate of a phase reading `stream`
     ("pretrain", "finetune" or "warmup": constant), as the dataset's protocol says."""
     protocol = get_protocol(c.dataset)
-    if stream == "finetune" and protocol.finetune_cosine:
+    if stream == "finetune" and c.finetune_cosine:
         gamma = c.bop_gamma if c.bop_gamma is not None else BOP_GAMMA
         return CosineDecayPerStep(lr, epochs * c.steps_per_epoch_run, gamma=gamma)
     milestones, cosine = {
@@ -495,8 +498,9 @@ def lr_schedule(c: TrainConfig, stream: str, lr: float, epochs: int):
 
 
 def fit_phase(session: Session, model, phase_dir: str, name: str, stream: str, lr: float,
-              epochs: int, extra=()) -> tuple[float, bool]:
-    """Train `model` for `epochs` epochs of `stream` (resuming a backup in `phase_dir`).
+              epochs: int, extra=(), config: TrainConfig | None = None) -> tuple[float, bool]:
+    """Train `model` for `epochs` epochs of `stream` (resuming a backup in `phase_dir`),
+    its learning rate scheduled from `lr` as `config` (an arm's; default: the run's) says.
 
     Returns the phase's wall time (sessions before a resumption included) and whether
     it resumed a backup."""
@@ -512,7 +516,7 @@ def fit_phase(session: Session, model, phase_dir: str, name: str, stream: str, l
     bars = c.verbose == 1 and session.chief
     callbacks = [
         StopOnNaN(name, RunDir.checkpoint(phase_dir)),
-        lr_schedule(c, stream, lr, epochs),
+        lr_schedule(config or c, stream, lr, epochs),
         # Before `extra`: the bar ends its line without the per-layer flip rates.
         *([tf.keras.callbacks.ProgbarLogger(count_mode="steps")] if bars else []),
         *extra,  # before the loggers: they add to the epoch logs
@@ -612,7 +616,7 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
     warm = warmup(session, c, model, arm_dir) if options is not None and c.warmup_epochs else 0.0
     flips = [FlipRateCallback(reference=reference)]
     wall, resumed = fit_phase(session, model, arm_dir, arm, "finetune", c.finetune_lr,
-                              c.finetune_epochs, extra=flips)
+                              c.finetune_epochs, extra=flips, config=c)
     fitted = time.time()
     result = {
         **session.evaluate(model),

@@ -429,7 +429,8 @@ class FineTuningHyperModel(kt.HyperModel):
         kwargs["steps_per_epoch"] = steps
         args = (self.config.train_stream("finetune", kwargs["epochs"], first * steps), *args)
         # train.py's schedule, over the trial's epochs, with the trial's settings.
-        config = dataclasses.replace(self.config, **self.space.hparams(hp.values))
+        config = dataclasses.replace(self.config, **self.space.hparams(hp.values)).for_arm(
+            self.space.arm)
         schedule = training.lr_schedule(config, "finetune", config.finetune_lr, self.epochs)
         # A diverging trial stops and is scored by its (poor) validation accuracy.
         callbacks = [*(callbacks or []), schedule, tf.keras.callbacks.TerminateOnNaN()]

@@ -1,0 +1,247 @@
+"""The report of bench/converged.py: tables, paired differences with 95% confidence
+intervals and one verdict each, the variance split, and plots (docs/RESULTS.md
+section 1 is written from its output)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from larq_noisy.rundir import write_json  # noqa: E402
+
+TITLES = {
+    "baseline": "baseline (converged, sign)",
+    "sign": "fine-tuning with sign weights (`sign`)",
+    "bop": "fine-tuning with Bop (`bop`)",
+    "mapped": "mapper w/o noisy supervision (`mapped`)",
+    "lns_rho0": "LNS with rho = 0 (`lns_rho0`)",
+    "lns": "LNS (`lns`, tuned)",
+    "paper": "LNS as the paper sets it (`--preset paper`, untuned)",
+}
+
+
+def by_sample(rows, name) -> dict:
+    return {(r["checkpoint"], r["seed"]): r for r in rows if r["row"] == name}
+
+
+def t_quantile(n: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1))
+
+
+def samples_to_decide(mean: float, sd: float, margin: float) -> int | None:
+    """The smallest n whose 95% CI half-width, at this spread, would either exclude 0
+    (if the difference is `mean`) or fit inside +-margin (if it is that small)."""
+    target = max(abs(mean), margin - abs(mean))
+    if sd == 0 or target <= 0:
+        return None
+    for n in range(3, 100000):
+        if t_quantile(n) * sd / math.sqrt(n) < target:
+            return n
+    return None
+
+
+def verdict(low: float, high: float, margin: float) -> str:
+    if low > 0:
+        return "better" + ("" if low > margin else f" (by less than the margin, {margin})"
+                           if high < margin else "")
+    if high < 0:
+        return "worse" + ("" if high < -margin else f" (by less than the margin, {margin})"
+                          if low > -margin else "")
+    if -margin <= low and high <= margin:
+        return f"equivalent within +-{margin}"
+    return "undecided"
+
+
+def variance_split(diffs: dict) -> dict | None:
+    """One-way random effects over checkpoints: the variance of `diffs` ({(ckpt, seed):
+    value}) between checkpoints and between fine-tuning seeds of one checkpoint."""
+    groups = {}
+    for (ckpt, _), value in diffs.items():
+        groups.setdefault(ckpt, []).append(value)
+    sizes = {len(v) for v in groups.values()}
+    if len(groups) < 2 or len(sizes) != 1 or sizes.pop() < 2:
+        return None
+    k, n = len(groups), len(next(iter(groups.values())))
+    means = np.array([np.mean(v) for v in groups.values()])
+    within = float(np.mean([np.var(v, ddof=1) for v in groups.values()]))
+    between_ms = n * float(np.var(means, ddof=1))
+    between = max(0.0, (between_ms - within) / n)
+    return {"checkpoints": k, "seeds": n, "within_checkpoint_var": within,
+            "between_checkpoint_var": between}
+
+
+def paired(rows, a: str, b: str, margin: float) -> dict | None:
+    from scipy import stats
+
+    ra, rb = by_sample(rows, a), by_sample(rows, b)
+    keys = sorted(set(ra) & set(rb))
+    mixed = [k for k in keys if ra[k]["machine"] != rb[k]["machine"]]
+    keys = [k for k in keys if k not in mixed]
+    if len(keys) < 2:
+        return None
+    diffs = {k: 100 * (ra[k]["test_accuracy"] - rb[k]["test_accuracy"]) for k in keys}
+    d = np.array(list(diffs.values()))
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    half = t_quantile(len(d)) * sd / math.sqrt(len(d))
+    p = stats.ttest_1samp(d, 0.0).pvalue if sd > 0 else float("nan")
+    out = {"a": a, "b": b, "n": len(d), "mean": mean, "sd": sd,
+           "ci95": [mean - half, mean + half], "wins": int((d > 0).sum()),
+           "losses": int((d < 0).sum()), "p": None if not np.isfinite(p) else float(p),
+           "verdict": verdict(mean - half, mean + half, margin),
+           "split": variance_split(diffs), "skipped_mixed_machines": len(mixed),
+           "diffs": {f"ckpt{c}_seed{s}": round(v, 3) for (c, s), v in diffs.items()}}
+    if out["verdict"] == "undecided":
+        out["samples_to_decide"] = samples_to_decide(mean, sd, margin)
+    return out
+
+
+def row_table(rows, names) -> str:
+    lines = ["| arm | samples | test acc %: mean +- std (min - max) | val acc % (mean) "
+             "| flipped % (mean) | saturated % (mean) |", "|---|---|---|---|---|---|"]
+    for name in names:
+        results = list(by_sample(rows, name).values())
+        if not results:
+            continue
+        test = 100 * np.array([r["test_accuracy"] for r in results])
+        val = 100 * np.mean([r["val_accuracy"] for r in results])
+
+        def mean(field):
+            values = [r[field] for r in results if r.get(field) is not None]
+            return f"{100 * np.mean(values):.2f}" if values else "-"
+
+        spread = f" +- {test.std(ddof=1):.2f}" if len(test) > 1 else ""
+        lines.append(f"| {TITLES[name]} | {len(test)} | {test.mean():.2f}{spread} "
+                     f"({test.min():.2f} - {test.max():.2f}) | {val:.2f} | {mean('flip_rate')} "
+                     f"| {mean('saturation')} |")
+    return "\n".join(lines)
+
+
+def comparison_table(comparisons) -> str:
+    lines = ["| comparison | n | mean (points) | 95% CI | wins / losses | p | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        verdict_text = c["verdict"] + (f": about {c['samples_to_decide']} samples would decide"
+                                       if c.get("samples_to_decide") else "")
+        p = "-" if c["p"] is None else f"{c['p']:.3f}"
+        lines.append(f"| `{c['a']}` - `{c['b']}` | {c['n']} | {c['mean']:+.2f} | "
+                     f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] | {c['wins']} / {c['losses']} "
+                     f"| {p} | {verdict_text} |")
+    return "\n".join(lines)
+
+
+def split_table(comparisons) -> str:
+    lines = ["| comparison | sd of the difference | between checkpoints (var) "
+             "| between seeds of one checkpoint (var) |", "|---|---|---|---|"]
+    for c in comparisons:
+        s = c["split"]
+        if s:
+            lines.append(f"| `{c['a']}` - `{c['b']}` | {c['sd']:.2f} | "
+                         f"{s['between_checkpoint_var']:.3f} | {s['within_checkpoint_var']:.3f} |")
+    return "\n".join(lines)
+
+
+def convergence(curves: dict, epochs: int, margin: float) -> dict | None:
+    short, long = curves.get(f"seed0_{epochs}ep"), curves.get(f"seed0_{2 * epochs}ep")
+    if not (short and long):
+        return None
+    gap = 100 * (max(long["val_accuracy_by_epoch"]) - short["val_accuracy"])
+    return {"epochs": epochs, "final_val": 100 * short["val_accuracy"],
+            "best_val_twice_as_long": 100 * max(long["val_accuracy_by_epoch"]),
+            "gap_points": gap, "margin": margin, "converged": gap <= margin}
+
+
+def plot_pretraining(curves: dict, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, curve in sorted(curves.items()):
+        values = 100 * np.array(curve["val_accuracy_by_epoch"])
+        ax.plot(np.arange(1, len(values) + 1), values, label=name.replace("_", ", "))
+    ax.set_xlabel("pretraining epoch (cosine decay over the run)")
+    ax.set_ylabel("validation accuracy %")
+    ax.set_ylim(80, None)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("bnn_small on Fashion-MNIST: sign pretraining, Adam 3e-3")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_finetuning(curves: dict, path: str) -> None:
+    """`{label: [val acc by epoch, epoch 0 = the checkpoint]}`."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (label, values) in enumerate(sorted(curves.items())):
+        arm = label.split(",")[0]
+        style = "--" if "4 epochs" in label else "-"
+        ax.plot(range(len(values)), 100 * np.array(values), style, marker="o",
+                color=f"C{sorted({l.split(',')[0] for l in curves}).index(arm)}", label=label)
+    ax.set_xlabel("fine-tuning epoch (0: the converged checkpoint; cosine decay to 0)")
+    ax.set_ylabel("validation accuracy %")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title("Fine-tuning from checkpoint 0, seed 0, each arm tuned")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_differences(comparisons, path: str, margin: float) -> None:
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(comparisons) + 1.6))
+    for i, c in enumerate(comparisons):
+        values = np.array(list(c["diffs"].values()))
+        ax.plot(values, np.full(len(values), i), "o", alpha=0.5, color="C0")
+        ax.errorbar(c["mean"], i, xerr=[[c["mean"] - c["ci95"][0]], [c["ci95"][1] - c["mean"]]],
+                    fmt="D", color="C3", capsize=4)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.axvspan(-margin, margin, color="0.85", zorder=0, label=f"equivalence margin +-{margin}")
+    ax.set_yticks(range(len(comparisons)))
+    ax.set_yticklabels([f"{c['a']} - {c['b']}" for c in comparisons])
+    ax.invert_yaxis()
+    ax.set_xlabel("paired difference in test accuracy, points (dots: samples; diamond: mean, 95% CI)")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(state: dict, args) -> dict:
+    from converged import COMPARISONS, EQUIVALENCE_MARGIN
+
+    rows = state["rows"]
+    comparisons = [c for a, b in COMPARISONS
+                   if (c := paired(rows, a, b, EQUIVALENCE_MARGIN)) is not None]
+    check = convergence(state.get("pretraining", {}), args.pretrain_epochs, 0.2)
+    names = ["baseline", "sign", "bop", "mapped", "lns_rho0", "lns", "paper"]
+    analysis = {"equivalence_margin": EQUIVALENCE_MARGIN, "convergence": check,
+                "comparisons": comparisons,
+                "machines": sorted({r["machine"]["cpu"] + " " + str(r["machine"]["vector"])
+                                    for r in rows})}
+    data = os.path.join(args.docs, "data")
+    os.makedirs(data, exist_ok=True)
+    write_json(os.path.join(data, "converged_fashion_mnist.json"), {**state, "analysis": analysis})
+    text = ["# Converged baseline: every arm, paired samples (bench/converged.py)", "",
+            row_table(rows, names), "", comparison_table(comparisons), "",
+            split_table(comparisons), ""]
+    if check:
+        text.append(f"Convergence: {check['epochs']} epochs end at {check['final_val']:.2f}% "
+                    f"validation accuracy; the best of the run twice as long is "
+                    f"{check['best_val_twice_as_long']:.2f}% (gap {check['gap_points']:+.2f} "
+                    f"points; converged means <= {check['margin']}).")
+    with open(os.path.join(data, "converged_fashion_mnist.md"), "w") as f:
+        f.write("\n".join(text) + "\n")
+    if state.get("pretraining"):
+        plot_pretraining(state["pretraining"], os.path.join(args.docs, "converged_pretraining_fashion_mnist.png"))
+    if state.get("finetuning_curves"):
+        plot_finetuning(state["finetuning_curves"], os.path.join(args.docs, "converged_finetuning_fashion_mnist.png"))
+    if comparisons:
+        plot_differences(comparisons, os.path.join(args.docs, "converged_paired_fashion_mnist.png"),
+                         EQUIVALENCE_MARGIN)
+    print("\n".join(text))
+    return analysis

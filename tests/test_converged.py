@@ -1,0 +1,186 @@
+"""The converged protocol: the shipped checkpoint, settings that belong to their model,
+fine-tuning's cosine (Bop's gamma with it), and bench/converged.py's statistics."""
+
+import hashlib
+import json
+import math
+import os
+import sys
+
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import models
+from larq_noisy import training
+from larq_noisy.callbacks import CosineDecayPerStep
+from larq_noisy.protocols import get_protocol
+from larq_noisy.rundir import weights_fingerprint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(models.WEIGHTS_DIR, get_protocol("fashion_mnist").checkpoint)
+
+
+def test_the_shipped_checkpoint_is_what_its_json_says():
+    with open(SHIPPED[:-3] + ".json") as f:
+        info = json.load(f)
+    with open(SHIPPED, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == info["sha256"]
+    assert weights_fingerprint(SHIPPED) == info["weights_sha256"]
+    assert (info["model"], info["dataset"], info["epochs"]) == (
+        "bnn_small", "fashion_mnist", get_protocol("fashion_mnist").pretrain_epochs)
+    assert "--pretrain" in info["command"]
+    model = models.build("bnn_small", (28, 28, 1), 10)
+    model.load_weights(SHIPPED)  # it fits the model it is shipped for
+
+
+@pytest.mark.parametrize("given, ships", [
+    ({}, True),
+    ({"pretrain_here": True}, False),          # --pretrain: phase 1 here
+    ({"pretrain_epochs": 2}, False),           # a pretraining of one's own
+    ({"kernel_quantizer": "dorefa"}, False),   # another baseline
+    ({"model": "resnet20"}, False),            # another model
+    ({"dataset": "mnist"}, False),             # another dataset
+])
+def test_the_protocol_fine_tunes_its_shipped_checkpoint_unless_the_run_changes_the_baseline(
+        given, ships):
+    config = training.TrainConfig(**given).resolved()
+    assert (config.pretrained == SHIPPED) is ships
+    assert config.pretrain_epochs == get_protocol(config.dataset).pretrain_epochs or given
+
+
+def test_pretrain_and_pretrained_together_are_refused():
+    with pytest.raises(ValueError, match="contradict"):
+        training.TrainConfig(pretrain_here=True, pretrained=SHIPPED).resolved()
+
+
+def test_tuned_settings_belong_to_their_model_and_the_run_says_so():
+    small = training.TrainConfig().resolved()
+    tuned = get_protocol("fashion_mnist").tuned["lns"]
+    assert small.preset is None and small.arm_settings("lns")["alpha"] == tuned["alpha"]
+    assert "tuned for bnn_small" in training.settings_note(small)
+    other = training.TrainConfig(model="resnet20", arms=("lns",)).resolved()
+    assert other.preset == "paper"
+    assert other.quantizer_options("lns")["alpha"] == 1.0  # the paper's, not bnn_small's
+    note = training.settings_note(other)
+    assert "the paper's" in note and "bnn_small, not resnet20" in note
+
+
+def _tiny_bop_model():
+    tf.keras.utils.set_random_seed(0)
+    inputs = tf.keras.Input((4,))
+    x = lq.layers.QuantDense(3, kernel_quantizer="ste_sign", kernel_constraint="weight_clip")(inputs)
+    model = tf.keras.Model(inputs, x)
+    bop = lq.optimizers.Bop(threshold=1e-8, gamma=1e-3)
+    model.compile(lq.optimizers.CaseOptimizer(
+        (lq.optimizers.Bop.is_binary_variable, bop),
+        default_optimizer=tf.keras.optimizers.legacy.Adam(1.0)), "mse")
+    return model, bop
+
+
+class _Record(tf.keras.callbacks.Callback):
+    def __init__(self, bop):
+        super().__init__()
+        self.bop, self.values = bop, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        default = self.model.optimizer.default
+        self.values.append((float(tf.keras.backend.get_value(default.lr)),
+                            float(tf.keras.backend.get_value(self.bop._get_hyper("gamma")))))
+
+
+def test_finetuning_cosine_decays_the_rate_and_bops_gamma_step_by_step_and_resumes():
+    model, bop = _tiny_bop_model()
+    x, y = np.ones((8, 4), "float32"), np.zeros((8, 3), "float32")
+    record = _Record(bop)
+    history = model.fit(x, y, batch_size=2, epochs=2, verbose=0,
+                        callbacks=[CosineDecayPerStep(0.1, 8, gamma=1e-3), record])
+    factors = [0.5 * (1 + math.cos(math.pi * step / 8)) for step in range(8)]
+    np.testing.assert_allclose([lr for lr, _ in record.values], [0.1 * f for f in factors], rtol=1e-6)
+    np.testing.assert_allclose([g for _, g in record.values], [1e-3 * f for f in factors], rtol=1e-6)
+    np.testing.assert_allclose(history.history["lr"], [0.1 * factors[3], 0.1 * factors[7]], rtol=1e-6)
+    # A new fit over the same optimizer (as after BackupAndRestore) goes on at step 8.
+    again = _Record(bop)
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0,
+              callbacks=[CosineDecayPerStep(0.1, 12, gamma=1e-3), again])
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * step / 12)) for step in range(8, 12)]
+    np.testing.assert_allclose([lr for lr, _ in again.values], expected, rtol=1e-6)
+
+
+def test_the_fashion_mnist_protocol_fine_tunes_with_the_cosine_and_others_keep_theirs():
+    run = training.TrainConfig().resolved()
+    bop = training.lr_schedule(run.for_arm("bop"), "finetune", 1e-3, 2)
+    assert isinstance(bop, CosineDecayPerStep)
+    assert bop.steps == 2 * 390  # per step, over the phase
+    assert bop.gamma == get_protocol("fashion_mnist").tuned["bop"]["bop_gamma"]  # the arm's
+    assert training.lr_schedule(run, "finetune", 1e-3, 2).gamma == training.BOP_GAMMA
+    constant = training.TrainConfig(finetune_cosine=False).resolved()
+    assert not isinstance(training.lr_schedule(constant, "finetune", 1e-3, 2), CosineDecayPerStep)
+    cifar = training.TrainConfig(dataset="cifar10").resolved()
+    assert not isinstance(training.lr_schedule(cifar, "finetune", 1e-3, 2), CosineDecayPerStep)
+    for stream in ("pretrain", "warmup"):
+        assert not isinstance(training.lr_schedule(training.TrainConfig().resolved(), stream, 1e-3, 2),
+                              CosineDecayPerStep)
+
+
+# bench/converged.py's statistics ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def report():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import converged_report
+
+    yield converged_report
+    sys.path.remove(os.path.join(ROOT, "bench"))
+
+
+@pytest.mark.parametrize("low, high, expected", [
+    (0.3, 0.9, "better"),
+    (0.05, 0.2, "better (by less than the margin, 0.25)"),
+    (-0.9, -0.3, "worse"),
+    (-0.2, 0.2, "equivalent within +-0.25"),
+    (-0.3, 0.1, "undecided"),
+    (-0.1, 0.4, "undecided"),
+])
+def test_each_comparison_gets_one_verdict_against_the_margin(report, low, high, expected):
+    assert report.verdict(low, high, 0.25) == expected
+
+
+def _rows(diff_by_sample, machine="m"):
+    rows = []
+    for (ckpt, seed), diff in diff_by_sample.items():
+        for name, acc in (("sign", 0.9), ("lns", 0.9 + diff / 100)):
+            rows.append({"checkpoint": ckpt, "seed": seed, "row": name, "test_accuracy": acc,
+                         "val_accuracy": acc, "machine": {"cpu": machine, "vector": "avx2"}})
+    return rows
+
+
+def test_paired_differences_have_a_t_interval_and_say_how_many_samples_would_decide(report):
+    diffs = {(c, s): d for (c, s), d in zip([(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)],
+                                            [0.3, -0.1, 0.2, 0.0, 0.4, -0.2])}
+    result = report.paired(_rows(diffs), "lns", "sign", 0.25)
+    d = np.array(list(diffs.values()))
+    half = 2.5706 * d.std(ddof=1) / math.sqrt(6)  # t(0.975, 5)
+    np.testing.assert_allclose(result["ci95"], [d.mean() - half, d.mean() + half], atol=1e-3)
+    assert (result["n"], result["wins"], result["losses"]) == (6, 3, 2)
+    assert result["verdict"] == "undecided"
+    n = result["samples_to_decide"]
+    assert n > 6 and report.t_quantile(n) * d.std(ddof=1) / math.sqrt(n) < max(
+        abs(d.mean()), 0.25 - abs(d.mean()))
+
+
+def test_the_variance_splits_between_checkpoints_and_seeds(report):
+    # Checkpoint means 0, 1, 2 (between) and +-0.5 around them (within).
+    diffs = {(c, s): c + (0.5 if s else -0.5) for c in range(3) for s in range(2)}
+    split = report.variance_split(diffs)
+    assert split["within_checkpoint_var"] == pytest.approx(0.5)
+    assert split["between_checkpoint_var"] == pytest.approx(1.0 - 0.5 / 2)
+
+
+def test_rows_from_different_machines_are_not_paired(report):
+    rows = _rows({(0, 0): 0.3, (0, 1): 0.1, (1, 0): 0.2})
+    rows[-1]["machine"] = {"cpu": "other", "vector": "avx512f"}  # lns of sample (1, 0)
+    result = report.paired(rows, "lns", "sign", 0.25)
+    assert result["n"] == 2 and result["skipped_mixed_machines"] == 1
