@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--strategy", default="auto", choices=STRATEGIES)
     hw.add_argument("--pretrain-epochs", type=int,
                     help="for the one-time pretraining (default: the protocol's)")
+    s.add_argument("--finetune-cosine", action=argparse.BooleanOptionalAction,
+                   help="the trials' schedule, as train.py's (default: the protocol's)")
     hw.add_argument("--pretrain-only", action="store_true",
                     help="find or make the pretrained checkpoint, print its path and exit")
     hw.add_argument("--quiet", action="store_true")
@@ -135,7 +137,8 @@ def parse_args(argv=None) -> tuple[tuning.TuneConfig, argparse.Namespace]:
         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
         limit=args.limit, seed=args.seed, strategy=args.strategy, data_dir=args.data_dir,
         space=space, mapper=args.mapper, clip=args.clip, aux_to_latent=args.aux_to_latent,
-        pretrain_epochs=args.pretrain_epochs, verbose=0 if args.quiet else 1,
+        pretrain_epochs=args.pretrain_epochs, finetune_cosine=args.finetune_cosine,
+        verbose=0 if args.quiet else 1,
     )
     try:
         config = config.resolved()  # every bad value is reported now, before any work

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import os
 import shutil
 import subprocess
@@ -105,7 +104,11 @@ class Bench:
         kept = os.path.join(self.state, f"bnn_small_seed{seed}_{epochs}ep.h5")
         if seed == 0 and self.args.ship:
             kept = self.args.ship
+        run = os.path.join(self.out, "pretrain", f"seed{seed}_{epochs}ep")
         if os.path.exists(kept):
+            if os.path.exists(os.path.join(run, "results.json")):  # its curve, once
+                if f"seed{seed}_{epochs}ep" not in self.rows.get("pretraining", {}):
+                    self.keep_curve(seed, epochs, run)
             return kept
         run = self.pretrain(seed, epochs)
         shutil.copyfile(os.path.join(run, "pretrain", "weights.h5"), kept)
@@ -228,12 +231,13 @@ class Bench:
         a = self.args
         first = self.checkpoint(a.checkpoints[0])
         hparams = [f"{arm}={self.tuned(arm, first)}" for arm in ("sign", "bop", "lns")]
-        checkpoints = {seed: self.checkpoint(seed) for seed in a.checkpoints}
+        for ckpt in a.checkpoints:  # the first checkpoint's samples first: train.py's row
+            checkpoint = self.checkpoint(ckpt)
+            for seed in a.seeds:
+                self.sample(ckpt, seed, checkpoint, hparams)
+                if (ckpt, seed) == (a.checkpoints[0], a.seeds[0]):
+                    self.length_check(checkpoint, hparams)
         self.pretrain(0, 2 * a.pretrain_epochs)  # the convergence check
-        for ckpt, seed in itertools.product(a.checkpoints, a.seeds):
-            self.sample(ckpt, seed, checkpoints[ckpt], hparams)
-            if (ckpt, seed) == (a.checkpoints[0], 0):
-                self.length_check(checkpoints[ckpt], hparams)
 
 
 def main(argv=None) -> int:
@@ -245,7 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--ship", default=os.path.join(ROOT, "models", "weights", "bnn_small_fashion_mnist.h5"),
                    help="checkpoint 0: the one train.py fine-tunes by default")
     p.add_argument("--docs", default=os.path.join(ROOT, "docs"))
-    p.add_argument("--pretrain-epochs", type=int, default=30)
+    p.add_argument("--pretrain-epochs", type=int, default=60)
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--steps-per-epoch", type=int, default=390, help="tune.py's trials: full epochs")
     p.add_argument("--trials", type=int, default=16)

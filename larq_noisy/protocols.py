@@ -97,7 +97,7 @@ class Protocol:
 # paper's options and one learning rate for all arms: `--preset paper`.
 _SMALL_IMAGES = Protocol(
     model="bnn_small",
-    pretrain_epochs=30,
+    pretrain_epochs=60,
     finetune_epochs=2,
     batch_size=128,
     optimizer="adam",

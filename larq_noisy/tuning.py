@@ -282,6 +282,7 @@ class TuneConfig:
     clip: str | None = None
     aux_to_latent: bool | None = None
     pretrain_epochs: int | None = None  # for the one-time pretraining
+    finetune_cosine: bool | None = None  # the trials' schedule (None: the protocol's)
     verbose: int = 1
     # Set by `resolved` only; any change (`dataclasses.replace`) clears it.
     _resolved: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
@@ -358,7 +359,7 @@ class TuneConfig:
             strategy=self.strategy, data_dir=self.data_dir, mapper=self.mapper, clip=self.clip,
             aux_to_latent=self.aux_to_latent, pretrained=weights or self.pretrained,
             finetune_epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
-            output_dir=self.output_dir or "", verbose=0,
+            finetune_cosine=self.finetune_cosine, output_dir=self.output_dir or "", verbose=0,
         )
         if not settings["pretrained"] and self.pretrain_epochs is not None:
             settings["pretrain_epochs"] = self.pretrain_epochs
