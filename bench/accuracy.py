@@ -326,7 +326,7 @@ def report(runs, args, tuned: dict) -> dict:
         if name != "pretrain" and name not in settings:
             settings[name] = effective(config)
     wall = wall_time(args)
-    epochs = _resolved(next(iter(runs.values()))).finetune_epochs
+    epochs = _resolved(next(c for (_, name), c in runs.items() if name != "pretrain")).finetune_epochs
     summary = {"finetune_epochs": epochs, "tuned": tuned, "settings": settings,
                "rows": {k: {str(s): r for s, r in v.items()} for k, v in rows.items()},
                "paired": [c for c in comparisons if c], "wall_seconds": wall["total_seconds"]}

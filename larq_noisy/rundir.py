@@ -155,7 +155,9 @@ class RunDir:
     """The output directory of a train.py run: every path in it, and its checks."""
 
     #: Settings that may change between a run and its resumption without changing results.
-    RESUMABLE = ("arms", "strategy", "verbose", "output_dir", "backup_every", "export")
+    # Settings a resumed run may change; `machine` too (a preempted run may resume on
+    # another CPU: each arm's result.json says where it finished).
+    RESUMABLE = ("arms", "strategy", "verbose", "output_dir", "backup_every", "export", "machine")
 
     def __init__(self, root: str):
         self.root = root

@@ -40,7 +40,7 @@ from larq_noisy.distribute import STRATEGIES, is_chief, make_strategy
 from larq_noisy.protocols import ARMS, PRESETS, TUNED_ARMS, get_protocol, lr_at_epoch
 from larq_noisy.quantizers import OPTIONS, check_options
 from larq_noisy.rundir import (
-    CheckpointError, RunDir, atomic_path, backup_position, pretrained_weights_path, read_json,
+    CheckpointError, RunDir, atomic_path, backup_position, machine, pretrained_weights_path, read_json,
     save_weights, weights_fingerprint, write_json,
 )
 
@@ -285,7 +285,7 @@ class TrainConfig:
         """What config.json records: every setting, and every arm's fine-tuning settings
         as they resolve (`"<arm>.<field>"`), so that a resumed run is checked against
         the values its arms use, wherever they came from."""
-        record = self.to_json()
+        record = {**self.to_json(), "machine": machine()}
         for arm in ARMS:
             record.update({f"{arm}.{k}": v for k, v in self.arm_settings(arm).items()})
         return record
@@ -625,6 +625,7 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
         "flip_rates": flip_rates(model, reference=reference),
         "finetune_lr": c.finetune_lr,
         "quantizer": options,
+        "machine": machine(),  # where it finished: digits differ between CPU types
     }
     if ARMS[arm].bop:  # None: larq's default
         result["bop"] = {"threshold": c.bop_threshold, "gamma": c.bop_gamma}
@@ -695,7 +696,7 @@ def collect_results(run_dir: RunDir, config: TrainConfig, baseline_scores: dict)
         if result is not None:
             arms[arm] = result
     return {"config": config.to_json(), "dataset": config.dataset, "model": config.model,
-            "baseline": baseline_scores, "arms": arms}
+            "machine": machine(), "baseline": baseline_scores, "arms": arms}
 
 
 def publish(run_dir: RunDir, results: dict) -> None:

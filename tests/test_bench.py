@@ -53,13 +53,14 @@ def test_report_statistics_and_paired_differences(accuracy, tmp_path, capsys):
     accuracy.main(["--report-only", "--output-dir", str(out), "--plots", str(tmp_path / "png"),
                    "--seeds", "0", "1", "2", "--studies", "sign", "lns", "warmup"])
     summary = json.loads((out / "summary.json").read_text())
-    fashion = get_protocol("fashion_mnist")  # no --hparams: the protocol's tuned settings
-    assert summary["settings"]["sign"] == fashion.tuned["sign"]
+    # No --hparams: the short-pretraining study's tuned settings and schedule.
+    study = accuracy.SHORT_PRETRAINING_TUNED
+    assert summary["settings"]["sign"] == study["sign"]
     lns = summary["settings"]["lns"]
-    assert {k: lns[k] for k in fashion.tuned["lns"]} == fashion.tuned["lns"]
+    assert {k: lns[k] for k in study["lns"]} == study["lns"]
     assert summary["settings"]["warmup"]["start"] == "warmup"
     assert sorted(summary["rows"]) == ["baseline", "lns", "sign", "warmup"]
-    assert summary["finetune_epochs"] == fashion.finetune_epochs == 3
+    assert summary["finetune_epochs"] == accuracy.SHORT_PRETRAINING["finetune_epochs"] == 3
 
     text = (out / "summary.md").read_text()
     lns = 100 * np.array(LNS)
@@ -124,9 +125,9 @@ def test_each_arm_runs_with_its_own_tuned_settings(accuracy, tmp_path, capsys):
     # Each row is a train.py run of its arm, from its seed's one pretraining.
     args = accuracy.main.__globals__["argparse"].Namespace(
         dataset="fashion_mnist", data_dir=None, verbose=0, limit=None, steps_per_epoch=None,
-        pretrain_epochs=None, strategy="auto", mixed_precision=False, seeds=[0, 1],
+        pretrain_epochs=3, strategy="auto", mixed_precision=False, seeds=[0, 1],
         output_dir=str(tmp_path / "c"), studies=list(accuracy.DEFAULT_STUDIES), mapper=None,
-        finetune_epochs=3)
+        finetune_epochs=3, finetune_cosine=False)
     runs = accuracy.configs(args, {}, {})
     assert sorted({seed for seed, _ in runs}) == [0, 1]
     bop = runs[1, "bop"]
@@ -155,8 +156,8 @@ def test_a_study_that_repeats_the_tuned_lns_is_skipped(accuracy, tmp_path):
     def studies(lns, names=(*accuracy.DEFAULT_STUDIES, *accuracy.ABLATIONS)):
         args = argparse.Namespace(
             dataset="fashion_mnist", data_dir=None, verbose=0, limit=None, steps_per_epoch=None,
-            pretrain_epochs=None, strategy="auto", mixed_precision=False, seeds=[0, 1],
-            output_dir=str(tmp_path), studies=list(names), mapper=None, finetune_epochs=3)
+            pretrain_epochs=3, strategy="auto", mixed_precision=False, seeds=[0, 1],
+            output_dir=str(tmp_path), studies=list(names), mapper=None, finetune_epochs=3, finetune_cosine=False)
         runs = accuracy.configs(args, {}, {"lns": lns})
         assert {s for s, _ in runs} == {0, 1}  # every seed
         return {study for seed, study in runs if seed == 1}
@@ -189,9 +190,9 @@ def test_finished_runs_are_skipped_and_changed_settings_refused(accuracy, tmp_pa
 
     args = argparse.Namespace(
         dataset="fashion_mnist", data_dir=None, verbose=0, limit=None, steps_per_epoch=None,
-        pretrain_epochs=None, strategy="auto", mixed_precision=False, seeds=[0],
-        output_dir=str(tmp_path), studies=["sign"], mapper=None, finetune_epochs=3)
-    runs = accuracy.configs(args, {}, {})
+        pretrain_epochs=3, strategy="auto", mixed_precision=False, seeds=[0],
+        output_dir=str(tmp_path), studies=["sign"], mapper=None, finetune_epochs=3, finetune_cosine=False)
+    runs = accuracy.configs(args, {}, accuracy.SHORT_PRETRAINING_TUNED)  # as main() makes them
     pretrain, sign = runs[0, "pretrain"], runs[0, "sign"]
     os.makedirs(os.path.join(pretrain.output_dir, "pretrain"))  # as train.py leaves them
     os.makedirs(os.path.join(sign.output_dir, "arms", "sign"))
