@@ -178,3 +178,26 @@ def test_truncated_backup_data_file_is_named(pretrained_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "corrupted or truncated" in err and str(backup) in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "tf_config, needle",
+    [
+        ("[1, 2]", "is not a JSON object"),
+        ("3", "is not a JSON object"),
+        ('{"task": {"type": "worker", "index": 0}}', 'has no "cluster"'),
+        ('{"cluster": ["127.0.0.1:1"]}', 'has "cluster": ["127.0.0.1:1"], not an object'),
+        ('{"cluster": {"worker": "127.0.0.1:1"}}', 'has "cluster": {"worker": "127.0.0.1:1"}'),
+        ('{"cluster": {"worker": [1]}}', 'not a list of "host:port" addresses'),
+        ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": [0]}', 'has "task": [0], not an object'),
+        ("{not json", "is not valid JSON"),
+    ],
+)
+def test_a_tf_config_of_the_wrong_shape_is_one_line_before_any_work(tf_config, needle, tmp_path,
+                                                                     capsys, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    argv = [*TINY, "--strategy", "multi_worker", "--output-dir", str(tmp_path / "out")]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and repr(tf_config) in err and '"cluster": {"worker": [' in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
