@@ -13,10 +13,12 @@
     <phase>/wall.json            the phase's wall time at its last backup
     tensorboard/<phase>/         the same in TensorBoard
     results.json, results.md     the arms side by side; accuracy.png, flip_rates.png
+    lock                         the pid and host of the train.py process running here
 
 Every file is written atomically (a temporary file, then a rename), so an interrupted
 write or a full disk leaves the previous good file; every file that cannot be read is
-named, with what to do, in one line.
+named, with what to do, in one line. One process at a time runs in a directory
+(`RunDir.locked`).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import csv
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 
 __all__ = [
-    "CheckpointError", "RunDir", "RunFileError", "atomic_path", "backup_position",
+    "CheckpointError", "RunDir", "RunFileError", "RunInUse", "atomic_path", "backup_position",
     "read_history_rows", "read_json", "save_weights", "write_history_rows", "write_json",
 ]
 
@@ -40,6 +44,10 @@ class RunFileError(ValueError):
 
 class CheckpointError(RunFileError):
     """A checkpoint or backup that cannot be read."""
+
+
+class RunInUse(ValueError):
+    """Another process runs in the directory; the message names it and says what to do."""
 
 
 @contextlib.contextmanager
@@ -168,6 +176,10 @@ class RunDir:
         return self.path("config.json")
 
     @property
+    def lock(self) -> str:
+        return self.path("lock")
+
+    @property
     def pretrain(self) -> str:
         return self.path("pretrain")
 
@@ -213,6 +225,81 @@ class RunDir:
     @staticmethod
     def wall(phase_dir: str) -> str:
         return os.path.join(phase_dir, "wall.json")
+
+    # ------------------------------------------------------------------ lock
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the directory's lock while the block runs (call `ensure_writable` first).
+
+        The lock file is created atomically and holds this process' pid and host; a
+        second process is refused with `RunInUse` naming the first. A lock left by a
+        process of this host that no longer runs (killed with SIGKILL, say) is taken
+        over.
+        """
+        self._take_lock()
+        try:
+            yield
+        finally:
+            self._release_lock()
+
+    def _take_lock(self) -> None:
+        while True:
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._remove_stale_lock()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            return
+
+    def _remove_stale_lock(self) -> None:
+        """Remove the lock if its process, of this host, no longer runs; `RunInUse`
+        naming the process if it runs (or may: another host's)."""
+        holder = self._lock_holder()
+        if holder is None:
+            return  # released meanwhile
+        pid, host, started = holder
+        if host == socket.gethostname() and not _process_runs(pid):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.lock)
+            return
+        raise RunInUse(
+            f"{self.root} is in use by process {pid} on host {host} (started {started}); "
+            f"wait for it, or delete {self.lock} if no such process runs."
+        )
+
+    def _release_lock(self) -> None:
+        """Remove the lock if it is still this process' own."""
+        try:
+            holder = self._lock_holder()
+        except RunInUse:
+            return
+        if holder is not None and holder[:2] == (os.getpid(), socket.gethostname()):
+            os.remove(self.lock)
+
+    def _lock_holder(self) -> tuple[int, str, str] | None:
+        """`(pid, host, started)` of the lock's holder, `None` without a lock;
+        `RunInUse` if it stays unreadable (its holder writes it just after creating it)."""
+        for delay in (0.1, 0.5, None):
+            try:
+                with open(self.lock) as f:
+                    holder = json.load(f)
+                pid, host = holder["pid"], holder["host"]
+                if isinstance(pid, int) and pid > 0 and isinstance(host, str):
+                    return pid, host, str(holder.get("started", "at an unknown time"))
+            except FileNotFoundError:
+                return None
+            except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+                pass
+            if delay is not None:
+                time.sleep(delay)
+        raise RunInUse(
+            f"{self.lock} is unreadable, so {self.root} may be in use by another process: "
+            f"delete {self.lock} if none runs there."
+        )
 
     # ------------------------------------------------------------------ checks
 
@@ -260,6 +347,17 @@ def ensure_writable_dir(path: str) -> None:
             pass
     except OSError as error:
         raise ValueError(f"Output directory {path!r} is not writable: {error.strerror}.") from error
+
+
+def _process_runs(pid: int) -> bool:
+    """Whether process `pid` of this host runs (or may: another user's)."""
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, the process is only looked up
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def pretrained_weights_path(path: str) -> str:

@@ -44,8 +44,8 @@ from larq_noisy.rundir import (
 )
 
 __all__ = [
-    "ARM_FIELDS", "CheckpointError", "TrainConfig", "TrainingDiverged", "build_arm",
-    "read_hparams", "run",
+    "ARM_FIELDS", "CheckpointError", "Interrupted", "TrainConfig", "TrainingDiverged",
+    "build_arm", "read_hparams", "run",
 ]
 
 OPTIMIZERS = ("sgd", "adam")
@@ -426,6 +426,29 @@ class _MapperWarmup(tf.keras.Model):
 # --------------------------------------------------------------------------- phases
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what it was doing and where."""
+
+
+class Progress:
+    """What a run is doing (`doing`, set as it goes); as a context manager, it turns a
+    `KeyboardInterrupt` (Ctrl-C) into `Interrupted` saying so."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.doing = "starting"
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if isinstance(error, KeyboardInterrupt) and not isinstance(error, Interrupted):
+            raise Interrupted(
+                f"interrupted while {self.doing} in {self.root}; finished phases and arms "
+                "and the last backup are kept: run the same command again to resume."
+            ) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Session:
     """What every phase of one `run` shares: set once, at its start."""
@@ -437,6 +460,7 @@ class Session:
     validation: tf.data.Dataset
     test: tf.data.Dataset
     log: typing.Callable
+    progress: Progress
     summaries_shown: set = dataclasses.field(default_factory=set)
 
     def header(self, text: str) -> None:
@@ -522,6 +546,7 @@ def pretrain(session: Session) -> str:
             return weights
         session.log(f"{weights} is missing: pretraining again")
     protocol = get_protocol(c.dataset)
+    session.progress.doing = "pretraining"
     session.header(
         f"Phase 1/2: pretraining the sign baseline: {c.model} on {c.dataset}, "
         f"{_epochs(c.pretrain_epochs)}, {c.optimizer} lr {c.lr}, batch {c.batch_size}"
@@ -700,26 +725,38 @@ def run_environment(config: TrainConfig):
 def run(config: TrainConfig) -> dict:
     """Run the protocol described by `config`; returns the content of results.json.
 
-    Bad settings raise `ValueError` before any work; an unreadable file raises
-    `rundir.RunFileError` naming it; a diverging loss raises `TrainingDiverged` and
-    keeps the last good checkpoint.
+    Bad settings raise `ValueError` before any work, and so does an output directory
+    another process runs in (`rundir.RunInUse`: the directory is locked while the run
+    runs); an unreadable file raises `rundir.RunFileError` naming it; a diverging loss
+    raises `TrainingDiverged` and keeps the last good checkpoint; Ctrl-C raises
+    `Interrupted` saying what the run was doing.
     """
     config = config.resolved()
     run_dir = RunDir(config.output_dir)
     run_dir.ensure_writable()
-    run_dir.check_settings(config.recorded())
-    with run_environment(config):
+    # Every worker of a cluster writes to the same directory: only the chief locks it,
+    # once it knows it is the chief.
+    cluster = config.strategy == "multi_worker"
+    with contextlib.ExitStack() as stack:
+        progress = stack.enter_context(Progress(run_dir.root))
+        if not cluster:
+            stack.enter_context(run_dir.locked())
+        run_dir.check_settings(config.recorded())
+        stack.enter_context(run_environment(config))
         # The strategy first: multi-worker needs it before any other TensorFlow op.
         strategy = make_strategy(config.strategy)
         chief = is_chief(strategy)
+        if cluster and chief:
+            stack.enter_context(run_dir.locked())
         quiet = not (config.verbose and chief)
         session = Session(
             config, run_dir, strategy, chief,
             # Missing data fails here, before any training.
             validation=config.load_split("validation"), test=config.load_split("test"),
-            log=(lambda *a, **k: None) if quiet else print,
+            log=(lambda *a, **k: None) if quiet else print, progress=progress,
         )
         weights = pretrain(session)
+        progress.doing = "evaluating the baseline"
         fingerprint = weights_fingerprint(
             weights, "give another pretrained checkpoint" if config.pretrained
             else "delete it and run again to pretrain again",
@@ -738,6 +775,7 @@ def run(config: TrainConfig) -> dict:
             if run_dir.read_result(arm_dir) is not None:
                 session.header(f"Phase 2/2: arm '{arm}' already done, skipping")
             else:
+                progress.doing = f"fine-tuning arm {arm!r}"
                 if chief:
                     os.makedirs(arm_dir, exist_ok=True)
                     write_json(run_dir.lineage(arm), {"weights": weights, "sha256": fingerprint})
@@ -745,6 +783,7 @@ def run(config: TrainConfig) -> dict:
             if config.export and chief:
                 from larq_noisy import export  # LCE only when exporting
 
+                progress.doing = f"exporting arm {arm!r}"
                 tflite = export.export_run(run_dir.root, arm=arm, verbose=bool(config.verbose))
                 result = run_dir.read_result(arm_dir)
                 write_json(run_dir.result(arm_dir), {**result, "tflite": tflite["tflite"]})

@@ -5,6 +5,8 @@ A run killed mid-phase and resumed: tests/test_distributed.py."""
 import json
 import os
 import shutil
+import socket
+import subprocess
 
 import numpy as np
 import pytest
@@ -58,6 +60,7 @@ def test_all_arms_write_results(full_run):
         assert os.path.exists(os.path.join(full_run, name)), name
     table = open(os.path.join(full_run, "results.md")).read()
     assert "| LNS (`lns`) |" in table and "baseline" in table
+    assert not os.path.exists(os.path.join(full_run, "lock"))  # released at the end
 
 
 def test_logs_hold_flip_rates_aux_loss_and_lr(full_run):
@@ -231,6 +234,7 @@ def test_changed_settings_on_a_resumed_run_are_refused(full_run, capsys):
     assert train.main(argv) == 2
     recorded = get_protocol("fashion_mnist").tuned["lns"]["alpha"]  # what the arm used
     assert f"lns.alpha: {recorded} -> 3.0" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(full_run, "lock"))  # released after an error too
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_what_was_written(full_run, tmp_path, capsys):
@@ -365,6 +369,60 @@ def test_errors_are_one_line_with_the_right_exit_code():
     assert "\n" not in message
     assert errors.describe(ValueError("bad"))[0] == 2
     assert errors.describe(KeyError("a bug"))[0] is None  # a bug keeps its traceback
+
+
+def test_ctrl_c_in_any_script_is_one_line_and_exit_130(capsys):
+    from larq_noisy import errors
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert errors.run_script("export.py", interrupted) == 130
+    err = capsys.readouterr().err
+    assert err == ("export.py: interrupted; files already written are kept: run the same "
+                   "command again.\n")
+    where = training.Interrupted("interrupted while pretraining in runs/x; ...")
+    assert errors.describe(where) == (130, str(where))  # train.py's names the stage
+
+
+def _lock(out, pid, host=None):
+    out.mkdir(exist_ok=True)
+    (out / "lock").write_text(json.dumps(
+        {"pid": pid, "host": host or socket.gethostname(), "started": "2026-01-02 03:04:05"}))
+
+
+@pytest.mark.parametrize("elsewhere", [False, True])
+def test_a_locked_output_dir_is_refused_naming_the_process_before_any_work(elsewhere, tmp_path,
+                                                                           capsys):
+    out = tmp_path / "busy"
+    other = subprocess.Popen(["sleep", "30"])  # a live process of this host, or any on another
+    host = "another-host" if elsewhere else socket.gethostname()
+    try:
+        _lock(out, other.pid, host)
+        assert train.main(SMOKE + ["--arms", "sign", "--output-dir", str(out)]) == 2
+    finally:
+        other.kill()
+        other.wait()
+    err = capsys.readouterr().err
+    assert err == (
+        f"train.py: error: {out} is in use by process {other.pid} on host {host} (started "
+        f"2026-01-02 03:04:05); wait for it, or delete {out / 'lock'} if no such process runs.\n"
+    )
+    assert os.listdir(out) == ["lock"]  # nothing written, the other process' lock kept
+
+
+def test_a_lock_whose_process_no_longer_runs_is_taken_over(full_run, tmp_path, capsys):
+    out = tmp_path / "stale"
+    dead = subprocess.Popen(["true"])  # as a run killed with SIGKILL leaves it
+    dead.wait()
+    _lock(out, dead.pid)
+    argv = SMOKE + ["--arms", "sign", "--pretrained", full_run, "--output-dir", str(out)]
+    assert train.main(argv) == 0
+    assert not (out / "lock").exists() and (out / "arms" / "sign" / "result.json").exists()
+    assert capsys.readouterr().err == ""
+    (out / "lock").write_text("\x00 garbled")  # not a lock this process can read: refused
+    assert train.main(argv) == 2
+    assert f"{out / 'lock'} is unreadable" in capsys.readouterr().err
 
 
 def test_default_output_is_readable(full_run, tmp_path, capfd):
