@@ -34,7 +34,8 @@ import time
 
 __all__ = [
     "CheckpointError", "RunDir", "RunFileError", "RunInUse", "atomic_path", "backup_position",
-    "read_history_rows", "read_json", "save_weights", "write_history_rows", "write_json",
+    "pretrained_run", "read_history_rows", "read_json", "save_weights", "write_history_rows",
+    "write_json",
 ]
 
 
@@ -331,6 +332,14 @@ class RunDir:
         if record:
             write_json(path, settings)
 
+    def saved_settings(self) -> dict:
+        """The settings config.json records; `{}` without a readable one."""
+        try:
+            saved = read_json(self.config, "")
+        except RunFileError:
+            return {}
+        return saved if isinstance(saved, dict) else {}
+
     def read_result(self, phase_dir: str) -> dict | None:
         """The `result.json` of a finished phase or arm, `None` if it has none."""
         path = self.result(phase_dir)
@@ -358,6 +367,13 @@ def _process_runs(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def pretrained_run(weights: str) -> RunDir | None:
+    """The train.py run whose pretrain/weights.h5 `weights` is; `None` for a weights
+    file of no run."""
+    run = RunDir(os.path.dirname(os.path.dirname(weights)) or ".")
+    return run if os.path.abspath(run.pretrained_weights) == os.path.abspath(weights) else None
 
 
 def pretrained_weights_path(path: str) -> str:

@@ -39,8 +39,8 @@ from larq_noisy.distribute import STRATEGIES, is_chief, make_strategy
 from larq_noisy.protocols import ARMS, PRESETS, TUNED_ARMS, get_protocol, lr_at_epoch
 from larq_noisy.quantizers import OPTIONS, check_options
 from larq_noisy.rundir import (
-    CheckpointError, RunDir, atomic_path, backup_position, pretrained_weights_path, read_json,
-    save_weights, weights_fingerprint, write_json,
+    CheckpointError, RunDir, atomic_path, backup_position, pretrained_run,
+    pretrained_weights_path, read_json, save_weights, weights_fingerprint, write_json,
 )
 
 __all__ = [
@@ -679,15 +679,29 @@ def baseline(session: Session, weights: str, fingerprint: str, reference) -> dic
     return scores
 
 
-def collect_results(run_dir: RunDir, config: TrainConfig, baseline_scores: dict) -> dict:
-    """results.json: the baseline and every finished arm of the directory."""
+def pretraining(config: TrainConfig, run_dir: RunDir, weights: str) -> dict:
+    """How the baseline's `weights` were pretrained: in which `run` directory, for how
+    many `epochs` (as its config.json says); `None` for what is not known (`--pretrained`
+    given a weights file of no run)."""
+    if not config.pretrained:
+        return {"run": run_dir.root, "epochs": config.pretrain_epochs}
+    source = pretrained_run(weights)
+    if source is None:
+        return {"run": None, "epochs": None}
+    return {"run": source.root, "epochs": source.saved_settings().get("pretrain_epochs")}
+
+
+def collect_results(run_dir: RunDir, config: TrainConfig, baseline_scores: dict,
+                    pretrained: dict) -> dict:
+    """results.json: the baseline, how it was `pretrained` (`pretraining`) and every
+    finished arm of the directory."""
     arms = {}
     for arm in ARMS:
         result = run_dir.read_result(run_dir.arm(arm))
         if result is not None:
             arms[arm] = result
     return {"config": config.to_json(), "dataset": config.dataset, "model": config.model,
-            "baseline": baseline_scores, "arms": arms}
+            "baseline": baseline_scores, "pretraining": pretrained, "arms": arms}
 
 
 def publish(run_dir: RunDir, results: dict) -> None:
@@ -767,7 +781,8 @@ def run(config: TrainConfig) -> dict:
         scores = baseline(session, weights, fingerprint, reference)
         session.log(f"baseline (pretrained sign model): val accuracy {scores['val_accuracy']:.4f}, "
                     f"test accuracy {scores['test_accuracy']:.4f}")
-        results = collect_results(run_dir, config, scores)
+        pretrained = pretraining(config, run_dir, weights)
+        results = collect_results(run_dir, config, scores, pretrained)
         if chief:
             publish(run_dir, results)
         for arm in config.arms:
@@ -787,7 +802,7 @@ def run(config: TrainConfig) -> dict:
                 tflite = export.export_run(run_dir.root, arm=arm, verbose=bool(config.verbose))
                 result = run_dir.read_result(arm_dir)
                 write_json(run_dir.result(arm_dir), {**result, "tflite": tflite["tflite"]})
-            results = collect_results(run_dir, config, scores)
+            results = collect_results(run_dir, config, scores, pretrained)
             if chief:
                 publish(run_dir, results)
         session.header(f"Done: {run_dir.path('results.md')}")

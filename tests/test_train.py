@@ -94,11 +94,28 @@ def test_rerun_skips_finished_work(full_run):
 
 def test_pretrained_checkpoint_skips_phase_one(full_run, tmp_path):
     out = str(tmp_path / "from_pretrained")
-    argv = SMOKE + ["--arms", "lns", "--pretrained", full_run, "--output-dir", out]
+    # --pretrain-epochs is this run's setting, unused: results.md says what the checkpoint
+    # was trained with (full_run: 1 epoch).
+    argv = SMOKE + ["--arms", "lns", "--pretrain-epochs", "5", "--pretrained", full_run,
+                    "--output-dir", out]
     assert train.main(argv) == 0
     assert not os.path.exists(os.path.join(out, "pretrain"))
     baseline = _results(out)["baseline"]
     assert baseline["test_accuracy"] == _results(full_run)["baseline"]["test_accuracy"]
+    assert _results(out)["pretraining"] == {"run": full_run, "epochs": 1}
+    table = open(os.path.join(out, "results.md")).read()
+    assert f"Seed 0; pretraining 1 epoch (the run {full_run}, given as --pretrained), " in table
+
+
+def test_results_say_a_bare_weights_file_was_pretrained_for_unknown_epochs(full_run, tmp_path):
+    weights = str(tmp_path / "weights.h5")
+    shutil.copy(os.path.join(full_run, "pretrain", "weights.h5"), weights)
+    out = str(tmp_path / "from_file")
+    assert train.main(SMOKE + ["--arms", "sign", "--pretrained", weights, "--output-dir", out]) == 0
+    assert _results(out)["pretraining"] == {"run": None, "epochs": None}
+    table = open(os.path.join(out, "results.md")).read()
+    assert (f"Seed 0; pretraining unknown: a weights file ({weights}, given as --pretrained), "
+            in table)
 
 
 def test_warmup_start_trains_the_mapper_alone_first(full_run, tmp_path):
