@@ -80,13 +80,16 @@ def _tf_config_mistake(config) -> str | None:
     if cluster is None:
         return 'has no "cluster"'
     if not isinstance(cluster, dict) or not cluster:
-        return f'has "cluster": {json.dumps(cluster)}, not an object of lists of "host:port" addresses'
+        return (f'has "cluster": {json.dumps(cluster)}, not an object of lists of "host:port" '
+                "addresses")
     for job, addresses in cluster.items():
         if not (isinstance(addresses, list) and addresses
                 and all(isinstance(a, str) and a.rpartition(":")[2].isdigit() for a in addresses)):
-            return f'has "cluster": {{"{job}": {json.dumps(addresses)}}}, not a list of "host:port" addresses'
+            return (f'has "cluster": {{"{job}": {json.dumps(addresses)}}}, not a list of '
+                    '"host:port" addresses')
     if task is not None and not isinstance(task, dict):
-        return f'has "task": {json.dumps(task)}, not an object such as {{"type": "worker", "index": 0}}'
+        return (f'has "task": {json.dumps(task)}, not an object such as '
+                '{"type": "worker", "index": 0}')
     return None
 
 

@@ -51,7 +51,8 @@ def _pretraining(results: dict) -> str:
     if not config.get("pretrained"):
         return f"pretraining {_epochs(config.get('pretrain_epochs'))}"
     if not source or source.get("run") is None:
-        return f"pretraining unknown: a weights file ({config['pretrained']}, given as --pretrained)"
+        return (f"pretraining unknown: a weights file ({config['pretrained']}, given as "
+                "--pretrained)")
     epochs = source.get("epochs")
     return (f"pretraining {'unknown' if epochs is None else _epochs(epochs)} (the run "
             f"{source['run']}, given as --pretrained)")

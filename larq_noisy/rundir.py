@@ -34,8 +34,8 @@ import time
 
 __all__ = [
     "CheckpointError", "RunDir", "RunFileError", "RunInUse", "atomic_path", "backup_position",
-    "pretrained_run", "read_history_rows", "read_json", "save_weights", "write_history_rows",
-    "write_json",
+    "is_arm_model", "pretrained_run", "read_history_rows", "read_json", "save_weights",
+    "write_history_rows", "write_json",
 ]
 
 
@@ -376,13 +376,30 @@ def pretrained_run(weights: str) -> RunDir | None:
     return run if os.path.abspath(run.pretrained_weights) == os.path.abspath(weights) else None
 
 
+def is_arm_model(path: str) -> bool:
+    """Whether `path` is the baked model.h5 of an arm of a train.py run (a directory
+    with a config.json)."""
+    arm_dir = os.path.dirname(path)
+    run = RunDir(os.path.dirname(os.path.dirname(arm_dir)) or ".")
+    mine = RunDir.model(run.arm(os.path.basename(arm_dir)))
+    return os.path.abspath(mine) == os.path.abspath(path) and os.path.isfile(run.config)
+
+
 def pretrained_weights_path(path: str) -> str:
-    """A `--pretrained` value (a train.py output directory or a weights file) as a file."""
+    """A `--pretrained` value (a train.py output directory or a weights file) as a file;
+    `ValueError` unless it is an HDF5 file (whether its weights fit: `load_weights`)."""
     if os.path.isdir(path):
         path = RunDir(path).pretrained_weights
     if not os.path.isfile(path):
         raise ValueError(
             f"No pretrained weights at {path!r}: give a train.py output directory whose "
+            "pretraining finished, or its pretrain/weights.h5."
+        )
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        raise ValueError(
+            f"{path!r} is not an HDF5 weights file: give a train.py output directory whose "
             "pretraining finished, or its pretrain/weights.h5."
         )
     return path

@@ -386,12 +386,41 @@ def build_baseline(config: TrainConfig, weights: str | None = None):
         try:
             model.load_weights(weights)
         except (ValueError, OSError) as error:
-            raise CheckpointError(
-                f"{weights} is corrupted, truncated or does not fit model {config.model!r} "
-                f"with input {config.input_shape} and {config.spec.num_classes} classes "
-                f"({error}): delete it to train it again."
-            ) from None
+            raise CheckpointError(_unloadable(config, weights, error)) from None
     return model
+
+
+def _unloadable(config: TrainConfig, weights: str, error: Exception) -> str:
+    """Why `weights` do not load into `config`'s model (`error`: Keras'), and what to do:
+    they are another model's (a `ValueError`: layers or shapes that differ; their run's
+    config.json names its model, dataset or image size) or the file is damaged. Never
+    "delete it" for a file given as `--pretrained`."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not isinstance(error, ValueError):
+        fix = ("give another pretrained checkpoint" if config.pretrained
+               else "delete it to train it again")
+        return f"{weights} is corrupted or truncated ({reason}): {fix}."
+    run = pretrained_run(weights)
+    saved = run.saved_settings() if run else {}
+    differ = [k for k in ("model", "dataset", "image_size")
+              if k in saved and saved[k] != getattr(config, k)]
+    if not differ:
+        return (
+            f"{weights} does not fit model {config.model!r} with input {config.input_shape} and "
+            f"{config.spec.num_classes} classes ({reason}): give a checkpoint of that model, or "
+            "run with the --model and --dataset it was trained with."
+        )
+
+    def flags(values) -> str:
+        return " ".join(f"--{k.replace('_', '-')} {values[k]}" if values[k] is not None
+                        else f"no --{k.replace('_', '-')}" for k in differ)
+
+    theirs, ours = saved, {k: getattr(config, k) for k in differ}
+    return (
+        f"{weights} holds the weights of " + ", ".join(f"{k} {theirs[k]!r}" for k in differ)
+        + f" ({run.config} says so), not of " + ", ".join(f"{k} {ours[k]!r}" for k in differ)
+        + f": give a checkpoint pretrained with {flags(ours)}, or run with {flags(theirs)}."
+    )
 
 
 def build_arm(config: TrainConfig, arm: str, weights: str):

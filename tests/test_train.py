@@ -107,6 +107,28 @@ def test_pretrained_checkpoint_skips_phase_one(full_run, tmp_path):
     assert f"Seed 0; pretraining 1 epoch (the run {full_run}, given as --pretrained), " in table
 
 
+def test_pretrained_weights_of_another_model_or_no_weights_say_which(full_run, tmp_path, capsys):
+    weights = os.path.join(full_run, "pretrain", "weights.h5")
+    bare, notes = str(tmp_path / "weights.h5"), str(tmp_path / "notes.txt")
+    shutil.copy(weights, bare)
+    open(notes, "w").write("lr 1e-3 looked best\n")
+    for pretrained, message in [
+        (full_run, f"{weights} holds the weights of model 'bnn_small' ({full_run}/config.json "
+                   "says so), not of model 'resnet20': give a checkpoint pretrained with "
+                   "--model resnet20, or run with --model bnn_small."),
+        (bare, f"{bare} does not fit model 'resnet20' with input (28, 28, 1) and 10 classes ("),
+        (notes, f"{notes!r} is not an HDF5 weights file: give a train.py output directory whose "
+                "pretraining finished, or its pretrain/weights.h5."),
+    ]:
+        out = str(tmp_path / f"out_{len(os.listdir(tmp_path))}")
+        argv = SMOKE + ["--model", "resnet20", "--arms", "sign", "--pretrained", pretrained]
+        assert train.main(argv + ["--output-dir", out]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"train.py: error: {message}"), err
+        assert "delete" not in err and len(err.strip().splitlines()) == 1
+        assert not os.path.exists(os.path.join(out, "results.json"))
+
+
 def test_results_say_a_bare_weights_file_was_pretrained_for_unknown_epochs(full_run, tmp_path):
     weights = str(tmp_path / "weights.h5")
     shutil.copy(os.path.join(full_run, "pretrain", "weights.h5"), weights)
