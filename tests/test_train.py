@@ -121,7 +121,8 @@ def test_pretrained_weights_of_another_model_or_no_weights_say_which(full_run, t
                 "pretraining finished, or its pretrain/weights.h5."),
     ]:
         out = str(tmp_path / f"out_{len(os.listdir(tmp_path))}")
-        argv = SMOKE + ["--model", "resnet20", "--arms", "sign", "--pretrained", pretrained]
+        argv = [a for a in SMOKE if a != "--quiet"]  # default verbosity: what users run
+        argv += ["--model", "resnet20", "--arms", "sign", "--pretrained", pretrained]
         assert train.main(argv + ["--output-dir", out]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"train.py: error: {message}"), err
@@ -438,12 +439,13 @@ def test_a_locked_output_dir_is_refused_naming_the_process_before_any_work(elsew
     host = "another-host" if elsewhere else socket.gethostname()
     try:
         _lock(out, other.pid, host)
-        assert train.main(SMOKE + ["--arms", "sign", "--output-dir", str(out)]) == 2
+        loud = [a for a in SMOKE if a != "--quiet"]  # default verbosity: what users run
+        assert train.main(loud + ["--arms", "sign", "--output-dir", str(out)]) == 2
     finally:
         other.kill()
         other.wait()
-    err = capsys.readouterr().err
-    assert err == (
+    out_text, err = capsys.readouterr()
+    assert out_text == "" and err == (
         f"train.py: error: {out} is in use by process {other.pid} on host {host} (started "
         f"2026-01-02 03:04:05); wait for it, or delete {out / 'lock'} if no such process runs.\n"
     )
