@@ -245,6 +245,8 @@ class RunDir:
             self._release_lock()
 
     def _take_lock(self) -> None:
+        """Create the lock (`O_EXCL`: only if there is none) with this process' pid and
+        host, after removing a stale one."""
         while True:
             try:
                 fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
