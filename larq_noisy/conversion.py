@@ -7,6 +7,8 @@ mapped model back into a stock Larq model whose kernels are the mapped binary ke
 from __future__ import annotations
 
 import inspect
+import os
+import reprlib
 import warnings
 
 import larq as lq
@@ -144,6 +146,19 @@ def _copy_weights(source, target):
             )
         for s, d in zip(src_weights, dst_weights):
             d.assign(tf.cast(s, d.dtype))
+
+
+def _check_model(model, function: str) -> None:
+    """`TypeError` unless `model` is a Keras model, naming what `function` got instead."""
+    if isinstance(model, tf.keras.Model):
+        return
+    got = f"the path {os.fspath(model)!r}" if isinstance(model, (str, os.PathLike)) else (
+        f"{type(model).__name__} {reprlib.repr(model)}"
+    )
+    raise TypeError(
+        f"{function} takes a tf.keras.Model, not {got}: load a saved model first with "
+        "tf.keras.models.load_model(path)."
+    )
 
 
 def _check_has(layers, model, what):
@@ -374,8 +389,9 @@ def to_mapped(model, **quantizer_options):
     (`magnitude_aware_sign`), clipped or not, with or without a gradient. It is
     found by probing the quantizer (`scale`, `scale_clip` and `scale_gradient`
     given here override it, with a warning). A quantizer of another form is refused
-    with a `ValueError` naming the layer, before anything is built. With frozen
-    labels, the labels are the signs of the copied latent weights.
+    with a `ValueError` naming the layer, before anything is built (anything but a
+    Keras model, such as a file's path, with a `TypeError`). With frozen labels, the
+    labels are the signs of the copied latent weights.
 
     Left as they are, with a warning naming each: layers whose binarized weight is
     not a `kernel` (`QuantDepthwiseConv2D`, `QuantSeparableConv2D`), kernels of rank
@@ -392,6 +408,7 @@ def to_mapped(model, **quantizer_options):
     # Returns
         A new functional or Sequential `tf.keras.Model`; `model` is not changed.
     """
+    _check_model(model, "to_mapped")
     check_options(**quantizer_options)  # bad options fail before any work
     already = [
         l.name
@@ -452,6 +469,7 @@ def bake(model):
     1e-9 in the other flips the next binary activation) and converts to binary ops
     with Larq Compute Engine. A layer for which it does not is named in a warning.
     """
+    _check_model(model, "bake")
     layers = mapped_layers(model)
     _check_has(layers, model, "mapped layer (NoisyMappedQuantizer) to bake")
     baked_quantizers = {

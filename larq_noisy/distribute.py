@@ -42,10 +42,7 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
                 f"variable, e.g. {_TF_CONFIG_EXAMPLE} (same cluster on every worker, "
                 "its own task index on each)."
             )
-        try:
-            json.loads(os.environ["TF_CONFIG"])
-        except json.JSONDecodeError as error:
-            raise ValueError(f"TF_CONFIG is not valid JSON ({error}): {os.environ['TF_CONFIG']!r}")
+        _check_tf_config(os.environ["TF_CONFIG"])
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
@@ -61,6 +58,39 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
         return tf.distribute.get_strategy()
     first_device = gpus[0].name if gpus else "/cpu:0"
     return tf.distribute.MirroredStrategy([first_device])
+
+
+def _check_tf_config(text: str) -> None:
+    """`ValueError` naming what is wrong unless `text` (TF_CONFIG) is a JSON object whose
+    "cluster" is an object of lists of "host:port" strings, and whose "task", if
+    given, is an object (TensorFlow raises a `TypeError`, or ignores it, otherwise)."""
+    try:
+        wrong = _tf_config_mistake(json.loads(text))
+    except json.JSONDecodeError as error:
+        wrong = f"is not valid JSON ({error})"
+    if wrong:
+        raise ValueError(f"TF_CONFIG {wrong}: {text!r}; give e.g. {_TF_CONFIG_EXAMPLE}.")
+
+
+def _tf_config_mistake(config) -> str | None:
+    """What is wrong with the shape of a parsed TF_CONFIG, or `None`."""
+    if not isinstance(config, dict):
+        return "is not a JSON object"
+    cluster, task = config.get("cluster"), config.get("task")
+    if cluster is None:
+        return 'has no "cluster"'
+    if not isinstance(cluster, dict) or not cluster:
+        return (f'has "cluster": {json.dumps(cluster)}, not an object of lists of "host:port" '
+                "addresses")
+    for job, addresses in cluster.items():
+        if not (isinstance(addresses, list) and addresses
+                and all(isinstance(a, str) and a.rpartition(":")[2].isdigit() for a in addresses)):
+            return (f'has "cluster": {{"{job}": {json.dumps(addresses)}}}, not a list of '
+                    '"host:port" addresses')
+    if task is not None and not isinstance(task, dict):
+        return (f'has "task": {json.dumps(task)}, not an object such as '
+                '{"type": "worker", "index": 0}')
+    return None
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

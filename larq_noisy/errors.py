@@ -1,8 +1,8 @@
 """What the entry points (train.py, tune.py, export.py) print for an error, and exit with.
 
 Exit code 2: the settings or the files given are at fault (fix them and run again);
-1: the work itself failed (a runtime error, a failed verification, a full disk).
-Anything else is a bug and keeps its traceback.
+1: the work itself failed (a runtime error, a failed verification, a full disk);
+130: interrupted (Ctrl-C). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ def _first_line(error: BaseException) -> str:
 def describe(error: BaseException) -> tuple[int | None, str]:
     """`(exit code, one-line message)` for an error a user can act on; `(None, "")` for
     an unexpected one (a bug: let its traceback show)."""
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C; training.Interrupted says where
+        return 130, str(error) or (
+            "interrupted; files already written are kept: run the same command again."
+        )
     callbacks = sys.modules.get("larq_noisy.callbacks")  # where training raises it
     if callbacks is not None and isinstance(error, callbacks.TrainingDiverged):
         return 1, str(error)  # names the phase, the step and the checkpoint kept
@@ -50,14 +54,16 @@ def describe(error: BaseException) -> tuple[int | None, str]:
 
 def run_script(name: str, work) -> int:
     """Call `work()` for script `name`; the exit code: 0, or for an error a user can act
-    on, its code after printing it as one line `name: message`. A bug keeps its
-    traceback."""
+    on (and Ctrl-C), its code after printing it as one line `name: message`. A bug
+    keeps its traceback."""
     try:
         work()
-    except Exception as error:  # noqa: BLE001 - sorted by `describe`
+    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - sorted by `describe`
         code, message = describe(error)
         if code is None:
             raise
+        if isinstance(error, KeyboardInterrupt) and sys.stdout.isatty():
+            print(flush=True)  # off the line a progress bar was drawing
         print(f"{name}: {message}", file=sys.stderr)
         return code
     return 0

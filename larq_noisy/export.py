@@ -47,7 +47,7 @@ from tensorflow.lite.python import schema_py_generated as tflite_schema
 
 # Importing conversion registers NoisyMappedQuantizer and the mappers for load_model.
 from larq_noisy.conversion import is_binary, bake, binarized_layers, mapped_layers, rebuild
-from larq_noisy.rundir import RunDir, RunFileError, atomic_path, read_json, write_json
+from larq_noisy.rundir import RunDir, RunFileError, atomic_path, is_arm_model, read_json, write_json
 
 __all__ = [
     "BINARY_CONV_OP",
@@ -103,10 +103,11 @@ def load_model(path) -> tf.keras.Model:
         return tf.keras.models.load_model(path, compile=False)
     except (OSError, ValueError, KeyError) as error:  # truncated, not a model, not Keras'
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise RunFileError(
-            f"{path} is not a readable Keras model ({reason}): train.py writes it again "
-            "if you delete the arm's directory and rerun the same command."
-        ) from None
+        fix = (f"train.py writes it again if you delete {os.path.dirname(path)} and rerun "
+               "that run's train.py command") if is_arm_model(path) else (
+            "give the path of a model saved by `model.save` (.h5, .keras or a SavedModel "
+            "directory), or a train.py run directory")
+        raise RunFileError(f"{path} is not a readable Keras model ({reason}): {fix}.") from None
 
 
 def run_model_path(run_dir, arm: str) -> str:

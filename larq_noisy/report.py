@@ -44,6 +44,23 @@ def describe(values: dict) -> str:
     ) or "defaults"
 
 
+def _pretraining(results: dict) -> str:
+    """How the baseline was pretrained: here, or in the run `--pretrained` named, as
+    results.json's `pretraining` says."""
+    config, source = results.get("config", {}), results.get("pretraining")
+    if not config.get("pretrained"):
+        return f"pretraining {_epochs(config.get('pretrain_epochs'))}"
+    if source and source.get("described_by"):  # a shipped checkpoint, with its .json
+        return (f"pretraining {_epochs(source['epochs'])} (the checkpoint "
+                f"{config['pretrained']}, as {source['described_by']} says)")
+    if not source or source.get("run") is None:
+        return (f"pretraining unknown: a weights file ({config['pretrained']}, given as "
+                "--pretrained)")
+    epochs = source.get("epochs")
+    return (f"pretraining {'unknown' if epochs is None else _epochs(epochs)} (the run "
+            f"{source['run']}, given as --pretrained)")
+
+
 def _settings(result: dict) -> str:
     """An arm's learning rate, Bop's and the quantizer's options, from its result.json."""
     parts = [f"lr {result['finetune_lr']:.3g}"]
@@ -83,7 +100,7 @@ def write_results_md(results: dict, path: str) -> None:
     lines = [
         f"# Results: {results.get('model')} on {results.get('dataset')}",
         "",
-        f"Seed {config.get('seed')}; pretraining {_epochs(config.get('pretrain_epochs'))}, "
+        f"Seed {config.get('seed')}; {_pretraining(results)}, "
         f"fine-tuning {_epochs(config.get('finetune_epochs'))} per arm. Validation is held out "
         "of the training set; test is the official test split.",
         "",

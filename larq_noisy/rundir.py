@@ -13,10 +13,12 @@
     <phase>/wall.json            the phase's wall time at its last backup
     tensorboard/<phase>/         the same in TensorBoard
     results.json, results.md     the arms side by side; accuracy.png, flip_rates.png
+    lock                         the pid and host of the train.py process running here
 
 Every file is written atomically (a temporary file, then a rename), so an interrupted
 write or a full disk leaves the previous good file; every file that cannot be read is
-named, with what to do, in one line.
+named, with what to do, in one line. One process at a time runs in a directory
+(`RunDir.locked`).
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ import csv
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 
 __all__ = [
-    "CheckpointError", "RunDir", "RunFileError", "atomic_path", "backup_position",
-    "read_history_rows", "read_json", "save_weights", "write_history_rows", "write_json",
+    "CheckpointError", "RunDir", "RunFileError", "RunInUse", "atomic_path", "backup_position",
+    "is_arm_model", "pretrained_run", "read_history_rows", "read_json", "save_weights",
+    "write_history_rows", "write_json",
 ]
 
 
@@ -40,6 +45,10 @@ class RunFileError(ValueError):
 
 class CheckpointError(RunFileError):
     """A checkpoint or backup that cannot be read."""
+
+
+class RunInUse(ValueError):
+    """Another process runs in the directory; the message names it and says what to do."""
 
 
 @contextlib.contextmanager
@@ -170,6 +179,10 @@ class RunDir:
         return self.path("config.json")
 
     @property
+    def lock(self) -> str:
+        return self.path("lock")
+
+    @property
     def pretrain(self) -> str:
         return self.path("pretrain")
 
@@ -216,6 +229,83 @@ class RunDir:
     def wall(phase_dir: str) -> str:
         return os.path.join(phase_dir, "wall.json")
 
+    # ------------------------------------------------------------------ lock
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the directory's lock while the block runs (call `ensure_writable` first).
+
+        The lock file is created atomically and holds this process' pid and host; a
+        second process is refused with `RunInUse` naming the first. A lock left by a
+        process of this host that no longer runs (killed with SIGKILL, say) is taken
+        over.
+        """
+        self._take_lock()
+        try:
+            yield
+        finally:
+            self._release_lock()
+
+    def _take_lock(self) -> None:
+        """Create the lock (`O_EXCL`: only if there is none) with this process' pid and
+        host, after removing a stale one."""
+        while True:
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._remove_stale_lock()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            return
+
+    def _remove_stale_lock(self) -> None:
+        """Remove the lock if its process, of this host, no longer runs; `RunInUse`
+        naming the process if it runs (or may: another host's)."""
+        holder = self._lock_holder()
+        if holder is None:
+            return  # released meanwhile
+        pid, host, started = holder
+        if host == socket.gethostname() and not _process_runs(pid):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.lock)
+            return
+        raise RunInUse(
+            f"{self.root} is in use by process {pid} on host {host} (started {started}); "
+            f"wait for it, or delete {self.lock} if no such process runs."
+        )
+
+    def _release_lock(self) -> None:
+        """Remove the lock if it is still this process' own."""
+        try:
+            holder = self._lock_holder()
+        except RunInUse:
+            return
+        if holder is not None and holder[:2] == (os.getpid(), socket.gethostname()):
+            os.remove(self.lock)
+
+    def _lock_holder(self) -> tuple[int, str, str] | None:
+        """`(pid, host, started)` of the lock's holder, `None` without a lock;
+        `RunInUse` if it stays unreadable (its holder writes it just after creating it)."""
+        for delay in (0.1, 0.5, None):
+            try:
+                with open(self.lock) as f:
+                    holder = json.load(f)
+                pid, host = holder["pid"], holder["host"]
+                if isinstance(pid, int) and pid > 0 and isinstance(host, str):
+                    return pid, host, str(holder.get("started", "at an unknown time"))
+            except FileNotFoundError:
+                return None
+            except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+                pass
+            if delay is not None:
+                time.sleep(delay)
+        raise RunInUse(
+            f"{self.lock} is unreadable, so {self.root} may be in use by another process: "
+            f"delete {self.lock} if none runs there."
+        )
+
     # ------------------------------------------------------------------ checks
 
     def ensure_writable(self) -> None:
@@ -245,6 +335,14 @@ class RunDir:
                 )
         if record:
             write_json(path, settings)
+
+    def saved_settings(self) -> dict:
+        """The settings config.json records; `{}` without a readable one."""
+        try:
+            saved = read_json(self.config, "")
+        except RunFileError:
+            return {}
+        return saved if isinstance(saved, dict) else {}
 
     def read_result(self, phase_dir: str) -> dict | None:
         """The `result.json` of a finished phase or arm, `None` if it has none."""
@@ -286,13 +384,48 @@ def ensure_writable_dir(path: str) -> None:
         raise ValueError(f"Output directory {path!r} is not writable: {error.strerror}.") from error
 
 
+def _process_runs(pid: int) -> bool:
+    """Whether process `pid` of this host runs (or may: another user's)."""
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, the process is only looked up
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def pretrained_run(weights: str) -> RunDir | None:
+    """The train.py run whose pretrain/weights.h5 `weights` is; `None` for a weights
+    file of no run."""
+    run = RunDir(os.path.dirname(os.path.dirname(weights)) or ".")
+    return run if os.path.abspath(run.pretrained_weights) == os.path.abspath(weights) else None
+
+
+def is_arm_model(path: str) -> bool:
+    """Whether `path` is the baked model.h5 of an arm of a train.py run (a directory
+    with a config.json)."""
+    arm_dir = os.path.dirname(path)
+    run = RunDir(os.path.dirname(os.path.dirname(arm_dir)) or ".")
+    mine = RunDir.model(run.arm(os.path.basename(arm_dir)))
+    return os.path.abspath(mine) == os.path.abspath(path) and os.path.isfile(run.config)
+
+
 def pretrained_weights_path(path: str) -> str:
-    """A `--pretrained` value (a train.py output directory or a weights file) as a file."""
+    """A `--pretrained` value (a train.py output directory or a weights file) as a file;
+    `ValueError` unless it is an HDF5 file (whether its weights fit: `load_weights`)."""
     if os.path.isdir(path):
         path = RunDir(path).pretrained_weights
     if not os.path.isfile(path):
         raise ValueError(
             f"No pretrained weights at {path!r}: give a train.py output directory whose "
+            "pretraining finished, or its pretrain/weights.h5."
+        )
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        raise ValueError(
+            f"{path!r} is not an HDF5 weights file: give a train.py output directory whose "
             "pretraining finished, or its pretrain/weights.h5."
         )
     return path

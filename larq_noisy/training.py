@@ -40,16 +40,16 @@ from larq_noisy.distribute import STRATEGIES, is_chief, make_strategy
 from larq_noisy.protocols import ARMS, PRESETS, TUNED_ARMS, get_protocol, lr_at_epoch
 from larq_noisy.quantizers import OPTIONS, check_options
 from larq_noisy.rundir import (
-    CheckpointError, RunDir, atomic_path, backup_position, machine, pretrained_weights_path, read_json,
-    save_weights, weights_fingerprint, write_json,
+    CheckpointError, RunDir, atomic_path, backup_position, machine, pretrained_run,
+    pretrained_weights_path, read_json, save_weights, weights_fingerprint, write_json,
 )
 
 #: larq's Bop's default gamma (the bop arm's when none is given).
 BOP_GAMMA = inspect.signature(lq.optimizers.Bop).parameters["gamma"].default
 
 __all__ = [
-    "ARM_FIELDS", "CheckpointError", "TrainConfig", "TrainingDiverged", "build_arm",
-    "read_hparams", "run",
+    "ARM_FIELDS", "CheckpointError", "Interrupted", "TrainConfig", "TrainingDiverged",
+    "build_arm", "read_hparams", "run",
 ]
 
 OPTIMIZERS = ("sgd", "adam")
@@ -405,12 +405,41 @@ def build_baseline(config: TrainConfig, weights: str | None = None):
         try:
             model.load_weights(weights)
         except (ValueError, OSError) as error:
-            raise CheckpointError(
-                f"{weights} is corrupted, truncated or does not fit model {config.model!r} "
-                f"with input {config.input_shape} and {config.spec.num_classes} classes "
-                f"({error}): delete it to train it again."
-            ) from None
+            raise CheckpointError(_unloadable(config, weights, error)) from None
     return model
+
+
+def _unloadable(config: TrainConfig, weights: str, error: Exception) -> str:
+    """Why `weights` do not load into `config`'s model (`error`: Keras'), and what to do:
+    they are another model's (a `ValueError`: layers or shapes that differ; their run's
+    config.json names its model, dataset or image size) or the file is damaged. Never
+    "delete it" for a file given as `--pretrained`."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not isinstance(error, ValueError):
+        fix = ("give another pretrained checkpoint" if config.pretrained
+               else "delete it to train it again")
+        return f"{weights} is corrupted or truncated ({reason}): {fix}."
+    run = pretrained_run(weights)
+    saved = run.saved_settings() if run else {}
+    differ = [k for k in ("model", "dataset", "image_size")
+              if k in saved and saved[k] != getattr(config, k)]
+    if not differ:
+        return (
+            f"{weights} does not fit model {config.model!r} with input {config.input_shape} and "
+            f"{config.spec.num_classes} classes ({reason}): give a checkpoint of that model, or "
+            "run with the --model and --dataset it was trained with."
+        )
+
+    def flags(values) -> str:
+        return " ".join(f"--{k.replace('_', '-')} {values[k]}" if values[k] is not None
+                        else f"no --{k.replace('_', '-')}" for k in differ)
+
+    theirs, ours = saved, {k: getattr(config, k) for k in differ}
+    return (
+        f"{weights} holds the weights of " + ", ".join(f"{k} {theirs[k]!r}" for k in differ)
+        + f" ({run.config} says so), not of " + ", ".join(f"{k} {ours[k]!r}" for k in differ)
+        + f": give a checkpoint pretrained with {flags(ours)}, or run with {flags(theirs)}."
+    )
 
 
 def build_arm(config: TrainConfig, arm: str, weights: str):
@@ -445,6 +474,29 @@ class _MapperWarmup(tf.keras.Model):
 # --------------------------------------------------------------------------- phases
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what it was doing and where."""
+
+
+class Progress:
+    """What a run is doing (`doing`, set as it goes); as a context manager, it turns a
+    `KeyboardInterrupt` (Ctrl-C) into `Interrupted` saying so."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.doing = "starting"
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if isinstance(error, KeyboardInterrupt) and not isinstance(error, Interrupted):
+            raise Interrupted(
+                f"interrupted while {self.doing} in {self.root}; finished phases and arms "
+                "and the last backup are kept: run the same command again to resume."
+            ) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Session:
     """What every phase of one `run` shares: set once, at its start."""
@@ -456,6 +508,7 @@ class Session:
     validation: tf.data.Dataset
     test: tf.data.Dataset
     log: typing.Callable
+    progress: Progress
     summaries_shown: set = dataclasses.field(default_factory=set)
 
     def header(self, text: str) -> None:
@@ -547,7 +600,10 @@ def pretrain(session: Session) -> str:
     c, run_dir = session.config, session.run_dir
     if c.pretrained:
         path = pretrained_weights_path(c.pretrained)
-        session.header(f"Phase 1/2: skipped, fine-tuning from {path}")
+        shipped = c.pretrained == os.path.join(models.WEIGHTS_DIR, get_protocol(c.dataset).checkpoint or "")
+        session.header(f"Phase 1/2: skipped, fine-tuning from {path}" + (
+            f" (shipped, pretrained {_epochs(c.pretrain_epochs)}; --pretrain pretrains here)"
+            if shipped else ""))
         return path
     weights = run_dir.pretrained_weights
     if run_dir.read_result(run_dir.pretrain) is not None:
@@ -555,6 +611,7 @@ def pretrain(session: Session) -> str:
             session.header(f"Phase 1/2: already done, reusing {weights}")
             return weights
         session.log(f"{weights} is missing: pretraining again")
+    session.progress.doing = "pretraining"
     session.header(
         f"Phase 1/2: pretraining the sign baseline: {c.model} on {c.dataset}, "
         f"{_epochs(c.pretrain_epochs)}, {c.optimizer} lr {c.lr}, batch {c.batch_size}"
@@ -688,15 +745,34 @@ def baseline(session: Session, weights: str, fingerprint: str, reference) -> dic
     return scores
 
 
-def collect_results(run_dir: RunDir, config: TrainConfig, baseline_scores: dict) -> dict:
-    """results.json: the baseline and every finished arm of the directory."""
+def pretraining(config: TrainConfig, run_dir: RunDir, weights: str) -> dict:
+    """How the baseline's `weights` were pretrained: in which `run` directory, for how
+    many `epochs` (as its config.json says); `None` for what is not known (`--pretrained`
+    given a weights file of no run)."""
+    if not config.pretrained:
+        return {"run": run_dir.root, "epochs": config.pretrain_epochs}
+    source = pretrained_run(weights)
+    described_by = os.path.splitext(weights)[0] + ".json"  # a shipped checkpoint's card
+    if source is None and os.path.isfile(described_by):
+        card = read_json(described_by, "restore it from the repository")
+        return {"run": None, "epochs": card.get("epochs"), "described_by": described_by}
+    if source is None:
+        return {"run": None, "epochs": None}
+    return {"run": source.root, "epochs": source.saved_settings().get("pretrain_epochs")}
+
+
+def collect_results(run_dir: RunDir, config: TrainConfig, baseline_scores: dict,
+                    pretrained: dict) -> dict:
+    """results.json: the baseline, how it was `pretrained` (`pretraining`) and every
+    finished arm of the directory."""
     arms = {}
     for arm in ARMS:
         result = run_dir.read_result(run_dir.arm(arm))
         if result is not None:
             arms[arm] = result
     return {"config": config.to_json(), "dataset": config.dataset, "model": config.model,
-            "machine": machine(), "baseline": baseline_scores, "arms": arms}
+            "machine": machine(), "baseline": baseline_scores, "pretraining": pretrained,
+            "arms": arms}
 
 
 def publish(run_dir: RunDir, results: dict) -> None:
@@ -749,27 +825,39 @@ def settings_note(c: TrainConfig) -> str:
 def run(config: TrainConfig) -> dict:
     """Run the protocol described by `config`; returns the content of results.json.
 
-    Bad settings raise `ValueError` before any work; an unreadable file raises
-    `rundir.RunFileError` naming it; a diverging loss raises `TrainingDiverged` and
-    keeps the last good checkpoint.
+    Bad settings raise `ValueError` before any work, and so does an output directory
+    another process runs in (`rundir.RunInUse`: the directory is locked while the run
+    runs); an unreadable file raises `rundir.RunFileError` naming it; a diverging loss
+    raises `TrainingDiverged` and keeps the last good checkpoint; Ctrl-C raises
+    `Interrupted` saying what the run was doing.
     """
     config = config.resolved()
     run_dir = RunDir(config.output_dir)
     run_dir.ensure_writable()
-    run_dir.check_settings(config.recorded())
-    with run_environment(config):
+    # Every worker of a cluster writes to the same directory: only the chief locks it,
+    # once it knows it is the chief.
+    cluster = config.strategy == "multi_worker"
+    with contextlib.ExitStack() as stack:
+        progress = stack.enter_context(Progress(run_dir.root))
+        if not cluster:
+            stack.enter_context(run_dir.locked())
+        run_dir.check_settings(config.recorded())
+        stack.enter_context(run_environment(config))
         # The strategy first: multi-worker needs it before any other TensorFlow op.
         strategy = make_strategy(config.strategy)
         chief = is_chief(strategy)
+        if cluster and chief:
+            stack.enter_context(run_dir.locked())
         quiet = not (config.verbose and chief)
         session = Session(
             config, run_dir, strategy, chief,
             # Missing data fails here, before any training.
             validation=config.load_split("validation"), test=config.load_split("test"),
-            log=(lambda *a, **k: None) if quiet else print,
+            log=(lambda *a, **k: None) if quiet else print, progress=progress,
         )
         session.log(settings_note(config))
         weights = pretrain(session)
+        progress.doing = "evaluating the baseline"
         fingerprint = weights_fingerprint(
             weights, "give another pretrained checkpoint" if config.pretrained
             else "delete it and run again to pretrain again",
@@ -780,7 +868,8 @@ def run(config: TrainConfig) -> dict:
         scores = baseline(session, weights, fingerprint, reference)
         session.log(f"baseline (pretrained sign model): val accuracy {scores['val_accuracy']:.4f}, "
                     f"test accuracy {scores['test_accuracy']:.4f}")
-        results = collect_results(run_dir, config, scores)
+        pretrained = pretraining(config, run_dir, weights)
+        results = collect_results(run_dir, config, scores, pretrained)
         if chief:
             publish(run_dir, results)
         for arm in config.arms:
@@ -788,6 +877,7 @@ def run(config: TrainConfig) -> dict:
             if run_dir.read_result(arm_dir) is not None:
                 session.header(f"Phase 2/2: arm '{arm}' already done, skipping")
             else:
+                progress.doing = f"fine-tuning arm {arm!r}"
                 if chief:
                     os.makedirs(arm_dir, exist_ok=True)
                     write_json(run_dir.lineage(arm), {"weights": weights, "sha256": fingerprint})
@@ -795,10 +885,11 @@ def run(config: TrainConfig) -> dict:
             if config.export and chief:
                 from larq_noisy import export  # LCE only when exporting
 
+                progress.doing = f"exporting arm {arm!r}"
                 tflite = export.export_run(run_dir.root, arm=arm, verbose=bool(config.verbose))
                 result = run_dir.read_result(arm_dir)
                 write_json(run_dir.result(arm_dir), {**result, "tflite": tflite["tflite"]})
-            results = collect_results(run_dir, config, scores)
+            results = collect_results(run_dir, config, scores, pretrained)
             if chief:
                 publish(run_dir, results)
         session.header(f"Done: {run_dir.path('results.md')}")

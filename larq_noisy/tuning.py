@@ -57,7 +57,7 @@ import tensorflow as tf
 
 from larq_noisy import datasets, training
 from larq_noisy.rundir import (
-    RunDir, RunFileError, ensure_writable_dir, pretrained_weights_path, read_json, write_json,
+    RunDir, ensure_writable_dir, pretrained_run, pretrained_weights_path, read_json, write_json,
 )
 from larq_noisy.distribute import STRATEGIES, make_strategy
 from larq_noisy.mappers import MAPPERS
@@ -452,13 +452,8 @@ def _run_settings(weights: str) -> dict:
     """The train.py settings (config.json) of the run whose pretrained weights are
     `weights`; `{}` when unknown (another file, or no readable config.json): then only
     `check_checkpoint` checks them."""
-    run = RunDir(os.path.dirname(os.path.dirname(os.path.abspath(weights))))
-    if run.pretrained_weights != os.path.abspath(weights):
-        return {}
-    try:
-        return read_json(run.config, "")
-    except RunFileError:
-        return {}
+    run = pretrained_run(weights)
+    return run.saved_settings() if run else {}
 
 
 def _mismatch(config: TuneConfig, weights: str) -> str | None:

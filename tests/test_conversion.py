@@ -240,6 +240,16 @@ def test_bad_inputs(tiny_model):
         to_mapped(to_mapped(tiny_model))
 
 
+@pytest.mark.parametrize("function", [to_mapped, bake])
+@pytest.mark.parametrize("given, named", [("model.h5", "the path 'model.h5'"), (3, "int 3")])
+def test_anything_but_a_model_is_refused_with_how_to_load_one(function, given, named):
+    with pytest.raises(TypeError) as error:
+        function(given)
+    message = str(error.value)
+    assert message.startswith(f"{function.__name__} takes a tf.keras.Model, not {named}")
+    assert "tf.keras.models.load_model(path)" in message and "\n" not in message
+
+
 def test_mixed_precision_model_converts_under_a_float32_global_policy(toy_data):
     x, _ = toy_data
     tf.keras.mixed_precision.set_global_policy("mixed_float16")

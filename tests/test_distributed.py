@@ -65,6 +65,7 @@ def test_two_workers_train_and_only_the_chief_writes_results(tmp_path):
     found = [os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs]
     assert sum(f.endswith("results.json") for f in found) == 1
     assert not [f for f in found if "workertemp" in f], found
+    assert "lock" not in found  # the chief's, removed at its end
 
 
 def _arm_weights(out, arm):
@@ -124,6 +125,47 @@ def test_an_arm_is_the_same_alone_after_other_arms_and_after_sigkill(pretrained_
     assert not [f for _, _, fs in os.walk(backup) for f in fs]
 
 
+def test_ctrl_c_ends_with_one_line_saying_where_and_the_same_command_resumes(pretrained_run,
+                                                                              tmp_path):
+    out = str(tmp_path / "interrupted")
+    # Default verbosity (progress bars): what users run.
+    argv = [*[a for a in TINY if a != "--quiet"], "--steps-per-epoch", "8", "--finetune-epochs",
+            "3", "--arms", "lns", "--pretrained", pretrained_run, "--output-dir", out]
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *argv], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as in a terminal, even if these tests run where SIGINT is ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    history = os.path.join(out, "arms", "lns", "history.csv")
+    deadline = time.time() + 300
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            if os.path.exists(history) and len(open(history).readlines()) >= 2:
+                break
+            time.sleep(0.05)
+        with open(os.path.join(out, "lock")) as f:
+            assert json.load(f)["pid"] == proc.pid  # the run holds its directory
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"train.py: interrupted while fine-tuning arm 'lns' in {out}; finished phases and arms "
+        "and the last backup are kept: run the same command again to resume."
+    )
+    assert os.listdir(os.path.join(out, "arms", "lns", "backup"))
+    assert not os.path.exists(os.path.join(out, "lock"))
+
+    assert train.main(argv) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        result = json.load(f)["arms"]["lns"]
+    assert result["resumed"] is True and result["epochs"] == 3
+
+
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pre") / "run")
@@ -177,4 +219,27 @@ def test_truncated_backup_data_file_is_named(pretrained_run, tmp_path, capsys):
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert "corrupted or truncated" in err and str(backup) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "tf_config, needle",
+    [
+        ("[1, 2]", "is not a JSON object"),
+        ("3", "is not a JSON object"),
+        ('{"task": {"type": "worker", "index": 0}}', 'has no "cluster"'),
+        ('{"cluster": ["127.0.0.1:1"]}', 'has "cluster": ["127.0.0.1:1"], not an object'),
+        ('{"cluster": {"worker": "127.0.0.1:1"}}', 'has "cluster": {"worker": "127.0.0.1:1"}'),
+        ('{"cluster": {"worker": [1]}}', 'not a list of "host:port" addresses'),
+        ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": [0]}', 'has "task": [0], not an object'),
+        ("{not json", "is not valid JSON"),
+    ],
+)
+def test_a_tf_config_of_the_wrong_shape_is_one_line_before_any_work(tf_config, needle, tmp_path,
+                                                                     capsys, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    argv = [*TINY, "--strategy", "multi_worker", "--output-dir", str(tmp_path / "out")]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and repr(tf_config) in err and '"cluster": {"worker": [' in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1

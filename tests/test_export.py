@@ -186,13 +186,27 @@ def test_cli_exits_2_on_a_missing_source(tmp_path, capsys):
     assert err.startswith("export.py: error: ") and "nowhere" in err
 
 
-def test_a_truncated_model_file_is_named(run_dir, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["model.h5", "notes.txt"])
+def test_a_file_that_is_no_model_is_named_with_what_to_give(name, run_dir, tmp_path, capsys):
     model = run_dir / "arms" / "lns" / "model.h5"
-    truncated = tmp_path / "model.h5"
-    truncated.write_bytes(model.read_bytes()[:2048])
-    assert main([str(truncated), "--verify", "0"]) == 2
+    source = tmp_path / name  # a truncated model, or no model at all, outside any run
+    source.write_bytes(model.read_bytes()[:2048] if name == "model.h5" else b"some notes\n")
+    assert main([str(source), "--verify", "0"]) == 2
     err = capsys.readouterr().err
-    assert str(truncated) in err and "not a readable Keras model" in err
+    assert err.startswith(f"export.py: error: {source} is not a readable Keras model (")
+    assert err.rstrip().endswith("): give the path of a model saved by `model.save` (.h5, "
+                                 ".keras or a SavedModel directory), or a train.py run directory.")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unreadable_model_of_a_run_is_trained_again_by_train_py(run_dir, capsys):
+    assert main([str(run_dir), "--arm", "sign", "--verify", "0"]) == 2  # its model.h5 is empty
+    err = capsys.readouterr().err
+    assert err.startswith(f"export.py: error: {run_dir / 'arms' / 'sign' / 'model.h5'} is not "
+                          "a readable Keras model")
+    arm_dir = run_dir / "arms" / "sign"
+    assert err.rstrip().endswith(
+        f"train.py writes it again if you delete {arm_dir} and rerun that run's train.py command.")
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 

@@ -5,6 +5,8 @@ A run killed mid-phase and resumed: tests/test_distributed.py."""
 import json
 import os
 import shutil
+import socket
+import subprocess
 
 import numpy as np
 import pytest
@@ -58,6 +60,7 @@ def test_all_arms_write_results(full_run):
         assert os.path.exists(os.path.join(full_run, name)), name
     table = open(os.path.join(full_run, "results.md")).read()
     assert "| LNS (`lns`) |" in table and "baseline" in table
+    assert not os.path.exists(os.path.join(full_run, "lock"))  # released at the end
 
 
 def test_logs_hold_flip_rates_aux_loss_and_lr(full_run):
@@ -91,11 +94,51 @@ def test_rerun_skips_finished_work(full_run):
 
 def test_pretrained_checkpoint_skips_phase_one(full_run, tmp_path):
     out = str(tmp_path / "from_pretrained")
-    argv = SMOKE + ["--arms", "lns", "--pretrained", full_run, "--output-dir", out]
+    # --pretrain-epochs is this run's setting, unused: results.md says what the checkpoint
+    # was trained with (full_run: 1 epoch).
+    argv = SMOKE + ["--arms", "lns", "--pretrain-epochs", "5", "--pretrained", full_run,
+                    "--output-dir", out]
     assert train.main(argv) == 0
     assert not os.path.exists(os.path.join(out, "pretrain"))
     baseline = _results(out)["baseline"]
     assert baseline["test_accuracy"] == _results(full_run)["baseline"]["test_accuracy"]
+    assert _results(out)["pretraining"] == {"run": full_run, "epochs": 1}
+    table = open(os.path.join(out, "results.md")).read()
+    assert f"Seed 0; pretraining 1 epoch (the run {full_run}, given as --pretrained), " in table
+
+
+def test_pretrained_weights_of_another_model_or_no_weights_say_which(full_run, tmp_path, capsys):
+    weights = os.path.join(full_run, "pretrain", "weights.h5")
+    bare, notes = str(tmp_path / "weights.h5"), str(tmp_path / "notes.txt")
+    shutil.copy(weights, bare)
+    open(notes, "w").write("lr 1e-3 looked best\n")
+    for pretrained, message in [
+        (full_run, f"{weights} holds the weights of model 'bnn_small' ({full_run}/config.json "
+                   "says so), not of model 'resnet20': give a checkpoint pretrained with "
+                   "--model resnet20, or run with --model bnn_small."),
+        (bare, f"{bare} does not fit model 'resnet20' with input (28, 28, 1) and 10 classes ("),
+        (notes, f"{notes!r} is not an HDF5 weights file: give a train.py output directory whose "
+                "pretraining finished, or its pretrain/weights.h5."),
+    ]:
+        out = str(tmp_path / f"out_{len(os.listdir(tmp_path))}")
+        argv = [a for a in SMOKE if a != "--quiet"]  # default verbosity: what users run
+        argv += ["--model", "resnet20", "--arms", "sign", "--pretrained", pretrained]
+        assert train.main(argv + ["--output-dir", out]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"train.py: error: {message}"), err
+        assert "delete" not in err and len(err.strip().splitlines()) == 1
+        assert not os.path.exists(os.path.join(out, "results.json"))
+
+
+def test_results_say_a_bare_weights_file_was_pretrained_for_unknown_epochs(full_run, tmp_path):
+    weights = str(tmp_path / "weights.h5")
+    shutil.copy(os.path.join(full_run, "pretrain", "weights.h5"), weights)
+    out = str(tmp_path / "from_file")
+    assert train.main(SMOKE + ["--arms", "sign", "--pretrained", weights, "--output-dir", out]) == 0
+    assert _results(out)["pretraining"] == {"run": None, "epochs": None}
+    table = open(os.path.join(out, "results.md")).read()
+    assert (f"Seed 0; pretraining unknown: a weights file ({weights}, given as --pretrained), "
+            in table)
 
 
 def test_warmup_start_trains_the_mapper_alone_first(full_run, tmp_path):
@@ -231,6 +274,7 @@ def test_changed_settings_on_a_resumed_run_are_refused(full_run, capsys):
     assert train.main(argv) == 2
     recorded = get_protocol("fashion_mnist").tuned["lns"]["alpha"]  # what the arm used
     assert f"lns.alpha: {recorded} -> 3.0" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(full_run, "lock"))  # released after an error too
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_what_was_written(full_run, tmp_path, capsys):
@@ -365,6 +409,61 @@ def test_errors_are_one_line_with_the_right_exit_code():
     assert "\n" not in message
     assert errors.describe(ValueError("bad"))[0] == 2
     assert errors.describe(KeyError("a bug"))[0] is None  # a bug keeps its traceback
+
+
+def test_ctrl_c_in_any_script_is_one_line_and_exit_130(capsys):
+    from larq_noisy import errors
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert errors.run_script("export.py", interrupted) == 130
+    err = capsys.readouterr().err
+    assert err == ("export.py: interrupted; files already written are kept: run the same "
+                   "command again.\n")
+    where = training.Interrupted("interrupted while pretraining in runs/x; ...")
+    assert errors.describe(where) == (130, str(where))  # train.py's names the stage
+
+
+def _lock(out, pid, host=None):
+    out.mkdir(exist_ok=True)
+    (out / "lock").write_text(json.dumps(
+        {"pid": pid, "host": host or socket.gethostname(), "started": "2026-01-02 03:04:05"}))
+
+
+@pytest.mark.parametrize("elsewhere", [False, True])
+def test_a_locked_output_dir_is_refused_naming_the_process_before_any_work(elsewhere, tmp_path,
+                                                                           capsys):
+    out = tmp_path / "busy"
+    other = subprocess.Popen(["sleep", "30"])  # a live process of this host, or any on another
+    host = "another-host" if elsewhere else socket.gethostname()
+    try:
+        _lock(out, other.pid, host)
+        loud = [a for a in SMOKE if a != "--quiet"]  # default verbosity: what users run
+        assert train.main(loud + ["--arms", "sign", "--output-dir", str(out)]) == 2
+    finally:
+        other.kill()
+        other.wait()
+    out_text, err = capsys.readouterr()
+    assert out_text == "" and err == (
+        f"train.py: error: {out} is in use by process {other.pid} on host {host} (started "
+        f"2026-01-02 03:04:05); wait for it, or delete {out / 'lock'} if no such process runs.\n"
+    )
+    assert os.listdir(out) == ["lock"]  # nothing written, the other process' lock kept
+
+
+def test_a_lock_whose_process_no_longer_runs_is_taken_over(full_run, tmp_path, capsys):
+    out = tmp_path / "stale"
+    dead = subprocess.Popen(["true"])  # as a run killed with SIGKILL leaves it
+    dead.wait()
+    _lock(out, dead.pid)
+    argv = SMOKE + ["--arms", "sign", "--pretrained", full_run, "--output-dir", str(out)]
+    assert train.main(argv) == 0
+    assert not (out / "lock").exists() and (out / "arms" / "sign" / "result.json").exists()
+    assert capsys.readouterr().err == ""
+    (out / "lock").write_text("\x00 garbled")  # not a lock this process can read: refused
+    assert train.main(argv) == 2
+    assert f"{out / 'lock'} is unreadable" in capsys.readouterr().err
 
 
 def test_default_output_is_readable(full_run, tmp_path, capfd):

@@ -225,7 +225,16 @@ def test_incompatible_checkpoints_are_refused_before_any_trial(pretrained, tmp_p
     assert tune.main(TINY + ["--pretrained", other, "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert other in err and "does not fit model 'bnn_small'" in err
+    assert "give a checkpoint of that model, or run with the --model" in err
+    assert "delete" not in err  # the user's own file
     assert not (out / tuning.PROJECT).exists()
+    notes = tmp_path / "notes.txt"  # not weights at all
+    notes.write_text("lr 1e-3 looked best\n")
+    assert tune.main(TINY + ["--pretrained", str(notes), "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"tune.py: error: {str(notes)!r} is not an HDF5 weights file: give a train.py output "
+        "directory whose pretraining finished, or its pretrain/weights.h5.\n"
+    )
     # A train.py run of another model, told by its config.json: no model is even built.
     assert tune.main(TINY + ["--pretrained", pretrained, "--model", "resnet20",
                              "--output-dir", str(out)]) == 2
