@@ -818,7 +818,7 @@ def settings_note(c: TrainConfig) -> str:
         return f"Fine-tuning settings: the preset {c.preset!r}, one learning rate for every arm."
     if protocol.tuned_model:
         return (f"Fine-tuning settings: each arm's own, tuned for {c.model} on {c.dataset} "
-                "(docs/RESULTS.md section 1); flags and --hparams win.")
+                "(docs/RESULTS.md section 0); flags and --hparams win.")
     return f"Fine-tuning settings: {c.dataset}'s protocol ({protocol.note})."
 
 
