@@ -472,8 +472,9 @@ def locate_checkpoint(config: TuneConfig) -> tuple[str | None, str]:
     """The pretrained weights to fine-tune from, and what was decided, in words.
 
     In order: `config.pretrained`; the checkpoint a resumed search used; train.py's
-    default output `runs/<dataset>`; `config.pretrain_dir`. `None` when there is
-    none: `search` then pretrains into `config.pretrain_dir`.
+    default output `runs/<dataset>`; `config.pretrain_dir`; the checkpoint the protocol
+    ships (unless `pretrain_epochs` is given). `None` when there is none: `search` then
+    pretrains into `config.pretrain_dir`.
     """
     config = config.resolved()
     if config.pretrained:
@@ -499,6 +500,9 @@ def locate_checkpoint(config: TuneConfig) -> tuple[str | None, str]:
             notes.append(f"{weights} not reused: {reason}")
             continue
         return weights, f"reusing {weights} ({what})"
+    shipped = config.train_config().pretrained  # the protocol's, as train.py's default
+    if shipped:
+        return shipped, f"fine-tuning from the protocol's shipped checkpoint {shipped}"
     return None, (
         f"{'; '.join(notes)}: pretraining once into {config.pretrain_dir} "
         "(later runs reuse it)"
