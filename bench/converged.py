@@ -1,5 +1,5 @@
 """Does LNS improve a *converged* BNN? Fashion-MNIST, bnn_small, every arm tuned alike,
-paired samples over several converged checkpoints (docs/RESULTS.md section 1).
+paired samples over several converged checkpoints (docs/RESULTS.md section 0).
 
 Stages, each a train.py or tune.py run under `--output-dir`, each resumed by running the
 same command again (finished runs are skipped, an interrupted one continues from its
@@ -8,18 +8,21 @@ last backup):
 1. **Pretraining** (`pretrain/seed<S>_<E>ep`): the sign BNN with the protocol's
    pretraining (Adam 3e-3, cosine decay) for `--pretrain-epochs` E, once per checkpoint
    seed S in `--checkpoints`, and once for 2E epochs at seed 0: the convergence check
-   (E is converged if its final validation accuracy is within `--converged-margin` of
-   the best of the run twice as long). Each checkpoint is copied with its SHA-256 into
+   (E is converged if its final validation accuracy is within `CONVERGENCE_MARGIN` of the
+   best of the run twice as long; docs/METHOD.md 6.3). Each checkpoint is copied with its SHA-256 into
    `--state` (checkpoint 0 is the one train.py ships) and every later stage reads it
    from there.
 2. **Tuning** (`tune/<arm>`): `tune.py --arm sign|bop|lns` from checkpoint 0, the same
    random search (trials, epochs, learning-rate range) for each arm, scored on the
    validation split; each best_hparams.json is kept in `--state`.
-3. **Samples** (`samples/ckpt<S>_seed<T>`): from checkpoint S, fine-tuning seed T (the
+3. **Samples** (`samples/ckpt<S>_seed<T>`, checkpoint by checkpoint, the first one's
+   first: `python train.py` is its seed 0): from checkpoint S, fine-tuning seed T (the
    order of the batches, the mapper's initialisation), one train.py run of the arms
    sign, bop, mapped, lns, lns_rho0 with their tuned settings, and (`.../paper`) lns
    with `--preset paper`, the paper's options untuned. Every arm of a sample reads the
-   same batches from the same weights: a paired sample.
+   same batches from the same weights: a paired sample. After the first sample, the
+   tuned arms once more for twice as many epochs (`samples/ckpt0_seed0_<2F>ep`): is
+   the fine-tuning long enough?
 4. **Report**: tables, paired differences (mean, 95% CI, wins, p), one verdict per
    comparison against the equivalence margin declared before running
    (`EQUIVALENCE_MARGIN`), the variance split between checkpoints and fine-tuning seeds,
@@ -54,6 +57,9 @@ from larq_noisy.rundir import read_json, write_json  # noqa: E402
 #: Declared before any sample ran: a paired difference whose 95% CI lies inside
 #: +-0.25 points is "equivalent"; the test accuracy of one seed moves by about that much.
 EQUIVALENCE_MARGIN = 0.25
+#: Pretraining of E epochs is converged if its final validation accuracy is within this
+#: many points of the best of the same run for 2E epochs (docs/METHOD.md 6.3).
+CONVERGENCE_MARGIN = 0.2
 SAMPLE_ARMS = ("sign", "bop", "mapped", "lns", "lns_rho0")
 COMPARISONS = [("lns", "sign"), ("lns", "bop"), ("bop", "sign"), ("lns", "mapped"),
                ("lns", "lns_rho0"), ("paper", "sign"), ("sign", "baseline"),
@@ -138,6 +144,16 @@ class Bench:
             "val_accuracy": baseline["val_accuracy"], "test_accuracy": baseline["test_accuracy"],
             "machine": machine()}
         self.save()
+
+    def keep_curves(self) -> None:
+        """The curve of every finished pretraining run here (the 30-epoch one too)."""
+        root = os.path.join(self.out, "pretrain")
+        for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+            run = os.path.join(root, name)
+            seed, _, epochs = name.partition("_")
+            if (name not in self.rows.get("pretraining", {})
+                    and os.path.exists(os.path.join(run, "results.json"))):
+                self.keep_curve(int(seed[4:]), int(epochs[:-2]), run)
 
     def record_checkpoint(self, seed, epochs, run, kept) -> None:
         info = {"seed": seed, "epochs": epochs, "file": os.path.relpath(kept, ROOT),
@@ -261,6 +277,7 @@ def main(argv=None) -> int:
     bench = Bench(args)
     if not args.report_only:
         bench.run()
+    bench.keep_curves()
     from converged_report import report  # noqa: E402
 
     report(bench.rows, args)

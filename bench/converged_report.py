@@ -212,12 +212,12 @@ def plot_differences(comparisons, path: str, margin: float) -> None:
 
 
 def report(state: dict, args) -> dict:
-    from converged import COMPARISONS, EQUIVALENCE_MARGIN
+    from converged import COMPARISONS, CONVERGENCE_MARGIN, EQUIVALENCE_MARGIN
 
     rows = state["rows"]
     comparisons = [c for a, b in COMPARISONS
                    if (c := paired(rows, a, b, EQUIVALENCE_MARGIN)) is not None]
-    check = convergence(state.get("pretraining", {}), args.pretrain_epochs, 0.2)
+    check = convergence(state.get("pretraining", {}), args.pretrain_epochs, CONVERGENCE_MARGIN)
     names = ["baseline", "sign", "bop", "mapped", "lns_rho0", "lns", "paper"]
     analysis = {"equivalence_margin": EQUIVALENCE_MARGIN, "convergence": check,
                 "comparisons": comparisons,

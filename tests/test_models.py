@@ -47,9 +47,9 @@ def _full_precision_kernels(model):
     ]
 
 
-def test_registry_names_and_quantizers():
-    assert set(ARCHITECTURES) <= set(models.MODELS)
-    assert models.WEIGHT_QUANTIZERS == ("ste_sign", "magnitude_aware_sign", "dorefa")
+def test_an_unknown_weight_quantizer_names_the_choices():
+    with pytest.raises(ValueError, match=r"'sign_of_the_times'.*ste_sign"):
+        models.build("bnn_small", (28, 28, 1), 10, kernel_quantizer="sign_of_the_times")
 
 
 @pytest.mark.parametrize(
