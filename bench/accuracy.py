@@ -399,7 +399,8 @@ def main(argv=None):
         for key, value in SHORT_PRETRAINING.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
-        tuned = {**SHORT_PRETRAINING_TUNED, **tuned}
+        tuned = {arm: {**values, **tuned.get(arm, {})}  # --hparams ARM=FILE over them
+                 for arm, values in SHORT_PRETRAINING_TUNED.items()}
 
     runs = configs(args, common, tuned)
     for config in runs.values():  # every bad value before the first run starts

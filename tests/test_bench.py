@@ -158,17 +158,18 @@ def test_a_study_that_repeats_the_tuned_lns_is_skipped(accuracy, tmp_path):
             dataset="fashion_mnist", data_dir=None, verbose=0, limit=None, steps_per_epoch=None,
             pretrain_epochs=3, strategy="auto", mixed_precision=False, seeds=[0, 1],
             output_dir=str(tmp_path), studies=list(names), mapper=None, finetune_epochs=3, finetune_cosine=False)
-        runs = accuracy.configs(args, {}, {"lns": lns})
+        # As main() makes them: this regime's tuned lns, under the values given.
+        runs = accuracy.configs(args, {}, {"lns": {**accuracy.SHORT_PRETRAINING_TUNED["lns"], **lns}})
         assert {s for s, _ in runs} == {0, 1}  # every seed
         return {study for seed, study in runs if seed == 1}
 
     main = {"pretrain", *accuracy.MAIN_ROWS}
-    # The paper's alpha and rho with cnn over the protocol's tuned lns (hardtanh, aux to
+    # The paper's alpha and rho with cnn over the regime's tuned lns (hardtanh, aux to
     # the mapper): the rows "paper" and "cnn" and that variant repeat the tuned lns.
     assert studies({**accuracy.PAPER, "mapper": "cnn"}) == main | {
         "lns_clip-hardtanh_aux-latent", "lns_clip-none_aux-latent", "lns_clip-none_aux-mapper",
         "mean", "warmup", "mlp", "linear", "separable"}
-    # Unset options are the protocol's tuned lns' (aux_to_latent False).
+    # Unset options are the regime's tuned lns' (aux_to_latent False).
     assert studies({"mapper": "mlp", "alpha": 0.5, "clip": "none"}) == main | {
         "lns_clip-hardtanh_aux-latent", "lns_clip-hardtanh_aux-mapper", "lns_clip-none_aux-latent",
         "paper", "mean", "warmup", "cnn", "linear", "separable"}

@@ -184,3 +184,13 @@ def test_rows_from_different_machines_are_not_paired(report):
     rows[-1]["machine"] = {"cpu": "other", "vector": "avx512f"}  # lns of sample (1, 0)
     result = report.paired(rows, "lns", "sign", 0.25)
     assert result["n"] == 2 and result["skipped_mixed_machines"] == 1
+
+
+def test_tune_py_fine_tunes_the_shipped_checkpoint_when_given_none(tmp_path, monkeypatch):
+    from larq_noisy import tuning
+
+    monkeypatch.chdir(tmp_path)  # no runs/fashion_mnist, no search to resume
+    weights, why = tuning.locate_checkpoint(tuning.TuneConfig())
+    assert weights == SHIPPED and "shipped" in why
+    own, _ = tuning.locate_checkpoint(tuning.TuneConfig(pretrain_epochs=1))
+    assert own is None  # a pretraining of its own was asked for

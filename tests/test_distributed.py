@@ -36,6 +36,15 @@ def _env(**extra):
     return env
 
 
+def _wait_for_first_epoch(proc, history: str, timeout: float = 300) -> None:
+    """Until the run of `proc` has finished an epoch (its history.csv has a row)."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.exists(history) and len(open(history).readlines()) >= 2:
+            return
+        time.sleep(0.05)
+
+
 def test_two_workers_train_and_only_the_chief_writes_results(tmp_path):
     out = str(tmp_path / "mw")
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
@@ -87,12 +96,8 @@ def test_an_arm_is_the_same_alone_after_other_arms_and_after_sigkill(pretrained_
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Kill once the lns arm has finished its first epoch (its CSV has a row).
     history = os.path.join(killed, "arms", "lns", "history.csv")
-    deadline = time.time() + 300
     try:
-        while proc.poll() is None and time.time() < deadline:
-            if os.path.exists(history) and len(open(history).readlines()) >= 2:
-                break
-            time.sleep(0.05)
+        _wait_for_first_epoch(proc, history)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -138,12 +143,8 @@ def test_ctrl_c_ends_with_one_line_saying_where_and_the_same_command_resumes(pre
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     history = os.path.join(out, "arms", "lns", "history.csv")
-    deadline = time.time() + 300
     try:
-        while proc.poll() is None and time.time() < deadline:
-            if os.path.exists(history) and len(open(history).readlines()) >= 2:
-                break
-            time.sleep(0.05)
+        _wait_for_first_epoch(proc, history)
         with open(os.path.join(out, "lock")) as f:
             assert json.load(f)["pid"] == proc.pid  # the run holds its directory
         proc.send_signal(signal.SIGINT)

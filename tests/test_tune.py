@@ -268,7 +268,8 @@ def test_distributed_search_without_checkpoint_does_not_pretrain(tmp_path, monke
     monkeypatch.setenv("KERASTUNER_TUNER_ID", "tuner0")
     monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
     monkeypatch.setenv("KERASTUNER_ORACLE_PORT", "1")
-    assert tune.main(TINY + ["--output-dir", str(tmp_path / "search")]) == 2
+    # A pretraining of its own asked for (not the protocol's shipped checkpoint).
+    assert tune.main(TINY + ["--pretrain-epochs", "1", "--output-dir", str(tmp_path / "search")]) == 2
     assert "a distributed search does not pretrain" in capsys.readouterr().err
     assert not (tmp_path / "search" / "pretrain_run").exists()
 
