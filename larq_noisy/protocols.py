@@ -78,17 +78,17 @@ class Protocol:
     # settings (`--preset paper`): tuned values such as alpha with the `sum` reduction
     # depend on the size of the layers.
     tuned_model: str | None = None
-    # A converged pretrained checkpoint of `tuned_model` shipped in models/weights/
+    # A pretrained checkpoint of `tuned_model` shipped in models/weights/
     # (its .json: SHA-256, the command that made it): fine-tuned by default, unless the
     # run pretrains (`--pretrain`, `--pretrain-epochs`) or changes the baseline.
     checkpoint: str | None = None
     note: str = ""
 
 
-# Offline default: real data with no download, the paper's protocol shape (a converged
+# Offline default: real data with no download, the paper's protocol shape (a pretrained
 # baseline, then fine-tuning) in minutes on 2 CPU cores. Adam, as larq recommends for BNN
 # latent weights; 3e-3 measured better than 1e-3 for bnn_small. Pretraining: 60 epochs,
-# converged by docs/METHOD.md 6.3's definition, shipped as `checkpoint`. Fine-tuning: 2
+# nearly converged (docs/METHOD.md 6.3: 0.74 points short of 120), shipped as `checkpoint`. Fine-tuning: 2
 # epochs, the rate (Bop's gamma too) decaying along a per-step cosine, each arm with the
 # settings `bench/converged.py`'s equal searches found for it (docs/RESULTS.md section 0;
 # the values are its bench/state/ files, exactly). The paper's options and one learning

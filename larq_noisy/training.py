@@ -105,7 +105,7 @@ class TrainConfig:
     strategy: str = "auto"
     output_dir: str = "runs/fashion_mnist"
     pretrained: str | None = None
-    # Pretrain here even where the protocol ships a converged checkpoint.
+    # Pretrain here even where the protocol ships a pretrained checkpoint.
     pretrain_here: bool = False
     data_dir: str | None = None
     image_size: int | None = None
