@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from larq_noisy.rundir import write_json  # noqa: E402
 
 TITLES = {
-    "baseline": "baseline (converged, sign)",
+    "baseline": "baseline (60-epoch checkpoint, sign)",
     "sign": "fine-tuning with sign weights (`sign`)",
     "bop": "fine-tuning with Bop (`bop`)",
     "mapped": "mapper w/o noisy supervision (`mapped`)",
@@ -226,7 +226,7 @@ def report(state: dict, args) -> dict:
     data = os.path.join(args.docs, "data")
     os.makedirs(data, exist_ok=True)
     write_json(os.path.join(data, "converged_fashion_mnist.json"), {**state, "analysis": analysis})
-    text = ["# Converged baseline: every arm, paired samples (bench/converged.py)", "",
+    text = ["# From a 60-epoch checkpoint: every arm, paired samples (bench/converged.py)", "",
             row_table(rows, names), "", comparison_table(comparisons), "",
             split_table(comparisons), ""]
     if check:
