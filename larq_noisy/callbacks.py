@@ -99,6 +99,17 @@ class StopOnNaN(tf.keras.callbacks.Callback):
             )
 
 
+def _optimizers(model):
+    """`(the optimizer a learning rate schedules, Bop or None)`: under larq's
+    `CaseOptimizer` (the bop arm) the default optimizer and the Bop beside it, through a
+    mixed-precision wrapper."""
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    if isinstance(optimizer, lq.optimizers.CaseOptimizer):
+        bop = next((o for o in optimizer.optimizers if isinstance(o, lq.optimizers.Bop)), None)
+        return optimizer.default, bop
+    return optimizer, None
+
+
 class LearningRateScheduler(tf.keras.callbacks.LearningRateScheduler):
     """Keras' scheduler, which under larq's `CaseOptimizer` (the bop arm) schedules the
     default optimizer: Bop's threshold and gamma stay as they are."""
@@ -111,10 +122,8 @@ class LearningRateScheduler(tf.keras.callbacks.LearningRateScheduler):
             super().on_epoch_begin(epoch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
-        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
-        optimizer = getattr(optimizer, "default", optimizer)
         if logs is not None:
-            logs["lr"] = float(tf.keras.backend.get_value(optimizer.lr))
+            logs["lr"] = float(tf.keras.backend.get_value(_optimizers(self.model)[0].lr))
 
 
 class CosineDecayPerStep(tf.keras.callbacks.Callback):
@@ -130,15 +139,8 @@ class CosineDecayPerStep(tf.keras.callbacks.Callback):
         self.lr, self.steps, self.gamma = lr, max(1, steps), gamma
         self.step = None
 
-    def _optimizers(self):
-        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
-        if isinstance(optimizer, lq.optimizers.CaseOptimizer):
-            bop = next(o for o in optimizer.optimizers if isinstance(o, lq.optimizers.Bop))
-            return optimizer.default, bop
-        return optimizer, None
-
     def on_train_batch_begin(self, batch, logs=None):
-        default, bop = self._optimizers()
+        default, bop = _optimizers(self.model)
         if self.step is None:  # after BackupAndRestore has restored the optimizer
             self.step = int(tf.keras.backend.get_value(default.iterations))
         factor = 0.5 * (1 + np.cos(np.pi * min(self.step, self.steps) / self.steps))
@@ -147,9 +149,7 @@ class CosineDecayPerStep(tf.keras.callbacks.Callback):
             bop._set_hyper("gamma", self.gamma * factor)
         self.step += 1
 
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["lr"] = float(tf.keras.backend.get_value(self._optimizers()[0].lr))
+    on_epoch_end = LearningRateScheduler.on_epoch_end  # the rate the epoch ended with
 
 
 class WallClock(tf.keras.callbacks.Callback):

@@ -88,8 +88,8 @@ class Protocol:
 # Offline default: real data with no download, the paper's protocol shape (a pretrained
 # baseline, then fine-tuning) in minutes on 2 CPU cores. Adam, as larq recommends for BNN
 # latent weights; 3e-3 measured better than 1e-3 for bnn_small. Pretraining: 60 epochs,
-# nearly converged (docs/METHOD.md 6.3: 0.74 points short of 120), shipped as `checkpoint`. Fine-tuning: 2
-# epochs, the rate (Bop's gamma too) decaying along a per-step cosine, each arm with the
+# nearly converged (docs/METHOD.md 6.3: 0.74 points short of 120), shipped as
+# `checkpoint`. Fine-tuning: 2 epochs, the rate (Bop's gamma too) decaying along a per-step cosine, each arm with the
 # settings `bench/converged.py`'s equal searches found for it (docs/RESULTS.md section 0;
 # the values are its bench/state/ files, exactly). The paper's options and one learning
 # rate for every arm: `--preset paper`. [project decision]

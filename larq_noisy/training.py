@@ -130,7 +130,7 @@ class TrainConfig:
         if (protocol.checkpoint and filled.model == protocol.tuned_model and not filled.pretrain_here
                 and filled.pretrained is None and filled.pretrain_epochs is None
                 and filled.kernel_quantizer is None and filled.image_size is None):
-            filled.pretrained = os.path.join(models.WEIGHTS_DIR, protocol.checkpoint)
+            filled.pretrained = shipped_checkpoint(filled.dataset)
         if protocol.tuned_model not in (None, filled.model) and filled.preset is None:
             filled.preset = "paper"  # the tuned settings belong to another model
         for field in ("model", "pretrain_epochs", "finetune_epochs", "batch_size", "optimizer",
@@ -600,7 +600,7 @@ def pretrain(session: Session) -> str:
     c, run_dir = session.config, session.run_dir
     if c.pretrained:
         path = pretrained_weights_path(c.pretrained)
-        shipped = c.pretrained == os.path.join(models.WEIGHTS_DIR, get_protocol(c.dataset).checkpoint or "")
+        shipped = c.pretrained == shipped_checkpoint(c.dataset)
         session.header(f"Phase 1/2: skipped, fine-tuning from {path}" + (
             f" (shipped, pretrained {_epochs(c.pretrain_epochs)}; --pretrain pretrains here)"
             if shipped else ""))
@@ -805,6 +805,12 @@ def run_environment(config: TrainConfig):
         tf.keras.mixed_precision.set_global_policy(policy)
         if config.deterministic and not deterministic:
             tf_config.disable_op_determinism()
+
+
+def shipped_checkpoint(dataset: str) -> str | None:
+    """The weights file the dataset's protocol ships (models/weights/), if any."""
+    name = get_protocol(dataset).checkpoint
+    return os.path.join(models.WEIGHTS_DIR, name) if name else None
 
 
 def settings_note(c: TrainConfig) -> str:
