@@ -17,7 +17,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the converter's C++ info logs
 
-from larq_noisy import errors  # noqa: E402
+from harness import errors  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

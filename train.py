@@ -17,10 +17,10 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ notices: nothing to act on
 
 import models  # noqa: E402
-from larq_noisy import datasets, errors, training
-from larq_noisy.distribute import STRATEGIES
+from harness import datasets, errors, training
+from harness.distribute import STRATEGIES
 from larq_noisy.mappers import MAPPERS
-from larq_noisy.protocols import ARMS, PRESETS
+from harness.protocols import ARMS, PRESETS
 from larq_noisy.quantizers import CLIPS, LABELS, REDUCTIONS, STARTS
 
 

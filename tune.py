@@ -23,8 +23,8 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ notices: nothing to act on
 
 import models  # noqa: E402
-from larq_noisy import datasets, errors, tuning
-from larq_noisy.distribute import STRATEGIES
+from harness import datasets, errors, tuning
+from harness.distribute import STRATEGIES
 from larq_noisy.mappers import MAPPERS
 from larq_noisy.quantizers import CLIPS
 

@@ -62,11 +62,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from larq_noisy import datasets, quantizers, training  # noqa: E402
-from larq_noisy.distribute import STRATEGIES  # noqa: E402
+from harness import datasets, training  # noqa: E402
+from larq_noisy import quantizers  # noqa: E402
+from harness.distribute import STRATEGIES  # noqa: E402
 from larq_noisy.mappers import MAPPERS  # noqa: E402
-from larq_noisy.protocols import ARMS, TUNED_ARMS  # noqa: E402
-from larq_noisy.rundir import RunDir, read_json, write_json  # noqa: E402
+from harness.protocols import ARMS, TUNED_ARMS  # noqa: E402
+from harness.rundir import RunDir, read_json, write_json  # noqa: E402
 
 PAPER = {k: quantizers.PAPER[k] for k in ("alpha", "rho_pos", "rho_neg")}  # the ablations'
 BASELINE = "baseline (pretrained, sign)"

@@ -51,8 +51,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from larq_noisy.rundir import read_history_rows as read_history  # noqa: E402
-from larq_noisy.rundir import read_json, write_json  # noqa: E402
+from harness.rundir import read_history_rows as read_history  # noqa: E402
+from harness.rundir import read_json, write_json  # noqa: E402
 
 #: Declared before any sample ran: a paired difference whose 95% CI lies inside
 #: +-0.25 points is "equivalent"; the test accuracy of one seed moves by about that much.
@@ -68,7 +68,7 @@ COMPARISONS = [("lns", "sign"), ("lns", "bop"), ("bop", "sign"), ("lns", "mapped
 
 def machine() -> dict:
     """The CPU a row ran on: its model and widest vector extension."""
-    from larq_noisy.rundir import machine as describe
+    from harness.rundir import machine as describe
 
     return describe()
 

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from larq_noisy.rundir import write_json  # noqa: E402
+from harness.rundir import write_json  # noqa: E402
 
 TITLES = {
     "baseline": "baseline (60-epoch checkpoint, sign)",

@@ -30,7 +30,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 import models  # noqa: E402
-from larq_noisy import datasets, export, to_mapped  # noqa: E402
+from harness import datasets  # noqa: E402
+from larq_noisy import export, to_mapped  # noqa: E402
 
 #: Each model at the shapes of the dataset it is trained on.
 MODELS = {"bnn_small": "fashion_mnist", "resnet20": "cifar10", "birealnet18": "imagenet2012"}

@@ -1,6 +1,6 @@
 """Is training input-bound? Input-pipeline throughput against model throughput.
 
-1. The training split exactly as train.py reads it (`larq_noisy.datasets.load`: decode,
+1. The training split exactly as train.py reads it (`harness.datasets.load`: decode,
    augmentation, shuffle, batch, prefetch), iterated alone: images/s it can deliver.
 2. Training-step throughput of the dataset's default model fed from memory (one cached
    batch), with sign kernels and with each LNS mapper kind: images/s it can consume.
@@ -28,8 +28,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import models  # noqa: E402
-from larq_noisy import MAPPERS, datasets, to_mapped  # noqa: E402
-from larq_noisy.protocols import get_protocol  # noqa: E402
+from harness import datasets  # noqa: E402
+from larq_noisy import MAPPERS, to_mapped  # noqa: E402
+from harness.protocols import get_protocol  # noqa: E402
 
 
 def pipeline_throughput(args, batch_size: int) -> float:

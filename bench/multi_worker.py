@@ -33,7 +33,7 @@ def worker(args) -> None:
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     import models
-    from larq_noisy.datasets import get_spec
+    from harness.datasets import get_spec
 
     spec = get_spec("fashion_mnist")
     with strategy.scope():

@@ -47,7 +47,7 @@ from tensorflow.lite.python import schema_py_generated as tflite_schema
 
 # Importing conversion registers NoisyMappedQuantizer and the mappers for load_model.
 from larq_noisy.conversion import is_binary, bake, binarized_layers, mapped_layers, rebuild
-from larq_noisy.rundir import RunDir, RunFileError, atomic_path, is_arm_model, read_json, write_json
+from harness.rundir import RunDir, RunFileError, atomic_path, is_arm_model, read_json, write_json
 
 __all__ = [
     "BINARY_CONV_OP",
@@ -151,7 +151,7 @@ def _test_images(dataset, model, count, *, data_dir=None):
 
     Falls back to `None` (random inputs) when the data is not on this machine.
     """
-    from larq_noisy import datasets  # tfds and friends only when real data is asked for
+    from harness import datasets  # tfds and friends only when real data is asked for
 
     size = _input_shape(model)[0]
     try:

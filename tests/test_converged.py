@@ -13,10 +13,10 @@ import pytest
 import tensorflow as tf
 
 import models
-from larq_noisy import training
-from larq_noisy.callbacks import CosineDecayPerStep
-from larq_noisy.protocols import get_protocol
-from larq_noisy.rundir import weights_fingerprint
+from harness import training
+from harness.callbacks import CosineDecayPerStep
+from harness.protocols import get_protocol
+from harness.rundir import weights_fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(models.WEIGHTS_DIR, get_protocol("fashion_mnist").checkpoint)
@@ -187,7 +187,7 @@ def test_rows_from_different_machines_are_not_paired(report):
 
 
 def test_tune_py_fine_tunes_the_shipped_checkpoint_when_given_none(tmp_path, monkeypatch):
-    from larq_noisy import tuning
+    from harness import tuning
 
     monkeypatch.chdir(tmp_path)  # no runs/fashion_mnist, no search to resume
     weights, why = tuning.locate_checkpoint(tuning.TuneConfig())

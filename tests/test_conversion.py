@@ -31,7 +31,7 @@ def _mapped_tiny(kernel_quantizer="ste_sign", **options):
 
 @pytest.fixture(scope="module")
 def fashion_test_images():
-    from larq_noisy import datasets
+    from harness import datasets
 
     dataset, _ = datasets.load("fashion_mnist", "test", batch_size=64, limit=64)
     images, labels = next(iter(dataset))

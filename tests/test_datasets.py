@@ -1,4 +1,4 @@
-"""Tests of `larq_noisy.datasets`: real Fashion-MNIST IDX files, mocked tfds else.
+"""Tests of `harness.datasets`: real Fashion-MNIST IDX files, mocked tfds else.
 
 Fashion-MNIST is read from `/usr/share/datasets/fashion-mnist/` (Debian package
 `dataset-fashion-mnist`). CIFAR-10 and ImageNet go through the same `load()` with
@@ -17,8 +17,8 @@ import tensorflow as tf
 
 from conftest import mocked_tfds
 
-from larq_noisy import datasets
-from larq_noisy.datasets import DATASETS, get_spec, load, prepare
+from harness import datasets
+from harness.datasets import DATASETS, get_spec, load, prepare
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION = DATASETS["fashion_mnist"]

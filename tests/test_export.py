@@ -10,7 +10,8 @@ import tensorflow as tf
 import larq_noisy
 import models
 from conftest import set_batchnorm_statistics, tiny_bnn
-from larq_noisy import datasets, export
+from harness import datasets
+from larq_noisy import export
 from export import main
 from larq_noisy.export import VerificationError, export_model, export_run
 

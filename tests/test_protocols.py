@@ -1,7 +1,7 @@
 import pytest
 
 import train
-from larq_noisy.protocols import PROTOCOLS, get_protocol, lr_at_epoch
+from harness.protocols import PROTOCOLS, get_protocol, lr_at_epoch
 
 
 def _schedule(protocol, phase):
@@ -41,8 +41,8 @@ def test_unknown_dataset_names_the_choices():
 
 @pytest.mark.parametrize("dataset", sorted(PROTOCOLS))
 def test_every_protocol_resolves_with_valid_settings_per_arm(dataset):
-    from larq_noisy.protocols import ARMS, TUNED_ARMS
-    from larq_noisy.training import ARM_FIELDS, TrainConfig
+    from harness.protocols import ARMS, TUNED_ARMS
+    from harness.training import ARM_FIELDS, TrainConfig
 
     protocol = get_protocol(dataset)
     assert set(protocol.tuned) <= set(TUNED_ARMS)
@@ -55,7 +55,7 @@ def test_every_protocol_resolves_with_valid_settings_per_arm(dataset):
 def test_each_arm_resolves_its_settings_in_one_order(monkeypatch):
     import dataclasses
 
-    from larq_noisy.training import TrainConfig
+    from harness.training import TrainConfig
 
     protocol = dataclasses.replace(PROTOCOLS["mnist"], finetune_lr=1e-3, tuned={
         "lns": {"alpha": 0.25, "mapper": "mlp", "finetune_lr": 2e-3},

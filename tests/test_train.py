@@ -15,8 +15,8 @@ import tensorflow as tf
 from conftest import mocked_tfds
 
 import train
-from larq_noisy import training
-from larq_noisy.protocols import get_protocol
+from harness import training
+from harness.protocols import get_protocol
 
 # A smoke run of the offline default: a few steps on a few hundred real images.
 SMOKE = [
@@ -73,7 +73,8 @@ def test_logs_hold_flip_rates_aux_loss_and_lr(full_run):
 
 
 def test_baked_models_are_stock_larq_and_match_the_reported_accuracy(full_run):
-    from larq_noisy import datasets, mapped_layers
+    from harness import datasets
+    from larq_noisy import mapped_layers
 
     model = tf.keras.models.load_model(os.path.join(full_run, "arms", "lns", "model.h5"))
     assert not mapped_layers(model)
@@ -365,7 +366,7 @@ def test_arms_from_other_pretrained_weights_are_refused(full_run, tmp_path, caps
 
 
 def test_a_failed_write_leaves_the_previous_file(tmp_path):
-    from larq_noisy.rundir import atomic_path, read_json, write_json
+    from harness.rundir import atomic_path, read_json, write_json
 
     path = str(tmp_path / "result.json")
     write_json(path, {"accuracy": 0.9})
@@ -380,7 +381,7 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path):
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
-    from larq_noisy.rundir import save_weights
+    from harness.rundir import save_weights
 
     model = tf.keras.Sequential([tf.keras.layers.Dense(2, input_shape=(3,))])
     path = str(tmp_path / "checkpoint.h5")
@@ -399,7 +400,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 
 
 def test_errors_are_one_line_with_the_right_exit_code():
-    from larq_noisy import errors
+    from harness import errors
 
     code, message = errors.describe(OSError(28, "No space left on device", "/runs/x/checkpoint.h5"))
     assert code == 1 and "/runs/x/checkpoint.h5" in message and "No space left" in message
@@ -412,7 +413,7 @@ def test_errors_are_one_line_with_the_right_exit_code():
 
 
 def test_ctrl_c_in_any_script_is_one_line_and_exit_130(capsys):
-    from larq_noisy import errors
+    from harness import errors
 
     def interrupted():
         raise KeyboardInterrupt
@@ -500,7 +501,7 @@ def test_quiet_says_where_the_results_are_and_verbose_2_prints_a_line_per_epoch(
 
 
 def test_plots_give_each_arm_one_colour_and_mark_test_accuracy(full_run, tmp_path, monkeypatch):
-    from larq_noisy import report
+    from harness import report
 
     figures = []
     monkeypatch.setattr(report.plt, "close", figures.append)

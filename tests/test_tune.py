@@ -13,8 +13,8 @@ import tensorflow as tf
 
 import train
 import tune
-from larq_noisy import training, tuning
-from larq_noisy.protocols import get_protocol
+from harness import training, tuning
+from harness.protocols import get_protocol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A few steps on a few real images per trial; the linear mapper traces fastest.

@@ -8,7 +8,7 @@ reset to the run's seed, and the same batches (epoch `e` of a phase is drawn fro
 determinism on. A phase cut off mid-way resumes from its last backup
 (`tf.keras.callbacks.BackupAndRestore`) and reads exactly the batches it would have
 read, so on the CPU a resumed run ends with the same weights as an uninterrupted one.
-What a run writes, and where: `larq_noisy.rundir`.
+What a run writes, and where: `harness.rundir`.
 """
 
 from __future__ import annotations
@@ -28,18 +28,19 @@ import larq as lq
 import tensorflow as tf
 
 import models
-from larq_noisy import datasets, report
-from larq_noisy.callbacks import (
-    AtomicCheckpoint, CosineDecayPerStep, EpochLine, FlipRateCallback, HistoryCSV, LearningRateScheduler,
-    SlowCallbackFilter, StopOnNaN, TrainingDiverged, WallClock, auxiliary_losses,
+from harness import datasets, report
+from harness.callbacks import (
+    AtomicCheckpoint, CosineDecayPerStep, EpochLine, HistoryCSV, LearningRateScheduler,
+    SlowCallbackFilter, StopOnNaN, TrainingDiverged, WallClock,
 )
-from larq_noisy.conversion import (
-    bake, flip_rates, mapped_layers, mean_flip_rate, mean_saturation, to_mapped,
+from harness.distribute import STRATEGIES, is_chief, make_strategy
+from harness.protocols import ARMS, PRESETS, TUNED_ARMS, get_protocol, lr_at_epoch
+from larq_noisy.conversion import bake, mapped_layers, to_mapped
+from larq_noisy.monitoring import (
+    FlipRateCallback, auxiliary_losses, flip_rates, mean_flip_rate, mean_saturation,
 )
-from larq_noisy.distribute import STRATEGIES, is_chief, make_strategy
-from larq_noisy.protocols import ARMS, PRESETS, TUNED_ARMS, get_protocol, lr_at_epoch
 from larq_noisy.quantizers import OPTIONS, check_options
-from larq_noisy.rundir import (
+from harness.rundir import (
     CheckpointError, RunDir, atomic_path, backup_position, machine, pretrained_run,
     pretrained_weights_path, read_json, save_weights, weights_fingerprint, write_json,
 )

@@ -9,8 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from larq_noisy.protocols import ARMS  # noqa: E402
-from larq_noisy.rundir import read_history_rows  # noqa: E402
+from harness.protocols import ARMS  # noqa: E402
+from harness.rundir import read_history_rows  # noqa: E402
 
 __all__ = [
     "ARM_TITLES", "arm_color", "describe", "plot_accuracy", "plot_flip_rates", "read_history",

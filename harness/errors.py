@@ -24,13 +24,13 @@ def describe(error: BaseException) -> tuple[int | None, str]:
         return 130, str(error) or (
             "interrupted; files already written are kept: run the same command again."
         )
-    callbacks = sys.modules.get("larq_noisy.callbacks")  # where training raises it
+    callbacks = sys.modules.get("harness.callbacks")  # where training raises it
     if callbacks is not None and isinstance(error, callbacks.TrainingDiverged):
         return 1, str(error)  # names the phase, the step and the checkpoint kept
     export = sys.modules.get("larq_noisy.export")
     if export is not None and isinstance(error, export.VerificationError):
         return 1, f"export failed, nothing written: {error}"
-    tuning = sys.modules.get("larq_noisy.tuning")
+    tuning = sys.modules.get("harness.tuning")
     if tuning is not None and isinstance(error, tuning.SearchFailed):
         return 1, str(error)  # keras-tuner's limit of failed trials, the last one's error
     if isinstance(error, (ValueError, FileNotFoundError)):  # bad settings, files, missing data

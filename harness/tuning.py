@@ -55,13 +55,13 @@ import time
 import keras_tuner as kt
 import tensorflow as tf
 
-from larq_noisy import datasets, training
-from larq_noisy.rundir import (
+from harness import datasets, training
+from harness.rundir import (
     RunDir, ensure_writable_dir, pretrained_run, pretrained_weights_path, read_json, write_json,
 )
-from larq_noisy.distribute import STRATEGIES, make_strategy
+from harness.distribute import STRATEGIES, make_strategy
 from larq_noisy.mappers import MAPPERS
-from larq_noisy.protocols import ARMS, TUNED_ARMS, get_protocol
+from harness.protocols import ARMS, TUNED_ARMS, get_protocol
 from larq_noisy.quantizers import CLIPS, PAPER, check_options
 
 __all__ = [

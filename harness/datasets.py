@@ -611,13 +611,13 @@ def _manual_files_message(spec, builder, missing) -> str:
             f"{spec.name} is a manual download: put {files} into {manual_dir}/ "
             f"(missing: {', '.join(str(manual_dir / f) for f in missing)}). "
             "Get them from https://image-net.org/download-images (free sign-up), "
-            f"then run `larq_noisy.datasets.prepare({spec.name!r}, "
+            f"then run `harness.datasets.prepare({spec.name!r}, "
             f"data_dir={str(_tfds_root(builder))!r})` once (hours; ~300 GB of disk), "
             "or copy an already prepared tfds data dir here and pass it as data_dir "
             "(--data-dir)."
         )
     return (
-        f"The ImageNet tars are in {manual_dir}: run `larq_noisy.datasets.prepare("
+        f"The ImageNet tars are in {manual_dir}: run `harness.datasets.prepare("
         f"{spec.name!r}, data_dir={str(_tfds_root(builder))!r})` once to build the "
         "tfds records (hours)."
     )
@@ -627,7 +627,7 @@ def _not_prepared_message(spec, builder) -> str:
     return (
         f"{spec.name} ({spec.tfds_name}) is not prepared in {builder.data_path}. "
         "load() does not download (without internet a tfds download fails only after "
-        f"minutes of retries): run `larq_noisy.datasets.prepare({spec.name!r})` once "
+        f"minutes of retries): run `harness.datasets.prepare({spec.name!r})` once "
         "on a machine with internet, then copy its tfds data dir "
         "(~/tensorflow_datasets) here and pass it as data_dir (--data-dir)."
     )
@@ -640,6 +640,6 @@ def _no_idx_message(spec, builder, tried) -> str:
         f"{spec.name} is not prepared for tfds in {builder.data_path}, and its IDX "
         f"files ({files}) are in none of: {', '.join(tried) or '(no data_dir given)'}. "
         f"To get them: {install}put the four files into data_dir (--data-dir), or run "
-        f"`larq_noisy.datasets.prepare({spec.name!r})` on a machine with internet and "
+        f"`harness.datasets.prepare({spec.name!r})` on a machine with internet and "
         "copy its tfds data dir here."
     )
