@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from harness.rundir import write_json  # noqa: E402
 
 TITLES = {
-    "baseline": "baseline (60-epoch checkpoint, sign)",
+    "baseline": "baseline ({epochs}-epoch checkpoint, sign)",
     "sign": "fine-tuning with sign weights (`sign`)",
     "bop": "fine-tuning with Bop (`bop`)",
     "mapped": "mapper w/o noisy supervision (`mapped`)",
@@ -103,7 +103,7 @@ def paired(rows, a: str, b: str, margin: float) -> dict | None:
     return out
 
 
-def row_table(rows, names) -> str:
+def row_table(rows, names, epochs: int) -> str:
     lines = ["| arm | samples | test acc %: mean +- std (min - max) | val acc % (mean) "
              "| flipped % (mean) | saturated % (mean) |", "|---|---|---|---|---|---|"]
     for name in names:
@@ -118,7 +118,8 @@ def row_table(rows, names) -> str:
             return f"{100 * np.mean(values):.2f}" if values else "-"
 
         spread = f" +- {test.std(ddof=1):.2f}" if len(test) > 1 else ""
-        lines.append(f"| {TITLES[name]} | {len(test)} | {test.mean():.2f}{spread} "
+        title = TITLES[name].format(epochs=epochs)
+        lines.append(f"| {title} | {len(test)} | {test.mean():.2f}{spread} "
                      f"({test.min():.2f} - {test.max():.2f}) | {val:.2f} | {mean('flip_rate')} "
                      f"| {mean('saturation')} |")
     return "\n".join(lines)
@@ -174,12 +175,12 @@ def plot_pretraining(curves: dict, path: str) -> None:
     plt.close(fig)
 
 
-def plot_finetuning(curves: dict, path: str) -> None:
+def plot_finetuning(curves: dict, path: str, long: str) -> None:
     """`{label: [val acc by epoch, epoch 0 = the checkpoint]}`."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (label, values) in enumerate(sorted(curves.items())):
         arm = label.split(",")[0]
-        style = "--" if "4 epochs" in label else "-"
+        style = "--" if long in label else "-"
         ax.plot(range(len(values)), 100 * np.array(values), style, marker="o",
                 color=f"C{sorted({l.split(',')[0] for l in curves}).index(arm)}", label=label)
     ax.set_xlabel("fine-tuning epoch (0: the converged checkpoint; cosine decay to 0)")
@@ -225,23 +226,28 @@ def report(state: dict, args) -> dict:
                                     for r in rows})}
     data = os.path.join(args.docs, "data")
     os.makedirs(data, exist_ok=True)
-    write_json(os.path.join(data, "converged_fashion_mnist.json"), {**state, "analysis": analysis})
-    text = ["# From a 60-epoch checkpoint: every arm, paired samples (bench/converged.py)", "",
-            row_table(rows, names), "", comparison_table(comparisons), "",
+    # Named after the state folder: converged_fashion_mnist (60 epochs), converged120_... .
+    stem = os.path.basename(os.path.normpath(args.state))
+    write_json(os.path.join(data, f"{stem}.json"), {**state, "analysis": analysis})
+    text = [f"# From a {args.pretrain_epochs}-epoch checkpoint: every arm, paired samples "
+            f"(bench/converged.py)", "",
+            row_table(rows, names, args.pretrain_epochs), "", comparison_table(comparisons), "",
             split_table(comparisons), ""]
     if check:
         text.append(f"Convergence: {check['epochs']} epochs end at {check['final_val']:.2f}% "
                     f"validation accuracy; the best of the run twice as long is "
                     f"{check['best_val_twice_as_long']:.2f}% (gap {check['gap_points']:+.2f} "
                     f"points; converged means <= {check['margin']}).")
-    with open(os.path.join(data, "converged_fashion_mnist.md"), "w") as f:
+    with open(os.path.join(data, f"{stem}.md"), "w") as f:
         f.write("\n".join(text) + "\n")
+    plot = stem.replace("_", "_{}_", 1) + ".png"  # converged_pretraining_fashion_mnist.png
     if state.get("pretraining"):
-        plot_pretraining(state["pretraining"], os.path.join(args.docs, "converged_pretraining_fashion_mnist.png"))
+        plot_pretraining(state["pretraining"], os.path.join(args.docs, plot.format("pretraining")))
     if state.get("finetuning_curves"):
-        plot_finetuning(state["finetuning_curves"], os.path.join(args.docs, "converged_finetuning_fashion_mnist.png"))
+        plot_finetuning(state["finetuning_curves"], os.path.join(args.docs, plot.format("finetuning")),
+                        f"{2 * args.finetune_epochs} epochs")
     if comparisons:
-        plot_differences(comparisons, os.path.join(args.docs, "converged_paired_fashion_mnist.png"),
+        plot_differences(comparisons, os.path.join(args.docs, plot.format("paired")),
                          EQUIVALENCE_MARGIN)
     print("\n".join(text))
     return analysis
