@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["describe", "run_script"]
+__all__ = ["exit_status", "run_script"]
 
 
 def _first_line(error: BaseException) -> str:
@@ -17,7 +17,7 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def describe(error: BaseException) -> tuple[int | None, str]:
+def exit_status(error: BaseException) -> tuple[int | None, str]:
     """`(exit code, one-line message)` for an error a user can act on; `(None, "")` for
     an unexpected one (a bug: let its traceback show)."""
     if isinstance(error, KeyboardInterrupt):  # Ctrl-C; training.Interrupted says where
@@ -58,8 +58,8 @@ def run_script(name: str, work) -> int:
     keeps its traceback."""
     try:
         work()
-    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - sorted by `describe`
-        code, message = describe(error)
+    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - sorted by `exit_status`
+        code, message = exit_status(error)
         if code is None:
             raise
         if isinstance(error, KeyboardInterrupt) and sys.stdout.isatty():
