@@ -20,19 +20,25 @@ import models
 from harness import datasets
 from harness.distribute import STRATEGIES
 from harness.protocols import ARMS, PRESETS, TUNED_ARMS, get_protocol
-from harness.rundir import machine, read_json
+from harness.errors import first_line
+from harness.rundir import machine, pretrained_run, read_json
 from larq_noisy.mappers import MAPPERS
 from larq_noisy.quantizers import CLIPS, LABELS, OPTIONS, REDUCTIONS, STARTS, check_options
 
-__all__ = ["ARM_FIELDS", "TrainConfig", "add_flags", "read_hparams", "setting"]
+__all__ = [
+    "ARM_FIELDS", "TrainConfig", "add_flags", "checkpoint_mismatch", "flag", "read_hparams",
+    "setting",
+]
 
 
-def setting(default=None, help=None, *, group: str, scope: str = "run", choices=None,
-            check: str | None = None, flag: str | None = None, metavar: str | None = None):
-    """A dataclass field that is a setting: `help` and `group` (its argument group) for
-    its flag (`flag`, default `--the-name`), `scope` "run", "arm" (an arm may have its
-    own value) or "quantizer" (an arm's, checked by the quantizer), and the `choices`
-    and bound (`check`: ">= 0", ">= 1" or "> 0") its values must keep."""
+def setting(default=None, help=None, *, group: str | None = None, scope: str = "run",
+            choices=None, check: str | None = None, flag: str | None = None,
+            metavar: str | None = None):
+    """A dataclass field that is a setting: `help` for its flag (`flag`, default
+    `--the-name`; `group`: the title of the argument group it starts, the settings after
+    it join that group), `scope` "run", "arm" (an arm may have its own value) or
+    "quantizer" (an arm's, checked by the quantizer), and the `choices` and the bound
+    (`check`: ">= 0", ">= 1" or "> 0") its values must keep."""
     return dataclasses.field(default=default, metadata=dict(
         help=help, group=group, scope=scope, choices=choices, check=check, flag=flag,
         metavar=metavar))
@@ -44,6 +50,12 @@ def settings_of(cls, *scopes: str) -> tuple[dataclasses.Field, ...]:
                  if "scope" in f.metadata and (not scopes or f.metadata["scope"] in scopes))
 
 
+def flag(name: str, cls=None) -> str:
+    """The command-line flag of setting `name` (of `cls`, by default `TrainConfig`)."""
+    return ((cls or TrainConfig).__dataclass_fields__[name].metadata.get("flag")
+            or "--" + name.replace("_", "-"))
+
+
 def _kinds(hint) -> tuple[list, bool]:
     """The types a hint allows (`tuple[str, ...]` as `tuple`), and whether `None` is one."""
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
@@ -52,13 +64,15 @@ def _kinds(hint) -> tuple[list, bool]:
 
 
 def add_flags(parser: argparse.ArgumentParser, cls, after: dict | None = None) -> None:
-    """A flag per setting of dataclass `cls`, in field order and argument groups: a bool
+    """A flag per setting of dataclass `cls`, in field order: a bool
     is a switch (`--x` / `--no-x` if it may be `None`), a tuple takes any number of
     values. `after`: `{field: (flag, argparse options)}`, a script's own option, shown
     after that field's flag."""
-    groups, hints = {}, typing.get_type_hints(cls)
+    group, hints = parser, typing.get_type_hints(cls)
     for field in settings_of(cls):
         meta = field.metadata
+        if meta["group"]:
+            group = parser.add_argument_group(meta["group"])
         kinds, optional = _kinds(hints[field.name])
         options = dict(dest=field.name, default=field.default, help=meta["help"])
         if kinds[0] is bool:
@@ -68,13 +82,10 @@ def add_flags(parser: argparse.ArgumentParser, cls, after: dict | None = None) -
             options.update(nargs="*", choices=meta["choices"])
         else:
             options.update(type=kinds[0], choices=meta["choices"], metavar=meta["metavar"])
-        if meta["group"] not in groups:
-            groups[meta["group"]] = parser.add_argument_group(meta["group"])
-        group = groups[meta["group"]]
-        group.add_argument(meta["flag"] or "--" + field.name.replace("_", "-"), **options)
+        group.add_argument(flag(field.name, cls), **options)
         if field.name in (after or {}):
-            flag, options = after[field.name]
-            group.add_argument(flag, **options)
+            own_flag, options = after[field.name]
+            group.add_argument(own_flag, **options)
 
 
 # What each type of setting takes from JSON, and how a message names it.
@@ -125,13 +136,6 @@ def check_fields(config, scopes=("run", "arm")) -> None:
 
 
 OPTIMIZERS = ("sgd", "adam")
-# TrainConfig's argument groups.
-RUN = "what to run"
-SCHEDULE = "schedule (default: the dataset's protocol)"
-LNS = "LNS (default: the dataset's protocol, else larq_noisy.NoisyMappedQuantizer's)"
-BOP = "Bop (the bop arm; default: larq's)"
-HARDWARE = "hardware"
-OUTPUT = "output"
 
 
 @dataclasses.dataclass
@@ -142,82 +146,80 @@ class TrainConfig:
     protocol's (`protocols.PROTOCOLS`, its `tuned` settings per arm first; `preset`
     replaces those) > `NoisyMappedQuantizer`'s and larq's Bop defaults."""
 
-    dataset: str = setting("fashion_mnist", group=RUN, choices=sorted(datasets.DATASETS))
-    model: str | None = setting(None, "default: the dataset's", group=RUN,
-                                choices=sorted(models.MODELS))
+    dataset: str = setting("fashion_mnist", group="what to run",
+                           choices=sorted(datasets.DATASETS))
+    model: str | None = setting(None, "default: the dataset's", choices=sorted(models.MODELS))
     arms: tuple[str, ...] | None = setting(
-        None, "fine-tuning arms (none given: pretraining only)", group=RUN, choices=tuple(ARMS))
+        None, "fine-tuning arms (none given: pretraining only)", choices=tuple(ARMS))
     kernel_quantizer: str | None = setting(
-        None, "the baseline's weight binarization (default: the model's own)", group=RUN,
+        None, "the baseline's weight binarization (default: the model's own)",
         choices=models.WEIGHT_QUANTIZERS)
     pretrained: str | None = setting(
         None, "skip phase 1: a train.py output dir or its pretrain/weights.h5 (default: the "
-        "protocol's shipped checkpoint, if any)", group=RUN, metavar="PATH")
+        "protocol's shipped checkpoint, if any)", metavar="PATH")
     pretrain_here: bool = setting(
         False, "run phase 1 here, even where the protocol ships a converged checkpoint to "
-        "fine-tune (Fashion-MNIST's bnn_small)", group=RUN, flag="--pretrain")
-    output_dir: str | None = setting(None, "default: runs/<dataset>", group=RUN)
+        "fine-tune (Fashion-MNIST's bnn_small)", flag="--pretrain")
+    output_dir: str | None = setting(None, "default: runs/<dataset>")
     export: bool = setting(False, "convert each arm with Larq Compute Engine and verify it "
-                           "(arms/<arm>/model.tflite, as export.py)", group=RUN)
+                           "(arms/<arm>/model.tflite, as export.py)")
     seed: int = setting(0, "seeds the data order, augmentation and initialisation (>= 0)",
-                        group=RUN, check=">= 0")
+                        check=">= 0")
 
-    pretrain_epochs: int | None = setting(group=SCHEDULE, check=">= 0")
-    finetune_epochs: int | None = setting(group=SCHEDULE, check=">= 0")
+    pretrain_epochs: int | None = setting(
+        group="schedule (default: the dataset's protocol)", check=">= 0")
+    finetune_epochs: int | None = setting(check=">= 0")
     warmup_epochs: int = setting(0, "train the mappers alone first (the paper's warm-up)",
-                                 group=SCHEDULE, check=">= 0")
-    steps_per_epoch: int | None = setting(None, "cap, for smoke runs", group=SCHEDULE,
-                                          check=">= 1")
-    limit: int | None = setting(None, "examples per split, for smoke runs", group=SCHEDULE,
-                                check=">= 1")
-    batch_size: int | None = setting(None, "global batch size", group=SCHEDULE, check=">= 1")
-    optimizer: str | None = setting(group=SCHEDULE, choices=OPTIMIZERS)
-    lr: float | None = setting(None, "pretraining learning rate", group=SCHEDULE, check="> 0")
-    finetune_lr: float | None = setting(group=SCHEDULE, scope="arm", check="> 0")
+                                 check=">= 0")
+    steps_per_epoch: int | None = setting(None, "cap, for smoke runs", check=">= 1")
+    limit: int | None = setting(None, "examples per split, for smoke runs", check=">= 1")
+    batch_size: int | None = setting(None, "global batch size", check=">= 1")
+    optimizer: str | None = setting(choices=OPTIMIZERS)
+    lr: float | None = setting(None, "pretraining learning rate", check="> 0")
+    finetune_lr: float | None = setting(scope="arm", check="> 0")
     finetune_cosine: bool | None = setting(
         None, "decay the fine-tuning rate (and Bop's gamma) to 0 along a cosine, step by "
-        "step; --no-finetune-cosine: the protocol's milestones (constant on Fashion-MNIST)",
-        group=SCHEDULE)
+        "step; --no-finetune-cosine: the protocol's milestones (constant on Fashion-MNIST)")
 
     preset: str | None = setting(
         None, "paper: the paper's LNS options (cnn mapper, alpha 1, rho 0.005, sum, hardtanh, "
-        "aux to W) instead of the dataset's measured ones", group=LNS, choices=sorted(PRESETS))
-    alpha: float | None = setting(None, "weight of the noisy-supervision loss", group=LNS,
-                                  scope="quantizer")
-    rho_pos: float | None = setting(group=LNS, scope="quantizer")
-    rho_neg: float | None = setting(group=LNS, scope="quantizer")
-    mapper: str | None = setting(group=LNS, scope="quantizer", choices=list(MAPPERS))
-    width: float | None = setting(None, "mapper hidden width, x c_in", group=LNS,
-                                  scope="quantizer")
-    start: str | None = setting(group=LNS, scope="quantizer", choices=STARTS)
-    labels: str | None = setting(group=LNS, scope="quantizer", choices=LABELS)
-    reduction: str | None = setting(group=LNS, scope="quantizer", choices=REDUCTIONS)
+        "aux to W) instead of the dataset's measured ones", choices=sorted(PRESETS),
+        group="LNS (default: the dataset's protocol, else larq_noisy.NoisyMappedQuantizer's)")
+    alpha: float | None = setting(None, "weight of the noisy-supervision loss", scope="quantizer")
+    rho_pos: float | None = setting(scope="quantizer")
+    rho_neg: float | None = setting(scope="quantizer")
+    mapper: str | None = setting(scope="quantizer", choices=list(MAPPERS))
+    width: float | None = setting(None, "mapper hidden width, x c_in", scope="quantizer")
+    start: str | None = setting(scope="quantizer", choices=STARTS)
+    labels: str | None = setting(scope="quantizer", choices=LABELS)
+    reduction: str | None = setting(scope="quantizer", choices=REDUCTIONS)
     clip: str | None = setting(
-        None, "hardtanh: t = clip(f(W)) (the paper); none: t = f(W), no dead zone", group=LNS,
+        None, "hardtanh: t = clip(f(W)) (the paper); none: t = f(W), no dead zone",
         scope="quantizer", choices=CLIPS)
     aux_to_latent: bool | None = setting(
         None, "whether the noisy-supervision loss also trains the latent weights W (the "
-        "paper) or the mapper only", group=LNS, scope="quantizer")
-    bop_threshold: float | None = setting(None, "flip threshold tau", group=BOP, scope="arm",
-                                          check="> 0")
-    bop_gamma: float | None = setting(None, "adaptivity rate of the momentum", group=BOP,
-                                      scope="arm", check="> 0")
+        "paper) or the mapper only", scope="quantizer")
 
-    strategy: str = setting("auto", group=HARDWARE, choices=STRATEGIES)
-    data_dir: str | None = setting(None, "tfds data dir (and Fashion-MNIST IDX files)",
-                                   group=HARDWARE)
-    image_size: int | None = setting(None, "override the input size", group=HARDWARE,
-                                     check=">= 1")
-    mixed_precision: bool = setting(False, "mixed_float16 (GPU)", group=HARDWARE)
-    jit: bool = setting(False, "XLA-compile the train step", group=HARDWARE)
+    bop_threshold: float | None = setting(None, "flip threshold tau", scope="arm", check="> 0",
+                                          group="Bop (the bop arm; default: larq's)")
+    bop_gamma: float | None = setting(None, "adaptivity rate of the momentum", scope="arm",
+                                      check="> 0")
+
+    strategy: str = setting("auto", group="hardware", choices=STRATEGIES)
+    data_dir: str | None = setting(None, "tfds data dir (and Fashion-MNIST IDX files)")
+    image_size: int | None = setting(None, "override the input size", check=">= 1")
+    mixed_precision: bool = setting(False, "mixed_float16 (GPU)")
+    jit: bool = setting(False, "XLA-compile the train step")
     backup_every: int | None = setting(
-        None, "back up every STEPS steps for preemption (default: every epoch)",
-        group=HARDWARE, check=">= 1", metavar="STEPS")
+        None, "back up every STEPS steps for preemption (default: every epoch)", check=">= 1",
+        metavar="STEPS")
     deterministic: bool = setting(
         True, "leave TensorFlow's op determinism off (faster on GPUs; results then vary "
-        "from run to run)", group=HARDWARE, flag="--nondeterministic")
+        "from run to run)", flag="--nondeterministic")
+
     verbose: int = setting(1, "1: progress bars (default); 2: one line per epoch; 0: as --quiet",
-                           group=OUTPUT, choices=(0, 1, 2))
+                           group="output", choices=(0, 1, 2))
+
     # Settings per tuned arm (`TUNED_ARMS` -> {`ARM_FIELDS` field: value}), over the
     # protocol's; the arms tuned as one (`Arm.tuned_as`) take its settings too.
     tuned: dict[str, dict] = dataclasses.field(default_factory=dict)
@@ -266,7 +268,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise `ValueError` for any bad value, before any expensive work."""
-        datasets.get_spec(self.dataset)
         check_fields(self)
         if self.pretrain_here and self.pretrained:
             raise ValueError(f"pretrain_here (--pretrain) and pretrained={self.pretrained!r} "
@@ -402,6 +403,39 @@ def read_hparams(specs) -> tuple[dict, dict[str, dict]]:
         raise ValueError(f"--hparams: {both} given both for every arm (a bare FILE) and per "
                          "arm (ARM=FILE); give each in one of them.")
     return common, tuned
+
+
+def checkpoint_mismatch(config: TrainConfig, weights: str, error: Exception) -> str:
+    """Why `weights` do not load into `config`'s model (`error`: Keras'), and what to do:
+    they are another model's (a `ValueError`: layers or shapes that differ; their run's
+    config.json names its model, dataset or image size) or the file is damaged. Never
+    "delete it" for a file given as `--pretrained`."""
+    reason = first_line(error)
+    if not isinstance(error, ValueError):
+        fix = ("give another pretrained checkpoint" if config.pretrained
+               else "delete it to train it again")
+        return f"{weights} is corrupted or truncated ({reason}): {fix}."
+    run = pretrained_run(weights)
+    saved = run.saved_settings() if run else {}
+    differ = [k for k in ("model", "dataset", "image_size")
+              if k in saved and saved[k] != getattr(config, k)]
+    if not differ:
+        return (
+            f"{weights} does not fit model {config.model!r} with input {config.input_shape} and "
+            f"{config.spec.num_classes} classes ({reason}): give a checkpoint of that model, or "
+            "run with the --model and --dataset it was trained with."
+        )
+
+    def flags(values) -> str:
+        return " ".join(f"{flag(k)} {values[k]}" if values[k] is not None else f"no {flag(k)}"
+                        for k in differ)
+
+    theirs, ours = saved, {k: getattr(config, k) for k in differ}
+    return (
+        f"{weights} holds the weights of " + ", ".join(f"{k} {theirs[k]!r}" for k in differ)
+        + f" ({run.config} says so), not of " + ", ".join(f"{k} {ours[k]!r}" for k in differ)
+        + f": give a checkpoint pretrained with {flags(ours)}, or run with {flags(theirs)}."
+    )
 
 
 def shipped_checkpoint(dataset: str) -> str | None:

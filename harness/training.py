@@ -27,6 +27,7 @@ import tensorflow as tf
 
 import models
 from harness import report
+from harness.errors import Progress
 from harness.callbacks import (
     AtomicCheckpoint, CosineDecayPerStep, EpochLine, HistoryCSV, LearningRateScheduler,
     SlowCallbackFilter, StopOnNaN, TrainingDiverged, WallClock,
@@ -37,14 +38,16 @@ from harness.rundir import (
     CheckpointError, RunDir, atomic_path, backup_position, machine, pretrained_run,
     pretrained_weights_path, read_json, save_weights, weights_fingerprint, write_json,
 )
-from harness.settings import TrainConfig, read_hparams, settings_note, shipped_checkpoint
+from harness.settings import (
+    TrainConfig, checkpoint_mismatch, read_hparams, settings_note, shipped_checkpoint,
+)
 from larq_noisy.conversion import bake, mapped_layers, to_mapped
 from larq_noisy.monitoring import (
     FlipRateCallback, auxiliary_losses, flip_rates, mean_flip_rate, mean_saturation,
 )
 
 __all__ = [
-    "CheckpointError", "Interrupted", "TrainConfig", "TrainingDiverged", "build_arm",
+    "CheckpointError", "TrainConfig", "TrainingDiverged", "build_arm",
     "build_baseline", "lr_schedule", "read_hparams", "run", "run_environment",
 ]
 
@@ -60,10 +63,8 @@ def _optimizer(config: TrainConfig, lr: float, bop: bool = False):
     optimizer for every other variable (larq's `CaseOptimizer`, which takes Keras'
     legacy optimizers)."""
     optimizers = tf.keras.optimizers.legacy if bop else tf.keras.optimizers
-    if config.optimizer == "sgd":
-        optimizer = optimizers.SGD(lr, momentum=0.9)
-    else:
-        optimizer = optimizers.Adam(lr)
+    sgd = config.optimizer == "sgd"
+    optimizer = optimizers.SGD(lr, momentum=0.9) if sgd else optimizers.Adam(lr)
     if not bop:
         return optimizer
     options = {"threshold": config.bop_threshold, "gamma": config.bop_gamma}
@@ -74,16 +75,11 @@ def _optimizer(config: TrainConfig, lr: float, bop: bool = False):
 
 
 def _compile(model, config: TrainConfig, lr: float, bop: bool = False) -> None:
-    optimizer = _optimizer(config, lr, bop)
     metrics = ["accuracy"]
     if config.spec.num_classes >= 100:
         metrics.append(tf.keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5"))
-    model.compile(
-        optimizer,
-        tf.keras.losses.SparseCategoricalCrossentropy(),
-        metrics=metrics,
-        jit_compile=config.jit,
-    )
+    model.compile(_optimizer(config, lr, bop), tf.keras.losses.SparseCategoricalCrossentropy(),
+                  metrics=metrics, jit_compile=config.jit)
 
 
 def build_baseline(config: TrainConfig, weights: str | None = None):
@@ -98,41 +94,8 @@ def build_baseline(config: TrainConfig, weights: str | None = None):
         try:
             model.load_weights(weights)
         except (ValueError, OSError) as error:
-            raise CheckpointError(_unloadable(config, weights, error)) from None
+            raise CheckpointError(checkpoint_mismatch(config, weights, error)) from None
     return model
-
-
-def _unloadable(config: TrainConfig, weights: str, error: Exception) -> str:
-    """Why `weights` do not load into `config`'s model (`error`: Keras'), and what to do:
-    they are another model's (a `ValueError`: layers or shapes that differ; their run's
-    config.json names its model, dataset or image size) or the file is damaged. Never
-    "delete it" for a file given as `--pretrained`."""
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if not isinstance(error, ValueError):
-        fix = ("give another pretrained checkpoint" if config.pretrained
-               else "delete it to train it again")
-        return f"{weights} is corrupted or truncated ({reason}): {fix}."
-    run = pretrained_run(weights)
-    saved = run.saved_settings() if run else {}
-    differ = [k for k in ("model", "dataset", "image_size")
-              if k in saved and saved[k] != getattr(config, k)]
-    if not differ:
-        return (
-            f"{weights} does not fit model {config.model!r} with input {config.input_shape} and "
-            f"{config.spec.num_classes} classes ({reason}): give a checkpoint of that model, or "
-            "run with the --model and --dataset it was trained with."
-        )
-
-    def flags(values) -> str:
-        return " ".join(f"--{k.replace('_', '-')} {values[k]}" if values[k] is not None
-                        else f"no --{k.replace('_', '-')}" for k in differ)
-
-    theirs, ours = saved, {k: getattr(config, k) for k in differ}
-    return (
-        f"{weights} holds the weights of " + ", ".join(f"{k} {theirs[k]!r}" for k in differ)
-        + f" ({run.config} says so), not of " + ", ".join(f"{k} {ours[k]!r}" for k in differ)
-        + f": give a checkpoint pretrained with {flags(ours)}, or run with {flags(theirs)}."
-    )
 
 
 def build_arm(config: TrainConfig, arm: str, weights: str):
@@ -167,29 +130,6 @@ class _MapperWarmup(tf.keras.Model):
 # --------------------------------------------------------------------------- phases
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; the message says what it was doing and where."""
-
-
-class Progress:
-    """What a run is doing (`doing`, set as it goes); as a context manager, it turns a
-    `KeyboardInterrupt` (Ctrl-C) into `Interrupted` saying so."""
-
-    def __init__(self, root: str):
-        self.root = root
-        self.doing = "starting"
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, kind, error, traceback) -> None:
-        if isinstance(error, KeyboardInterrupt) and not isinstance(error, Interrupted):
-            raise Interrupted(
-                f"interrupted while {self.doing} in {self.root}; finished phases and arms "
-                "and the last backup are kept: run the same command again to resume."
-            ) from None
-
-
 @dataclasses.dataclass(frozen=True)
 class Session:
     """What every phase of one `run` shares: set once, at its start."""
@@ -210,9 +150,8 @@ class Session:
     def summary(self, model, kind: str) -> None:
         """`lq.models.summary` once per model kind. Every worker computes it (it reads
         distributed variables, with collectives); the chief prints it."""
-        show = kind not in self.summaries_shown
-        self.summaries_shown.add(kind)
-        if show:
+        if kind not in self.summaries_shown:
+            self.summaries_shown.add(kind)
             lq.models.summary(model, print_fn=self.log)
 
     def evaluate(self, model) -> dict:
@@ -273,14 +212,8 @@ def fit_phase(session: Session, model, phase_dir: str, name: str, stream: str, l
         callbacks.append(HistoryCSV(RunDir.history(phase_dir)))
     if c.verbose == 2 or (c.verbose and not session.chief):
         callbacks.append(EpochLine(name, epochs, print))
-    model.fit(
-        c.train_stream(stream, epochs, position),
-        epochs=epochs,
-        steps_per_epoch=steps,
-        validation_data=session.validation,
-        callbacks=callbacks,
-        verbose=1 if bars else 0,
-    )
+    model.fit(c.train_stream(stream, epochs, position), epochs=epochs, steps_per_epoch=steps,
+              validation_data=session.validation, callbacks=callbacks, verbose=1 if bars else 0)
     return clock.total, position > 0
 
 
@@ -345,13 +278,12 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
     c = session.config.for_arm(arm)
     arm_dir = session.run_dir.arm(arm)
     options = c.quantizer_options(arm)
+    bop = {"threshold": c.bop_threshold, "gamma": c.bop_gamma}  # None: larq's default
     session.header(
         f"Phase 2/2: fine-tuning arm '{arm}' for {report._epochs(c.finetune_epochs)}, "
         f"lr {c.finetune_lr:.3g}, "
         + ("sign weights" if options is None else f"mapper options: {report.describe(options)}")
-        + (f", Bop {report.describe({'threshold': c.bop_threshold, 'gamma': c.bop_gamma})}"
-           if ARMS[arm].bop else "")
-    )
+        + (f", Bop {report.describe(bop)}" if ARMS[arm].bop else ""))
     if options is not None and options.get("alpha", 1) > 0:
         session.log("The loss is cross-entropy + aux_loss, the noisy-supervision term alpha * "
                     "sum_i l_i; its corrected squared loss is not bounded below, so the total "
@@ -373,8 +305,8 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
         "quantizer": options,
         "machine": machine(),  # where it finished: digits differ between CPU types
     }
-    if ARMS[arm].bop:  # None: larq's default
-        result["bop"] = {"threshold": c.bop_threshold, "gamma": c.bop_gamma}
+    if ARMS[arm].bop:
+        result["bop"] = bop
     result["flip_rate"] = mean_flip_rate(model, result["flip_rates"])
     if options is not None:
         result["mapper_flip_rate"] = mean_flip_rate(model, flip_rates(model))
@@ -450,21 +382,16 @@ def pretraining_origin(config: TrainConfig, run_dir: RunDir, weights: str) -> di
     return {"run": source.root, "epochs": source.saved_settings().get("pretrain_epochs")}
 
 
-def collect_results(run_dir: RunDir, config: TrainConfig, baseline_scores: dict,
-                    pretrained: dict) -> dict:
+def write_results(session: Session, baseline_scores: dict, pretrained: dict) -> dict:
     """results.json: the baseline, how it was `pretrained` (`pretraining_origin`) and every
-    finished arm of the directory."""
-    arms = {}
-    for arm in ARMS:
-        result = run_dir.read_result(run_dir.arm(arm))
-        if result is not None:
-            arms[arm] = result
-    return {"config": config.to_json(), "dataset": config.dataset, "model": config.model,
-            "machine": machine(), "baseline": baseline_scores, "pretraining": pretrained,
-            "arms": arms}
-
-
-def write_results(run_dir: RunDir, results: dict) -> None:
+    finished arm of the directory; written by the chief, with results.md and the plots."""
+    config, run_dir = session.config, session.run_dir
+    arms = {arm: run_dir.read_result(run_dir.arm(arm)) for arm in ARMS}
+    results = {"config": config.to_json(), "dataset": config.dataset, "model": config.model,
+               "machine": machine(), "baseline": baseline_scores, "pretraining": pretrained,
+               "arms": {arm: result for arm, result in arms.items() if result is not None}}
+    if not session.chief:
+        return results
     write_json(run_dir.path("results.json"), results)
     with atomic_path(run_dir.path("results.md")) as tmp:
         report.write_results_md(results, tmp)
@@ -472,6 +399,7 @@ def write_results(run_dir: RunDir, results: dict) -> None:
         report.plot_accuracy(run_dir.root, results, tmp)
     with atomic_path(run_dir.path("flip_rates.png")) as tmp:
         report.plot_flip_rates(results, tmp)
+    return results
 
 
 @contextlib.contextmanager
@@ -503,7 +431,7 @@ def run(config: TrainConfig) -> dict:
     another process runs in (`rundir.RunInUse`: the directory is locked while the run
     runs); an unreadable file raises `rundir.RunFileError` naming it; a diverging loss
     raises `TrainingDiverged` and keeps the last good checkpoint; Ctrl-C raises
-    `Interrupted` saying what the run was doing.
+    `errors.Interrupted` saying what the run was doing.
     """
     config = config.resolved()
     run_dir = RunDir(config.output_dir)
@@ -543,9 +471,7 @@ def run(config: TrainConfig) -> dict:
         session.log(f"baseline (pretrained sign model): val accuracy {scores['val_accuracy']:.4f}, "
                     f"test accuracy {scores['test_accuracy']:.4f}")
         pretrained = pretraining_origin(config, run_dir, weights)
-        results = collect_results(run_dir, config, scores, pretrained)
-        if chief:
-            write_results(run_dir, results)
+        results = write_results(session, scores, pretrained)
         for arm in config.arms:
             arm_dir = run_dir.arm(arm)
             if run_dir.read_result(arm_dir) is not None:
@@ -563,9 +489,7 @@ def run(config: TrainConfig) -> dict:
                 tflite = export.export_run(run_dir.root, arm=arm, verbose=bool(config.verbose))
                 result = run_dir.read_result(arm_dir)
                 write_json(run_dir.result(arm_dir), {**result, "tflite": tflite["tflite"]})
-            results = collect_results(run_dir, config, scores, pretrained)
-            if chief:
-                write_results(run_dir, results)
+            results = write_results(session, scores, pretrained)
         session.header(f"Done: {run_dir.path('results.md')}")
         if chief and config.verbose:
             with open(run_dir.path("results.md")) as f:

@@ -422,7 +422,7 @@ def test_ctrl_c_in_any_script_is_one_line_and_exit_130(capsys):
     err = capsys.readouterr().err
     assert err == ("export.py: interrupted; files already written are kept: run the same "
                    "command again.\n")
-    where = training.Interrupted("interrupted while pretraining in runs/x; ...")
+    where = errors.Interrupted("interrupted while pretraining in runs/x; ...")
     assert errors.exit_status(where) == (130, str(where))  # train.py's names the stage
 
 
