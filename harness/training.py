@@ -27,18 +27,18 @@ import tensorflow as tf
 
 import models
 from harness import report
-from harness.errors import Progress
 from harness.callbacks import (
     AtomicCheckpoint, CosineDecayPerStep, EpochLine, HistoryCSV, LearningRateScheduler,
     SlowCallbackFilter, StopOnNaN, TrainingDiverged, WallClock,
 )
 from harness.distribute import is_chief, make_strategy
+from harness.errors import Progress
 from harness.protocols import ARMS, get_protocol, lr_at_epoch
 from harness.rundir import (
     CheckpointError, RunDir, atomic_path, backup_position, machine, pretrained_run,
     pretrained_weights_path, read_json, save_weights, weights_fingerprint, write_json,
 )
-from harness.settings import (
+from harness.settings import (  # read_hparams: for callers that take it from here
     TrainConfig, checkpoint_mismatch, read_hparams, settings_note, shipped_checkpoint,
 )
 from larq_noisy.conversion import bake, mapped_layers, to_mapped
@@ -47,8 +47,8 @@ from larq_noisy.monitoring import (
 )
 
 __all__ = [
-    "CheckpointError", "TrainConfig", "TrainingDiverged", "build_arm",
-    "build_baseline", "lr_schedule", "read_hparams", "run", "run_environment",
+    "BOP_GAMMA", "CheckpointError", "TrainingDiverged", "build_arm", "build_baseline",
+    "lr_schedule", "run", "run_environment",
 ]
 
 #: larq's Bop's default gamma (the bop arm's when none is given).
