@@ -8,6 +8,7 @@ a phase's length, so a shortened run keeps the shape of the schedule.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from larq_noisy.quantizers import PAPER
 
@@ -69,40 +70,28 @@ class Protocol:
     # gamma with it (`callbacks.CosineDecayPerStep`). [project decision]
     finetune_cosine: bool = False
     arms: tuple[str, ...] = ("sign", "mapped", "lns")
-    # Each tuned arm's (`TUNED_ARMS`) fine-tuning settings on this dataset: `TrainConfig`
-    # fields (finetune_lr, bop_threshold, bop_gamma, the NoisyMappedQuantizer options)
-    # over `finetune_lr`, larq's Bop defaults and the quantizer's defaults
-    # (`quantizers.DEFAULTS`). Flags and --hparams win.
+    # Each tuned arm's (`TUNED_ARMS`) fine-tuning settings here (`settings.ARM_FIELDS`),
+    # over `finetune_lr` and the quantizer's and Bop's defaults. Flags and --hparams win.
     tuned: dict = dataclasses.field(default_factory=dict)
     # The model `tuned` was measured on (None: any). Another model takes the paper's
-    # settings (`--preset paper`): tuned values such as alpha with the `sum` reduction
-    # depend on the size of the layers.
+    # settings (`--preset paper`): alpha's scale, with the `sum` reduction, depends on
+    # the size of the layers.
     tuned_model: str | None = None
-    # A pretrained checkpoint of `tuned_model` shipped in models/weights/
-    # (its .json: SHA-256, the command that made it): fine-tuned by default, unless the
-    # run pretrains (`--pretrain`, `--pretrain-epochs`) or changes the baseline.
+    # A pretrained checkpoint of `tuned_model` in models/weights/ (its .json: SHA-256, the
+    # command that made it), fine-tuned unless the run pretrains or changes the baseline.
     checkpoint: str | None = None
     note: str = ""
 
 
-# Offline default: real data with no download, the paper's protocol shape (a pretrained
-# baseline, then fine-tuning) in minutes on 2 CPU cores. Adam, as larq recommends for BNN
-# latent weights; 3e-3 measured better than 1e-3 for bnn_small. Pretraining: 60 epochs,
-# nearly converged (docs/METHOD.md 6.3: 0.74 points short of 120), shipped as
-# `checkpoint`. Fine-tuning: 2 epochs, the rate (Bop's gamma too) decaying along a per-step cosine, each arm with the
-# settings `bench/converged.py`'s equal searches found for it (docs/RESULTS.md section 0;
-# the values are its bench/state/ files, exactly). The paper's options and one learning
-# rate for every arm: `--preset paper`. [project decision]
+# Offline default: real data with no download, the paper's protocol shape in minutes on
+# 2 CPU cores (docs/METHOD.md 6.3). Adam, as larq recommends for BNN latent weights; a
+# shipped 60-epoch checkpoint; 2 fine-tuning epochs along a per-step cosine, each arm with
+# the settings `bench/converged.py`'s equal searches found for it (docs/RESULTS.md
+# section 0: its bench/state/ files, exactly). [project decision]
 _SMALL_IMAGES = Protocol(
-    model="bnn_small",
-    pretrain_epochs=60,
-    finetune_epochs=2,
-    batch_size=128,
-    optimizer="adam",
-    lr=3e-3,
+    model="bnn_small", pretrain_epochs=60, finetune_epochs=2, batch_size=128,
+    optimizer="adam", lr=3e-3, pretrain_cosine=True, finetune_cosine=True,
     finetune_lr=3e-4,  # a tenth, the paper's ratio: the centre of tune.py's lr range
-    pretrain_cosine=True,
-    finetune_cosine=True,
     arms=("sign", "lns"),
     tuned={
         "sign": {"finetune_lr": 1.0170684387797794e-05},
@@ -121,16 +110,10 @@ _SMALL_IMAGES = Protocol(
 # Paper, ImageNet ResNet-18: pretrain 120 epochs, batch 256, SGD 0.9, lr 0.1 x0.1 at
 # 70/90/110; fine-tune 45 epochs, lr 0.01 x0.1 every 15. Bi-Real Net baseline.
 _IMAGENET = Protocol(
-    model="birealnet18",
+    model="birealnet18", pretrain_epochs=120, finetune_epochs=45, batch_size=256,
+    optimizer="sgd", lr=0.1, pretrain_milestones=(70 / 120, 90 / 120, 110 / 120),
+    finetune_lr=0.01, finetune_milestones=(1 / 3, 2 / 3),
     tuned={"lns": PAPER},  # the paper's LNS options (no ImageNet values given: CIFAR-10's)
-    pretrain_epochs=120,
-    finetune_epochs=45,
-    batch_size=256,
-    optimizer="sgd",
-    lr=0.1,
-    finetune_lr=0.01,
-    pretrain_milestones=(70 / 120, 90 / 120, 110 / 120),
-    finetune_milestones=(1 / 3, 2 / 3),
     note="paper, Sec. 5.2",
 )
 
@@ -144,17 +127,10 @@ PROTOCOLS = {
     # weight decay; fine-tune 120 epochs, lr 0.01 x0.1 every 30. The pretraining
     # schedule is not given: cosine decay. [project decision]
     "cifar10": Protocol(
-        model="resnet20",
-        pretrain_epochs=400,
-        finetune_epochs=120,
-        batch_size=128,
-        optimizer="sgd",
-        lr=0.1,
-        finetune_lr=0.01,
-        finetune_milestones=(0.25, 0.5, 0.75),
-        pretrain_cosine=True,
-        tuned={"lns": PAPER},
-        note="paper, Sec. 5.1",
+        model="resnet20", pretrain_epochs=400, finetune_epochs=120, batch_size=128,
+        optimizer="sgd", lr=0.1, pretrain_cosine=True,
+        finetune_lr=0.01, finetune_milestones=(0.25, 0.5, 0.75),
+        tuned={"lns": PAPER}, note="paper, Sec. 5.1",
     ),
     "imagenet2012": _IMAGENET,
     # ImageNet's schedule at a third of the length, for a 10-class subset.
@@ -173,8 +149,6 @@ def get_protocol(dataset: str) -> Protocol:
 
 def lr_at_epoch(epoch: int, lr: float, epochs: int, milestones=(), cosine=False) -> float:
     """The learning rate of 0-based `epoch` in a phase of `epochs` epochs."""
-    import math
-
     if cosine:
         return lr * 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs)))
     passed = sum(epoch >= round(f * epochs) for f in milestones)

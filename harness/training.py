@@ -16,11 +16,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import math
 import os
 import tempfile
 import time
-import types
 import typing
 import warnings
 
@@ -28,336 +26,33 @@ import larq as lq
 import tensorflow as tf
 
 import models
-from harness import datasets, report
+from harness import report
 from harness.callbacks import (
     AtomicCheckpoint, CosineDecayPerStep, EpochLine, HistoryCSV, LearningRateScheduler,
     SlowCallbackFilter, StopOnNaN, TrainingDiverged, WallClock,
 )
-from harness.distribute import STRATEGIES, is_chief, make_strategy
-from harness.protocols import ARMS, PRESETS, TUNED_ARMS, get_protocol, lr_at_epoch
-from larq_noisy.conversion import bake, mapped_layers, to_mapped
-from larq_noisy.monitoring import (
-    FlipRateCallback, auxiliary_losses, flip_rates, mean_flip_rate, mean_saturation,
-)
-from larq_noisy.quantizers import OPTIONS, check_options
+from harness.distribute import is_chief, make_strategy
+from harness.errors import Progress
+from harness.protocols import ARMS, get_protocol, lr_at_epoch
 from harness.rundir import (
     CheckpointError, RunDir, atomic_path, backup_position, machine, pretrained_run,
     pretrained_weights_path, read_json, save_weights, weights_fingerprint, write_json,
 )
+from harness.settings import (  # read_hparams: for callers that take it from here
+    TrainConfig, checkpoint_mismatch, read_hparams, settings_note, shipped_checkpoint,
+)
+from larq_noisy.conversion import bake, mapped_layers, to_mapped
+from larq_noisy.monitoring import (
+    FlipRateCallback, auxiliary_losses, flip_rates, mean_flip_rate, mean_saturation,
+)
+
+__all__ = [
+    "BOP_GAMMA", "CheckpointError", "TrainingDiverged", "build_arm", "build_baseline",
+    "lr_schedule", "run", "run_environment",
+]
 
 #: larq's Bop's default gamma (the bop arm's when none is given).
 BOP_GAMMA = inspect.signature(lq.optimizers.Bop).parameters["gamma"].default
-
-__all__ = [
-    "ARM_FIELDS", "CheckpointError", "Interrupted", "TrainConfig", "TrainingDiverged",
-    "build_arm", "read_hparams", "run",
-]
-
-OPTIMIZERS = ("sgd", "adam")
-#: The `TrainConfig` fields an arm may have its own value of (`Protocol.tuned`,
-#: `--hparams ARM=FILE`): how it fine-tunes, nothing that would unpair the arms.
-ARM_FIELDS = ("finetune_lr", "bop_threshold", "bop_gamma", "alpha", "rho_pos", "rho_neg",
-              "mapper", "width", "start", "labels", "reduction", "clip", "aux_to_latent")
-#: The data streams of a run: all arms share "finetune", so they see the same batches.
-STREAMS = ("pretrain", "finetune", "warmup")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every setting of a run. `None` means the default, resolved once (`resolved`,
-    `for_arm`) in this order: the value given here (train.py's flags, then a bare
-    `--hparams FILE`) > the arm's `tuned` settings (`--hparams ARM=FILE`) > the dataset
-    protocol's (`protocols.PROTOCOLS`, its `tuned` settings per arm first; `preset`
-    replaces those) > `NoisyMappedQuantizer`'s and larq's Bop defaults."""
-
-    dataset: str = "fashion_mnist"
-    model: str | None = None
-    arms: tuple[str, ...] | None = None
-    pretrain_epochs: int | None = None
-    finetune_epochs: int | None = None
-    warmup_epochs: int = 0
-    steps_per_epoch: int | None = None
-    limit: int | None = None  # examples per split, for smoke runs
-    batch_size: int | None = None
-    optimizer: str | None = None
-    lr: float | None = None
-    finetune_lr: float | None = None
-    # Fine-tuning's rate decays to 0 along a per-step cosine (Bop's gamma too), or
-    # follows the protocol's milestones (constant without any).
-    finetune_cosine: bool | None = None
-    kernel_quantizer: str | None = None  # None: the model's own
-    alpha: float | None = None
-    rho_pos: float | None = None
-    rho_neg: float | None = None
-    mapper: str | None = None
-    width: float | None = None
-    start: str | None = None
-    labels: str | None = None
-    reduction: str | None = None
-    clip: str | None = None
-    aux_to_latent: bool | None = None
-    bop_threshold: float | None = None  # the bop arm's; None: larq's Bop defaults
-    bop_gamma: float | None = None
-    preset: str | None = None  # "paper": the paper's LNS options instead of the protocol's
-    # Settings per tuned arm (`TUNED_ARMS` -> {`ARM_FIELDS` field: value}), over the
-    # protocol's; the arms tuned as one (`Arm.tuned_as`) take its settings too.
-    tuned: dict[str, dict] = dataclasses.field(default_factory=dict)
-    seed: int = 0
-    strategy: str = "auto"
-    output_dir: str = "runs/fashion_mnist"
-    pretrained: str | None = None
-    # Pretrain here even where the protocol ships a pretrained checkpoint.
-    pretrain_here: bool = False
-    data_dir: str | None = None
-    image_size: int | None = None
-    mixed_precision: bool = False
-    jit: bool = False
-    deterministic: bool = True  # TensorFlow's op determinism (slower on GPUs)
-    backup_every: int | None = None  # steps between backups; None: every epoch
-    export: bool = False  # convert each finished arm with LCE (larq_noisy.export)
-    verbose: int = 1  # 0: only where the results are; 1: progress bars; 2: a line per epoch
-    # Set by `resolved` only; any change (`dataclasses.replace`) clears it.
-    _resolved: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
-
-    def resolved(self) -> TrainConfig:
-        """A copy with the protocol's run-wide defaults filled in, every arm's settings
-        checked; `ValueError` for any bad value. Resolving a resolved config returns it."""
-        if self._resolved:
-            return self
-        self.check_types(self.to_json())
-        protocol = get_protocol(self.dataset)
-        filled = dataclasses.replace(self)
-        filled.model = filled.model or protocol.model
-        if (protocol.checkpoint and filled.model == protocol.tuned_model and not filled.pretrain_here
-                and filled.pretrained is None and filled.pretrain_epochs is None
-                and filled.kernel_quantizer is None and filled.image_size is None):
-            filled.pretrained = shipped_checkpoint(filled.dataset)
-        if protocol.tuned_model not in (None, filled.model) and filled.preset is None:
-            filled.preset = "paper"  # the tuned settings belong to another model
-        for field in ("model", "pretrain_epochs", "finetune_epochs", "batch_size", "optimizer",
-                      "lr", "arms", "finetune_cosine"):
-            if getattr(filled, field) is None:
-                setattr(filled, field, getattr(protocol, field))
-        filled.arms = tuple(filled.arms)
-        filled.validate()
-        filled._resolved = True
-        return filled
-
-    def for_arm(self, arm: str) -> TrainConfig:
-        """This config with `arm`'s fine-tuning settings (`ARM_FIELDS`) filled in: the
-        values given here win over the arm's `tuned` settings, which win over the
-        protocol's for the arm (the preset's instead, if one is set) and then its
-        `finetune_lr`. Options still `None` take the quantizer's or Bop's defaults."""
-        source = ARMS[arm].tuned_as or arm
-        protocol = get_protocol(self.dataset)
-        defaults = {"finetune_lr": protocol.finetune_lr}
-        defaults.update(PRESETS[self.preset] if self.preset else protocol.tuned.get(source, {}))
-        defaults.update(self.tuned.get(source, {}))
-        given = {f: getattr(self, f) for f in ARM_FIELDS if getattr(self, f) is not None}
-        config = dataclasses.replace(self, **{**defaults, **given})
-        config._resolved = self._resolved  # `validate` checked every arm's settings
-        return config
-
-    @classmethod
-    def check_types(cls, values: dict) -> None:
-        """`ValueError` naming the first of `values` (field -> value) that is not of its
-        field's type, or a float that is not finite."""
-        for name, value in values.items():
-            error = _type_error(name, value, _FIELD_TYPES[name]) if name in _FIELD_TYPES else (
-                f"unknown setting {name!r}"
-            )
-            if error:
-                raise ValueError(error)
-
-    def validate(self) -> None:
-        """Raise `ValueError` for any bad value, before any expensive work."""
-        datasets.get_spec(self.dataset)
-        if self.model not in models.MODELS:
-            raise ValueError(f"Unknown model {self.model!r}; choose one of {sorted(models.MODELS)}.")
-        unknown = [a for a in self.arms if a not in ARMS]  # no arm: pretraining only
-        if unknown:
-            raise ValueError(f"Unknown arms {unknown}; choose from {list(ARMS)}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"Unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}.")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"Unknown strategy {self.strategy!r}; choose one of {list(STRATEGIES)}.")
-        if self.kernel_quantizer not in (None, *models.WEIGHT_QUANTIZERS):
-            raise ValueError(
-                f"Unknown kernel quantizer {self.kernel_quantizer!r}; "
-                f"choose one of {list(models.WEIGHT_QUANTIZERS)}."
-            )
-        for name in ("pretrain_epochs", "finetune_epochs", "warmup_epochs", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
-        for name in ("batch_size", "steps_per_epoch", "limit", "image_size", "backup_every"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}={value} must be >= 1.")
-        if self.preset not in (None, *PRESETS):
-            raise ValueError(f"Unknown preset {self.preset!r}; choose one of {list(PRESETS)}.")
-        if self.verbose not in (0, 1, 2):
-            raise ValueError(f"verbose={self.verbose} must be 0, 1 or 2.")
-        if self.pretrain_here and self.pretrained:
-            raise ValueError(f"pretrain_here (--pretrain) and pretrained={self.pretrained!r} "
-                             "contradict each other: give one of them.")
-        if self.pretrain_epochs == 0 and not self.pretrained:
-            raise ValueError("pretrain_epochs=0 needs a pretrained checkpoint to fine-tune from.")
-        for arm, values in self.tuned.items():
-            if arm not in TUNED_ARMS:
-                raise ValueError(f"tuned settings for {arm!r}, which is not a tuned arm; "
-                                 f"give them for one of {list(TUNED_ARMS)}.")
-            unknown = sorted(set(values) - set(ARM_FIELDS))
-            if unknown:
-                raise ValueError(f"the {arm} arm's settings {unknown} are not an arm's; "
-                                 f"an arm may set {list(ARM_FIELDS)}.")
-        for config in (self, *(self.for_arm(arm) for arm in self.arms)):
-            for name in ("lr", "finetune_lr", "bop_threshold", "bop_gamma"):
-                value = getattr(config, name)
-                if value is not None and not value > 0:
-                    raise ValueError(f"{name}={value} must be > 0.")
-        for arm in self.arms:  # every arm's quantizer options are valid
-            options = self.quantizer_options(arm)
-            if options is not None:
-                check_options(**options)
-        if self.pretrained and not os.path.exists(self.pretrained):
-            raise ValueError(
-                f"pretrained={self.pretrained!r} does not exist: give a train.py output "
-                "directory or its pretrain/weights.h5."
-            )
-
-    def quantizer_options(self, arm: str) -> dict | None:
-        """The `NoisyMappedQuantizer` options of `arm` (`None` for sign weights)."""
-        if ARMS[arm].quantizer is None:
-            return None
-        config = self.for_arm(arm)
-        options = {k: getattr(config, k) for k in OPTIONS if getattr(config, k, None) is not None}
-        return {**options, **ARMS[arm].quantizer}
-
-    @property
-    def spec(self):
-        return datasets.get_spec(self.dataset)
-
-    @property
-    def input_shape(self) -> tuple:
-        h, w, c = self.spec.image_shape
-        return (self.image_size, self.image_size, c) if self.image_size else (h, w, c)
-
-    @property
-    def steps_per_epoch_run(self) -> int:
-        """Training steps in one epoch of this run (the split's batches, capped)."""
-        steps = datasets.batches_per_epoch(self.dataset, "train", self.batch_size, self.limit)
-        return min(steps, self.steps_per_epoch) if self.steps_per_epoch else steps
-
-    def load_split(self, split: str):
-        """The batched dataset of `split` ("validation" or "test"; "train": one epoch
-        per iteration, see `train_stream` for a run's reproducible epochs)."""
-        dataset, _ = datasets.load(
-            self.dataset, split, self.batch_size, seed=self.seed, data_dir=self.data_dir,
-            image_size=self.image_size, limit=self.limit,
-        )
-        return dataset
-
-    def train_stream(self, stream: str, epochs: int, position: int = 0):
-        """Epochs `0 .. epochs - 1` of `stream` (one of `STREAMS`) from global step
-        `position` on: the batches are a function of (seed, stream, epoch) alone."""
-        first, skip = divmod(position, self.steps_per_epoch_run)
-        dataset, _ = datasets.load(
-            self.dataset, "train", self.batch_size, data_dir=self.data_dir,
-            seed=self.seed * len(STREAMS) + STREAMS.index(stream), image_size=self.image_size,
-            limit=self.limit, epochs=(first, epochs), skip=skip,
-            steps_per_epoch=self.steps_per_epoch,
-        )
-        return dataset
-
-    def to_json(self) -> dict:
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in dataclasses.fields(self) if f.init}
-
-    def arm_settings(self, arm: str) -> dict:
-        """What `arm` fine-tunes with, as it resolves: its learning rate, Bop's threshold
-        and gamma (the bop arm; `None`: larq's defaults) and its quantizer options."""
-        config = self.for_arm(arm)
-        settings = {"finetune_lr": config.finetune_lr}
-        if ARMS[arm].bop:
-            settings.update(bop_threshold=config.bop_threshold, bop_gamma=config.bop_gamma)
-        return {**settings, **(self.quantizer_options(arm) or {})}
-
-    def recorded(self) -> dict:
-        """What config.json records: every setting, and every arm's fine-tuning settings
-        as they resolve (`"<arm>.<field>"`), so that a resumed run is checked against
-        the values its arms use, wherever they came from."""
-        record = {**self.to_json(), "machine": machine()}
-        for arm in ARMS:
-            record.update({f"{arm}.{k}": v for k, v in self.arm_settings(arm).items()})
-        return record
-
-
-_FIELD_TYPES = {k: v for k, v in typing.get_type_hints(TrainConfig).items() if k != "_resolved"}
-
-
-def read_hparams(specs) -> tuple[dict, dict[str, dict]]:
-    """`--hparams [ARM=]FILE ...` (tune.py's best_hparams.json files) as the settings of
-    every arm (a bare FILE: any `TrainConfig` fields) and `{arm: settings}` (ARM=FILE:
-    `ARM_FIELDS` of a tuned arm). `ValueError` naming the file for anything else, and
-    for a setting given both ways."""
-    common, tuned = {}, {}
-    for spec in specs or ():
-        arm, sep, path = spec.partition("=")
-        arm, path = (arm, path) if sep else (None, spec)
-        if arm is not None and arm not in TUNED_ARMS:
-            raise ValueError(f"--hparams {spec!r}: {arm!r} is not a tuned arm; give ARM=FILE "
-                             f"with ARM one of {list(TUNED_ARMS)}, or a bare FILE for every arm.")
-        values = read_json(path, "give the best_hparams.json written by tune.py")
-        if not isinstance(values, dict):
-            raise ValueError(f"--hparams {path!r} must hold a JSON object of settings, "
-                             f"not {type(values).__name__} {values!r}")
-        fields = ARM_FIELDS if arm else tuple(_FIELD_TYPES)
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ValueError(f"--hparams {path!r} has keys {unknown} that "
-                             + (f"are not an arm's; valid keys are {list(fields)}" if arm
-                                else f"are not settings; valid keys are {sorted(fields)}"))
-        try:
-            TrainConfig.check_types(values)
-        except ValueError as error:
-            raise ValueError(f"--hparams {path!r}: {error}") from None
-        if arm:
-            tuned[arm] = values
-        else:
-            common.update(values)
-    both = sorted(set(common) & {k for values in tuned.values() for k in values})
-    if both:
-        raise ValueError(f"--hparams: {both} given both for every arm (a bare FILE) and per "
-                         "arm (ARM=FILE); give each in one of them.")
-    return common, tuned
-
-
-def _type_error(name: str, value, hint) -> str | None:
-    """Why `value` is not of type `hint` (or not finite), or `None`."""
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    options = typing.get_args(hint) if union else (hint,)
-    if value is None:
-        return None if type(None) in options else f"{name} must be set, not null"
-    for option in options:
-        kind = typing.get_origin(option) or option
-        if kind is bool and isinstance(value, bool):
-            return None
-        if isinstance(value, bool):
-            continue
-        if kind is int and isinstance(value, int):
-            return None
-        if kind is float and isinstance(value, (int, float)):
-            return None if math.isfinite(value) else f"{name}={value!r} must be a finite number"
-        if kind is str and isinstance(value, str):
-            return None
-        if kind is tuple and isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value):
-            return None
-        if kind is dict and isinstance(value, dict):
-            return None
-    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
-             tuple: "a list of strings", dict: "an object"}
-    wanted = " or ".join(names[typing.get_origin(o) or o] for o in options if o is not type(None))
-    return f"{name}={value!r} must be {wanted}"
 
 
 # --------------------------------------------------------------------------- models
@@ -368,10 +63,8 @@ def _optimizer(config: TrainConfig, lr: float, bop: bool = False):
     optimizer for every other variable (larq's `CaseOptimizer`, which takes Keras'
     legacy optimizers)."""
     optimizers = tf.keras.optimizers.legacy if bop else tf.keras.optimizers
-    if config.optimizer == "sgd":
-        optimizer = optimizers.SGD(lr, momentum=0.9)
-    else:
-        optimizer = optimizers.Adam(lr)
+    sgd = config.optimizer == "sgd"
+    optimizer = optimizers.SGD(lr, momentum=0.9) if sgd else optimizers.Adam(lr)
     if not bop:
         return optimizer
     options = {"threshold": config.bop_threshold, "gamma": config.bop_gamma}
@@ -382,16 +75,11 @@ def _optimizer(config: TrainConfig, lr: float, bop: bool = False):
 
 
 def _compile(model, config: TrainConfig, lr: float, bop: bool = False) -> None:
-    optimizer = _optimizer(config, lr, bop)
     metrics = ["accuracy"]
     if config.spec.num_classes >= 100:
         metrics.append(tf.keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5"))
-    model.compile(
-        optimizer,
-        tf.keras.losses.SparseCategoricalCrossentropy(),
-        metrics=metrics,
-        jit_compile=config.jit,
-    )
+    model.compile(_optimizer(config, lr, bop), tf.keras.losses.SparseCategoricalCrossentropy(),
+                  metrics=metrics, jit_compile=config.jit)
 
 
 def build_baseline(config: TrainConfig, weights: str | None = None):
@@ -406,41 +94,8 @@ def build_baseline(config: TrainConfig, weights: str | None = None):
         try:
             model.load_weights(weights)
         except (ValueError, OSError) as error:
-            raise CheckpointError(_unloadable(config, weights, error)) from None
+            raise CheckpointError(checkpoint_mismatch(config, weights, error)) from None
     return model
-
-
-def _unloadable(config: TrainConfig, weights: str, error: Exception) -> str:
-    """Why `weights` do not load into `config`'s model (`error`: Keras'), and what to do:
-    they are another model's (a `ValueError`: layers or shapes that differ; their run's
-    config.json names its model, dataset or image size) or the file is damaged. Never
-    "delete it" for a file given as `--pretrained`."""
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if not isinstance(error, ValueError):
-        fix = ("give another pretrained checkpoint" if config.pretrained
-               else "delete it to train it again")
-        return f"{weights} is corrupted or truncated ({reason}): {fix}."
-    run = pretrained_run(weights)
-    saved = run.saved_settings() if run else {}
-    differ = [k for k in ("model", "dataset", "image_size")
-              if k in saved and saved[k] != getattr(config, k)]
-    if not differ:
-        return (
-            f"{weights} does not fit model {config.model!r} with input {config.input_shape} and "
-            f"{config.spec.num_classes} classes ({reason}): give a checkpoint of that model, or "
-            "run with the --model and --dataset it was trained with."
-        )
-
-    def flags(values) -> str:
-        return " ".join(f"--{k.replace('_', '-')} {values[k]}" if values[k] is not None
-                        else f"no --{k.replace('_', '-')}" for k in differ)
-
-    theirs, ours = saved, {k: getattr(config, k) for k in differ}
-    return (
-        f"{weights} holds the weights of " + ", ".join(f"{k} {theirs[k]!r}" for k in differ)
-        + f" ({run.config} says so), not of " + ", ".join(f"{k} {ours[k]!r}" for k in differ)
-        + f": give a checkpoint pretrained with {flags(ours)}, or run with {flags(theirs)}."
-    )
 
 
 def build_arm(config: TrainConfig, arm: str, weights: str):
@@ -475,29 +130,6 @@ class _MapperWarmup(tf.keras.Model):
 # --------------------------------------------------------------------------- phases
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; the message says what it was doing and where."""
-
-
-class Progress:
-    """What a run is doing (`doing`, set as it goes); as a context manager, it turns a
-    `KeyboardInterrupt` (Ctrl-C) into `Interrupted` saying so."""
-
-    def __init__(self, root: str):
-        self.root = root
-        self.doing = "starting"
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, kind, error, traceback) -> None:
-        if isinstance(error, KeyboardInterrupt) and not isinstance(error, Interrupted):
-            raise Interrupted(
-                f"interrupted while {self.doing} in {self.root}; finished phases and arms "
-                "and the last backup are kept: run the same command again to resume."
-            ) from None
-
-
 @dataclasses.dataclass(frozen=True)
 class Session:
     """What every phase of one `run` shares: set once, at its start."""
@@ -518,9 +150,8 @@ class Session:
     def summary(self, model, kind: str) -> None:
         """`lq.models.summary` once per model kind. Every worker computes it (it reads
         distributed variables, with collectives); the chief prints it."""
-        show = kind not in self.summaries_shown
-        self.summaries_shown.add(kind)
-        if show:
+        if kind not in self.summaries_shown:
+            self.summaries_shown.add(kind)
             lq.models.summary(model, print_fn=self.log)
 
     def evaluate(self, model) -> dict:
@@ -531,10 +162,6 @@ class Session:
             if "top5" in logs:
                 scores[f"{split}_top5"] = float(logs["top5"])
         return scores
-
-
-def _epochs(n: int) -> str:
-    return f"{n} epoch" + ("" if n == 1 else "s")
 
 
 def lr_schedule(c: TrainConfig, stream: str, lr: float, epochs: int):
@@ -585,25 +212,19 @@ def fit_phase(session: Session, model, phase_dir: str, name: str, stream: str, l
         callbacks.append(HistoryCSV(RunDir.history(phase_dir)))
     if c.verbose == 2 or (c.verbose and not session.chief):
         callbacks.append(EpochLine(name, epochs, print))
-    model.fit(
-        c.train_stream(stream, epochs, position),
-        epochs=epochs,
-        steps_per_epoch=steps,
-        validation_data=session.validation,
-        callbacks=callbacks,
-        verbose=1 if bars else 0,
-    )
+    model.fit(c.train_stream(stream, epochs, position), epochs=epochs, steps_per_epoch=steps,
+              validation_data=session.validation, callbacks=callbacks, verbose=1 if bars else 0)
     return clock.total, position > 0
 
 
-def pretrain(session: Session) -> str:
+def run_pretraining(session: Session) -> str:
     """Phase 1: the sign baseline's weights file, trained now or found done."""
     c, run_dir = session.config, session.run_dir
     if c.pretrained:
         path = pretrained_weights_path(c.pretrained)
         shipped = c.pretrained == shipped_checkpoint(c.dataset)
         session.header(f"Phase 1/2: skipped, fine-tuning from {path}" + (
-            f" (shipped, pretrained {_epochs(c.pretrain_epochs)}; --pretrain pretrains here)"
+            f" (shipped, pretrained {report._epochs(c.pretrain_epochs)}; --pretrain pretrains here)"
             if shipped else ""))
         return path
     weights = run_dir.pretrained_weights
@@ -615,7 +236,7 @@ def pretrain(session: Session) -> str:
     session.progress.doing = "pretraining"
     session.header(
         f"Phase 1/2: pretraining the sign baseline: {c.model} on {c.dataset}, "
-        f"{_epochs(c.pretrain_epochs)}, {c.optimizer} lr {c.lr}, batch {c.batch_size}"
+        f"{report._epochs(c.pretrain_epochs)}, {c.optimizer} lr {c.lr}, batch {c.batch_size}"
     )
     with session.strategy.scope():
         tf.keras.utils.set_random_seed(c.seed)
@@ -636,7 +257,7 @@ def pretrain(session: Session) -> str:
 def warmup(session: Session, c: TrainConfig, model, arm_dir: str) -> float:
     """Train the mappers alone first (`c`: the arm's settings), BatchNorm frozen too
     (inference mode)."""
-    session.log(f"warm-up: {_epochs(c.warmup_epochs)} of the mappers alone")
+    session.log(f"warm-up: {report._epochs(c.warmup_epochs)} of the mappers alone")
     batchnorms = [l for l in model.layers if isinstance(l, tf.keras.layers.BatchNormalization)]
     for layer in batchnorms:
         layer.trainable = False
@@ -657,13 +278,12 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
     c = session.config.for_arm(arm)
     arm_dir = session.run_dir.arm(arm)
     options = c.quantizer_options(arm)
+    bop = {"threshold": c.bop_threshold, "gamma": c.bop_gamma}  # None: larq's default
     session.header(
-        f"Phase 2/2: fine-tuning arm '{arm}' for {_epochs(c.finetune_epochs)}, "
+        f"Phase 2/2: fine-tuning arm '{arm}' for {report._epochs(c.finetune_epochs)}, "
         f"lr {c.finetune_lr:.3g}, "
         + ("sign weights" if options is None else f"mapper options: {report.describe(options)}")
-        + (f", Bop {report.describe({'threshold': c.bop_threshold, 'gamma': c.bop_gamma})}"
-           if ARMS[arm].bop else "")
-    )
+        + (f", Bop {report.describe(bop)}" if ARMS[arm].bop else ""))
     if options is not None and options.get("alpha", 1) > 0:
         session.log("The loss is cross-entropy + aux_loss, the noisy-supervision term alpha * "
                     "sum_i l_i; its corrected squared loss is not bounded below, so the total "
@@ -685,8 +305,8 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
         "quantizer": options,
         "machine": machine(),  # where it finished: digits differ between CPU types
     }
-    if ARMS[arm].bop:  # None: larq's default
-        result["bop"] = {"threshold": c.bop_threshold, "gamma": c.bop_gamma}
+    if ARMS[arm].bop:
+        result["bop"] = bop
     result["flip_rate"] = mean_flip_rate(model, result["flip_rates"])
     if options is not None:
         result["mapper_flip_rate"] = mean_flip_rate(model, flip_rates(model))
@@ -733,7 +353,7 @@ def check_lineage(run_dir: RunDir, fingerprint: str) -> None:
         )
 
 
-def baseline(session: Session, weights: str, fingerprint: str, reference) -> dict:
+def evaluate_baseline(session: Session, weights: str, fingerprint: str, reference) -> dict:
     """The pretrained model's accuracy, evaluated once per pretrained checkpoint."""
     path = session.run_dir.baseline
     if os.path.exists(path):
@@ -746,7 +366,7 @@ def baseline(session: Session, weights: str, fingerprint: str, reference) -> dic
     return scores
 
 
-def pretraining(config: TrainConfig, run_dir: RunDir, weights: str) -> dict:
+def pretraining_origin(config: TrainConfig, run_dir: RunDir, weights: str) -> dict:
     """How the baseline's `weights` were pretrained: in which `run` directory, for how
     many `epochs` (as its config.json says); `None` for what is not known (`--pretrained`
     given a weights file of no run)."""
@@ -762,21 +382,16 @@ def pretraining(config: TrainConfig, run_dir: RunDir, weights: str) -> dict:
     return {"run": source.root, "epochs": source.saved_settings().get("pretrain_epochs")}
 
 
-def collect_results(run_dir: RunDir, config: TrainConfig, baseline_scores: dict,
-                    pretrained: dict) -> dict:
-    """results.json: the baseline, how it was `pretrained` (`pretraining`) and every
-    finished arm of the directory."""
-    arms = {}
-    for arm in ARMS:
-        result = run_dir.read_result(run_dir.arm(arm))
-        if result is not None:
-            arms[arm] = result
-    return {"config": config.to_json(), "dataset": config.dataset, "model": config.model,
-            "machine": machine(), "baseline": baseline_scores, "pretraining": pretrained,
-            "arms": arms}
-
-
-def publish(run_dir: RunDir, results: dict) -> None:
+def write_results(session: Session, baseline_scores: dict, pretrained: dict) -> dict:
+    """results.json: the baseline, how it was `pretrained` (`pretraining_origin`) and every
+    finished arm of the directory; written by the chief, with results.md and the plots."""
+    config, run_dir = session.config, session.run_dir
+    arms = {arm: run_dir.read_result(run_dir.arm(arm)) for arm in ARMS}
+    results = {"config": config.to_json(), "dataset": config.dataset, "model": config.model,
+               "machine": machine(), "baseline": baseline_scores, "pretraining": pretrained,
+               "arms": {arm: result for arm, result in arms.items() if result is not None}}
+    if not session.chief:
+        return results
     write_json(run_dir.path("results.json"), results)
     with atomic_path(run_dir.path("results.md")) as tmp:
         report.write_results_md(results, tmp)
@@ -784,6 +399,7 @@ def publish(run_dir: RunDir, results: dict) -> None:
         report.plot_accuracy(run_dir.root, results, tmp)
     with atomic_path(run_dir.path("flip_rates.png")) as tmp:
         report.plot_flip_rates(results, tmp)
+    return results
 
 
 @contextlib.contextmanager
@@ -808,27 +424,6 @@ def run_environment(config: TrainConfig):
             tf_config.disable_op_determinism()
 
 
-def shipped_checkpoint(dataset: str) -> str | None:
-    """The weights file the dataset's protocol ships (models/weights/), if any."""
-    name = get_protocol(dataset).checkpoint
-    return os.path.join(models.WEIGHTS_DIR, name) if name else None
-
-
-def settings_note(c: TrainConfig) -> str:
-    """Which fine-tuning settings the run's arms take, and why."""
-    protocol = get_protocol(c.dataset)
-    if protocol.tuned_model not in (None, c.model) and c.preset == "paper":
-        return (f"Fine-tuning settings: the paper's (--preset paper), as {c.dataset}'s tuned "
-                f"settings belong to {protocol.tuned_model}, not {c.model}: with the sum "
-                "reduction, alpha's scale grows with the size of the layers.")
-    if c.preset:
-        return f"Fine-tuning settings: the preset {c.preset!r}, one learning rate for every arm."
-    if protocol.tuned_model:
-        return (f"Fine-tuning settings: each arm's own, tuned for {c.model} on {c.dataset} "
-                "(docs/RESULTS.md section 0); flags and --hparams win.")
-    return f"Fine-tuning settings: {c.dataset}'s protocol ({protocol.note})."
-
-
 def run(config: TrainConfig) -> dict:
     """Run the protocol described by `config`; returns the content of results.json.
 
@@ -836,7 +431,7 @@ def run(config: TrainConfig) -> dict:
     another process runs in (`rundir.RunInUse`: the directory is locked while the run
     runs); an unreadable file raises `rundir.RunFileError` naming it; a diverging loss
     raises `TrainingDiverged` and keeps the last good checkpoint; Ctrl-C raises
-    `Interrupted` saying what the run was doing.
+    `errors.Interrupted` saying what the run was doing.
     """
     config = config.resolved()
     run_dir = RunDir(config.output_dir)
@@ -863,7 +458,7 @@ def run(config: TrainConfig) -> dict:
             log=(lambda *a, **k: None) if quiet else print, progress=progress,
         )
         session.log(settings_note(config))
-        weights = pretrain(session)
+        weights = run_pretraining(session)
         progress.doing = "evaluating the baseline"
         fingerprint = weights_fingerprint(
             weights, "give another pretrained checkpoint" if config.pretrained
@@ -872,13 +467,11 @@ def run(config: TrainConfig) -> dict:
         check_lineage(run_dir, fingerprint)
         reference = build_baseline(config, weights)
         _compile(reference, config, config.lr)
-        scores = baseline(session, weights, fingerprint, reference)
+        scores = evaluate_baseline(session, weights, fingerprint, reference)
         session.log(f"baseline (pretrained sign model): val accuracy {scores['val_accuracy']:.4f}, "
                     f"test accuracy {scores['test_accuracy']:.4f}")
-        pretrained = pretraining(config, run_dir, weights)
-        results = collect_results(run_dir, config, scores, pretrained)
-        if chief:
-            publish(run_dir, results)
+        pretrained = pretraining_origin(config, run_dir, weights)
+        results = write_results(session, scores, pretrained)
         for arm in config.arms:
             arm_dir = run_dir.arm(arm)
             if run_dir.read_result(arm_dir) is not None:
@@ -896,9 +489,7 @@ def run(config: TrainConfig) -> dict:
                 tflite = export.export_run(run_dir.root, arm=arm, verbose=bool(config.verbose))
                 result = run_dir.read_result(arm_dir)
                 write_json(run_dir.result(arm_dir), {**result, "tflite": tflite["tflite"]})
-            results = collect_results(run_dir, config, scores, pretrained)
-            if chief:
-                publish(run_dir, results)
+            results = write_results(session, scores, pretrained)
         session.header(f"Done: {run_dir.path('results.md')}")
         if chief and config.verbose:
             with open(run_dir.path("results.md")) as f:

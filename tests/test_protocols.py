@@ -42,7 +42,7 @@ def test_unknown_dataset_names_the_choices():
 @pytest.mark.parametrize("dataset", sorted(PROTOCOLS))
 def test_every_protocol_resolves_with_valid_settings_per_arm(dataset):
     from harness.protocols import ARMS, TUNED_ARMS
-    from harness.training import ARM_FIELDS, TrainConfig
+    from harness.settings import ARM_FIELDS, TrainConfig
 
     protocol = get_protocol(dataset)
     assert set(protocol.tuned) <= set(TUNED_ARMS)
@@ -55,7 +55,7 @@ def test_every_protocol_resolves_with_valid_settings_per_arm(dataset):
 def test_each_arm_resolves_its_settings_in_one_order(monkeypatch):
     import dataclasses
 
-    from harness.training import TrainConfig
+    from harness.settings import TrainConfig
 
     protocol = dataclasses.replace(PROTOCOLS["mnist"], finetune_lr=1e-3, tuned={
         "lns": {"alpha": 0.25, "mapper": "mlp", "finetune_lr": 2e-3},

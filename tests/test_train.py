@@ -402,14 +402,14 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 def test_errors_are_one_line_with_the_right_exit_code():
     from harness import errors
 
-    code, message = errors.describe(OSError(28, "No space left on device", "/runs/x/checkpoint.h5"))
+    code, message = errors.exit_status(OSError(28, "No space left on device", "/runs/x/checkpoint.h5"))
     assert code == 1 and "/runs/x/checkpoint.h5" in message and "No space left" in message
-    code, message = errors.describe(
+    code, message = errors.exit_status(
         tf.errors.InternalError(None, None, "Collective instance 1 expected type 0\nmore detail"))
     assert code == 1 and "InternalError" in message and "corrupted" not in message
     assert "\n" not in message
-    assert errors.describe(ValueError("bad"))[0] == 2
-    assert errors.describe(KeyError("a bug"))[0] is None  # a bug keeps its traceback
+    assert errors.exit_status(ValueError("bad"))[0] == 2
+    assert errors.exit_status(KeyError("a bug"))[0] is None  # a bug keeps its traceback
 
 
 def test_ctrl_c_in_any_script_is_one_line_and_exit_130(capsys):
@@ -422,8 +422,8 @@ def test_ctrl_c_in_any_script_is_one_line_and_exit_130(capsys):
     err = capsys.readouterr().err
     assert err == ("export.py: interrupted; files already written are kept: run the same "
                    "command again.\n")
-    where = training.Interrupted("interrupted while pretraining in runs/x; ...")
-    assert errors.describe(where) == (130, str(where))  # train.py's names the stage
+    where = errors.Interrupted("interrupted while pretraining in runs/x; ...")
+    assert errors.exit_status(where) == (130, str(where))  # train.py's names the stage
 
 
 def _lock(out, pid, host=None):
