@@ -1,18 +1,15 @@
 """Deployment: binary against float TFLite, size and latency, per model.
 
 Each model is built with LNS mappers (`to_mapped`) and exported with
-`larq_noisy.export.export_model` (bake, convert with Larq Compute Engine, check every
-binarized conv is an `LceBconv2d` and LCE agrees with Keras, compare with the float
-twin). Latency is the median of batch-1 inferences through LCE's Python interpreter on
-this machine. Sizes and op counts do not depend on the weights, so untrained models
-stand in; `--run` adds the lns arm of a train.py run (`harness.exporting.export_arm`, as
-train.py --export does), verified on its real test images.
+`larq_noisy.export.export_model`, which also converts its float twin. Sizes and op
+counts do not depend on the weights, so untrained models stand in; `--run` adds the lns
+arm of a train.py run (`harness.exporting.export_arm`, as train.py --export), verified
+on its test images. Latency: the median of batch-1 inferences through LCE's Python
+interpreter on this machine (on x86, LCE's binary kernels fall back to portable code:
+measure the device itself with `lce_benchmark_model`, see the README).
 
     .venv/bin/python bench/deployment.py
     .venv/bin/python bench/deployment.py --run bench_runs/accuracy/seed0/lns --threads 1 2
-
-LCE's optimized binary kernels target ARM (aarch64); on x86 they fall back to portable
-code, so measure the device itself with LCE's `lce_benchmark_model` (see the README).
 """
 
 from __future__ import annotations
@@ -70,7 +67,7 @@ def main():
     p.add_argument("--json", help="also write the reports to this file")
     args = p.parse_args()
     if args.run and "lns" not in RunDir(args.run).trained_arms():
-        p.error(f"--run {args.run!r} has no finished lns arm (arms/lns/)")
+        p.error(f"--run {args.run!r} has no finished lns arm (arms/lns/model.h5)")
 
     out_dir = tempfile.mkdtemp(prefix="deployment-")
     reports, lines = {}, [
