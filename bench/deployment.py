@@ -1,18 +1,15 @@
 """Deployment: binary against float TFLite, size and latency, per model.
 
-Each model is built with LNS mappers (`to_mapped`), exported the way train.py --export
-does (`larq_noisy.export.export_model`: bake, convert with Larq Compute Engine, check
-that every binarized conv is an `LceBconv2d` and that LCE agrees with Keras), and
-compared with its float twin (the same network with the quantizers removed). Latency
-is the median of batch-1 inferences through LCE's Python interpreter on this machine.
-Sizes and op counts do not depend on the weights, so untrained models stand in;
-`--run` adds a trained train.py run, verified on its real test images.
+Each model is built with LNS mappers (`to_mapped`) and exported with
+`larq_noisy.export.export_model`, which also converts its float twin. Sizes and op
+counts do not depend on the weights, so untrained models stand in; `--run` adds the lns
+arm of a train.py run (`harness.exporting.export_arm`, as train.py --export), verified
+on its test images. Latency: the median of batch-1 inferences through LCE's Python
+interpreter on this machine (on x86, LCE's binary kernels fall back to portable code:
+measure the device itself with `lce_benchmark_model`, see the README).
 
-    .venv/bin/python bench/deployment.py                  # ~4 min on 2 CPU cores
-    .venv/bin/python bench/deployment.py --run bench_runs/accuracy/seed0/arms --threads 1 2
-
-LCE's optimized binary kernels target ARM (aarch64); on x86 they fall back to portable
-code, so measure the device itself with LCE's `lce_benchmark_model` (see the README).
+    .venv/bin/python bench/deployment.py
+    .venv/bin/python bench/deployment.py --run bench_runs/accuracy/seed0/lns --threads 1 2
 """
 
 from __future__ import annotations
@@ -31,6 +28,8 @@ import tensorflow as tf  # noqa: E402
 
 import models  # noqa: E402
 from harness import datasets  # noqa: E402
+from harness.exporting import export_arm  # noqa: E402
+from harness.rundir import RunDir  # noqa: E402
 from larq_noisy import export, to_mapped  # noqa: E402
 
 #: Each model at the shapes of the dataset it is trained on.
@@ -67,8 +66,8 @@ def main():
     p.add_argument("--threads", type=int, nargs="+", default=[1])
     p.add_argument("--json", help="also write the reports to this file")
     args = p.parse_args()
-    if args.run and not os.path.isdir(os.path.join(args.run, "arms", "lns")):
-        p.error(f"--run {args.run!r} has no finished lns arm (arms/lns/)")
+    if args.run and "lns" not in RunDir(args.run).trained_arms():
+        p.error(f"--run {args.run!r} has no finished lns arm (arms/lns/model.h5)")
 
     out_dir = tempfile.mkdtemp(prefix="deployment-")
     reports, lines = {}, [
@@ -86,8 +85,8 @@ def main():
             lines.append(row(f"{name} (untrained)", threads, report))
             print(lines[-1], flush=True)
         if args.run:
-            report = export.export_run(args.run, os.path.join(out_dir, "run.tflite"), arm="lns",
-                                       threads=threads, benchmark=True, verbose=False)
+            report = export_arm(args.run, "lns", os.path.join(out_dir, "run.tflite"),
+                                threads=threads, benchmark=True, verbose=False)
             reports[f"run/{threads}"] = report
             lines.append(row(f"{report['model']} (trained, `{args.run}`)", threads, report))
             print(lines[-1], flush=True)

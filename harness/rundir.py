@@ -7,6 +7,7 @@
     arms/<arm>/pretrained.json   the pretrained weights the arm started from (fingerprint)
     arms/<arm>/result.json       written when the arm is done: the arm is not redone
     arms/<arm>/model.h5          the baked, deployable model (a stock Larq model)
+    arms/<arm>/model.tflite      its LCE flatbuffer and, in model.tflite.json, its report
     <phase>/checkpoint.h5        last good end-of-epoch weights of a phase
     <phase>/backup/              Keras' BackupAndRestore state of an unfinished phase
     <phase>/history.csv          per-epoch loss, accuracy, lr, flip rates, wall time
@@ -343,6 +344,36 @@ class RunDir:
         except RunFileError:
             return {}
         return saved if isinstance(saved, dict) else {}
+
+    def is_run(self) -> bool:
+        """Whether the directory holds a train.py run (its config.json or arms/)."""
+        return os.path.isdir(self.path("arms")) or os.path.isfile(self.config)
+
+    def read_config(self) -> dict:
+        """The settings config.json records; `FileNotFoundError` without one."""
+        if not os.path.isfile(self.config):
+            raise FileNotFoundError(
+                f"{self.config!r} does not exist: is {self.root!r} a train.py run?")
+        return read_json(self.config, "restore it from the run, or export the model file itself")
+
+    def trained_arms(self) -> list[str]:
+        """The arms that have a model.h5, sorted."""
+        arms = self.path("arms")
+        listed = os.listdir(arms) if os.path.isdir(arms) else []
+        return sorted(arm for arm in listed if os.path.isfile(self.model(self.arm(arm))))
+
+    def arm_model(self, arm: str) -> str:
+        """The baked model train.py saved for `arm`; `ValueError` naming the trained arms
+        if it has none."""
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"Run directory {self.root!r} does not exist.")
+        path = self.model(self.arm(arm))
+        if not os.path.isfile(path):
+            trained = self.trained_arms()
+            choices = f"the trained arms are {trained}" if trained else "no arm has a model.h5 yet"
+            raise ValueError(
+                f"Arm {arm!r} was not trained in run {self.root!r} (no {path}); {choices}.")
+        return path
 
     def read_result(self, phase_dir: str) -> dict | None:
         """The `result.json` of a finished phase or arm, `None` if it has none."""

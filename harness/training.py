@@ -483,10 +483,10 @@ def run(config: TrainConfig) -> dict:
                     write_json(run_dir.lineage(arm), {"weights": weights, "sha256": fingerprint})
                 finetune(session, arm, weights, reference)
             if config.export and chief:
-                from larq_noisy import export  # LCE only when exporting
+                from harness.exporting import export_arm  # LCE only when exporting
 
                 progress.doing = f"exporting arm {arm!r}"
-                tflite = export.export_run(run_dir.root, arm=arm, verbose=bool(config.verbose))
+                tflite = export_arm(run_dir.root, arm, verbose=bool(config.verbose))
                 result = run_dir.read_result(arm_dir)
                 write_json(run_dir.result(arm_dir), {**result, "tflite": tflite["tflite"]})
             results = write_results(session, scores, pretrained)

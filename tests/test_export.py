@@ -1,4 +1,5 @@
-"""`larq_noisy.export`: baked, converted, verified LCE flatbuffers, and its CLI."""
+"""`larq_noisy.export`: baked, converted, verified LCE flatbuffers; `harness.exporting`
+(an arm of a run) and the CLI."""
 
 import json
 
@@ -10,10 +11,10 @@ import tensorflow as tf
 import larq_noisy
 import models
 from conftest import set_batchnorm_statistics, tiny_bnn
-from harness import datasets
+from harness import datasets, exporting
 from larq_noisy import export
 from export import main
-from larq_noisy.export import VerificationError, export_model, export_run
+from larq_noisy.export import VerificationError, export_model
 
 FASHION_SHAPE = (28, 28, 1)
 
@@ -177,8 +178,8 @@ def test_cli_exits_1_and_writes_nothing_when_a_model_file_fails_a_check(tmp_path
 
 
 def test_missing_test_data_falls_back_to_random_inputs_and_says_so(tmp_path):
-    images, source = export._test_images("cifar10", _float_input_bnn(), 8, data_dir=tmp_path)
-    assert images is None and source == "8 random inputs (cifar10 is not on this machine)"
+    images, source = exporting.dataset_images(_float_input_bnn(), "cifar10", 8, data_dir=tmp_path)
+    assert images == 8 and source == "8 random inputs (cifar10 is not on this machine)"
 
 
 def test_cli_exits_2_on_a_missing_source(tmp_path, capsys):
@@ -214,7 +215,7 @@ def test_an_unreadable_model_of_a_run_is_trained_again_by_train_py(run_dir, caps
 def test_an_untrained_arm_lists_the_trained_ones(run_dir):
     for arm in ("mapped", "lns_rho0"):
         with pytest.raises(ValueError, match=rf"Arm '{arm}' was not trained.*\['lns', 'sign'\]"):
-            export_run(run_dir, arm=arm)
+            exporting.export_arm(run_dir, arm)
 
 
 def test_a_model_without_binarized_layers_is_refused(tmp_path):
@@ -233,6 +234,6 @@ def test_an_unwritable_output_is_refused_before_converting(where, tmp_path, monk
         "parent_is_a_file": tmp_path / "file" / "model.tflite",
         "a_directory": tmp_path,
     }[where]
-    monkeypatch.setattr(export, "convert", lambda model: pytest.fail("converted"))
+    monkeypatch.setattr(export, "convert_keras_model", lambda model: pytest.fail("converted"))
     with pytest.raises(ValueError, match="Output"):
         export_model(_float_input_bnn(), out, verbose=False)

@@ -1,0 +1,71 @@
+"""Export an arm of a train.py run with `larq_noisy.export`, verified on the run's test
+images; loading a saved model and a dataset's test images for it."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from harness import datasets
+from harness.rundir import RunDir, RunFileError, is_arm_model
+from larq_noisy import export
+
+__all__ = ["dataset_images", "export_arm", "load_model"]
+
+
+def export_arm(run_dir, arm: str, out_path=None, *, verify: int = 256,
+               dataset: str | None = None, data_dir: str | None = None, **options) -> dict:
+    """Export the model train.py saved for `arm` in `run_dir`; `export_model`'s report.
+
+    Verified on `verify` images of the run's test split (dataset and data dir from its
+    config.json; `dataset`, `data_dir` override them), or random inputs if the data is
+    not on this machine. `out_path` defaults to `<run_dir>/arms/<arm>/model.tflite`;
+    `options` go to `larq_noisy.export.export_model`.
+    """
+    run = RunDir(os.fspath(run_dir))
+    model_path = run.arm_model(arm)
+    config = run.read_config()
+    out_path = export.check_writable(out_path or os.path.join(run.arm(arm), "model.tflite"))
+    model = load_model(model_path)
+    images, source = dataset_images(model, dataset or config.get("dataset"), verify,
+                                    data_dir=data_dir or config.get("data_dir"))
+    return export.export_model(model, out_path, verify_images=images, verify_source=source,
+                               **options)
+
+
+def load_model(path: str) -> tf.keras.Model:
+    """A Keras model saved as a full-model `.h5`/`.keras` file or a SavedModel dir;
+    `RunFileError` saying what to do if it cannot be read."""
+    try:
+        return tf.keras.models.load_model(path, compile=False)
+    except (OSError, ValueError, KeyError) as error:  # truncated, not a model, not Keras'
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        fix = (f"train.py writes it again if you delete {os.path.dirname(path)} and rerun "
+               "that run's train.py command") if is_arm_model(path) else (
+            "give the path of a model saved by `model.save` (.h5, .keras or a SavedModel "
+            "directory), or a train.py run directory")
+        raise RunFileError(f"{path} is not a readable Keras model ({reason}): {fix}.") from None
+
+
+def dataset_images(model, dataset: str | None, count: int, *, data_dir=None):
+    """`export_model`'s `verify_images` and `verify_source`: up to `count` test images of
+    `dataset` at `model`'s input shape, or `count` random inputs (none for 0) without a
+    dataset or when its data is not on this machine."""
+    if count < 0:
+        raise ValueError(f"verify must be >= 0, got {count}.")
+    if not dataset or not count:
+        return count, None
+    shape = export.check_exportable(model)  # a model that cannot be exported fails first
+    try:
+        batches, _ = datasets.load(dataset, "test", min(count, 256), data_dir=data_dir,
+                                   image_size=shape[0], limit=count)
+    except FileNotFoundError as error:
+        print(f"export: {dataset} is not on this machine, verifying on random inputs ({error})")
+        return count, f"{count} random inputs ({dataset} is not on this machine)"
+    images = np.concatenate([x.numpy() for x, _ in batches])
+    if images.shape[1:] != shape:
+        raise ValueError(f"Dataset {dataset!r} gives images of shape {images.shape[1:]}, but "
+                         f"model {model.name!r} takes {shape}.")
+    return images, f"{len(images)} {dataset} test images"
