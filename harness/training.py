@@ -37,7 +37,7 @@ from harness.distribute import STRATEGIES, is_chief, make_strategy
 from harness.protocols import ARMS, PRESETS, TUNED_ARMS, get_protocol, lr_at_epoch
 from larq_noisy.conversion import bake, mapped_layers, to_mapped
 from larq_noisy.monitoring import (
-    FlipRateCallback, auxiliary_losses, flip_rates, mean_flip_rate, mean_saturation,
+    FlipRateCallback, auxiliary_losses, flip_rates, mean_saturation, size_weighted_mean,
 )
 from larq_noisy.quantizers import OPTIONS, check_options
 from harness.rundir import (
@@ -687,9 +687,9 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
     }
     if ARMS[arm].bop:  # None: larq's default
         result["bop"] = {"threshold": c.bop_threshold, "gamma": c.bop_gamma}
-    result["flip_rate"] = mean_flip_rate(model, result["flip_rates"])
+    result["flip_rate"] = size_weighted_mean(model, result["flip_rates"])
     if options is not None:
-        result["mapper_flip_rate"] = mean_flip_rate(model, flip_rates(model))
+        result["mapper_flip_rate"] = size_weighted_mean(model, flip_rates(model))
         result["saturation"] = mean_saturation(model)
         result["aux_loss"] = sum(auxiliary_losses(model).values())
         deployable = bake(model)

@@ -1,5 +1,5 @@
 """Watching the binary weights: how many flipped, how many no gradient reaches, and the
-auxiliary loss, per layer and as a Keras callback."""
+auxiliary loss, per layer and as a Keras callback (docs/METHOD.md sections 3.7 and 9)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from larq_noisy.conversion import _check_has, binarized_layers, mapped_layers
 from larq_noisy.quantizers import NoisyMappedQuantizer
 
 __all__ = [
-    "FlipRateCallback", "auxiliary_losses", "flip_rates", "mean_flip_rate", "mean_saturation",
-    "saturation",
+    "FlipRateCallback", "auxiliary_losses", "flip_rates", "mean_saturation", "saturation",
+    "size_weighted_mean",
 ]
 
 
@@ -26,7 +26,7 @@ def _binary_signs(layer) -> np.ndarray:
     """The signs of the binary kernel `layer` computes with."""
     quantizer = layer.kernel_quantizer
     if isinstance(quantizer, NoisyMappedQuantizer):
-        signs = quantizer.binary_signs(tf.cast(layer.kernel, quantizer.compute_dtype))
+        signs = quantizer.output_signs(tf.cast(layer.kernel, quantizer.compute_dtype))
         return np.asarray(signs) > 0
     return _latent_signs(layer)
 
@@ -57,22 +57,14 @@ def flip_rates(model, reference=None) -> dict[str, float]:
             )
     rates = {}
     for layer, ref in zip(layers, references):
-        signs = _binary_signs(layer)
-        if ref is None:
-            base = _latent_signs(layer)
-        else:
-            base = _binary_signs(ref)
-        rates[layer.name] = float(np.mean(signs != base))
+        base = _latent_signs(layer) if ref is None else _binary_signs(ref)
+        rates[layer.name] = float(np.mean(_binary_signs(layer) != base))
     return rates
 
 
-def mean_flip_rate(model, rates: dict[str, float]) -> float:
-    """The fraction of all binary weights of `model` that flipped, from `flip_rates`."""
-    return _size_weighted_mean(model, rates)
-
-
-def _size_weighted_mean(model, per_layer: dict[str, float]) -> float:
-    """A per-layer fraction over all the binary weights of the layers in `per_layer`."""
+def size_weighted_mean(model, per_layer: dict[str, float]) -> float:
+    """A per-layer fraction (`flip_rates`, `saturation`) over all the binary weights of
+    the layers of `model` that `per_layer` names."""
     layers = [l for l in binarized_layers(model) if l.name in per_layer]
     sizes = {l.name: int(np.prod(l.kernel.shape)) for l in layers}
     return sum(per_layer[name] * size for name, size in sizes.items()) / sum(sizes.values())
@@ -82,20 +74,15 @@ def saturation(model) -> dict[str, float]:
     """Per mapped layer, the fraction of binary weights that no gradient reaches.
 
     A weight is saturated where its mapper output is past the clip, `|f(W)| > 1`
-    with `clip="hardtanh"`: the clip's gradient is 0 there, for the auxiliary loss
-    and the task loss's STE alike (`NoisyMappedQuantizer.saturated`). With
-    `clip="none"` the STE passes every gradient, so the fraction is exactly 0: a
-    threshold on `|f(W)|` would measure how far a weight is from flipping, not
-    whether it can, and `flip_rates` already tells how many do.
+    with `clip="hardtanh"` (`NoisyMappedQuantizer.saturated`); with `clip="none"`
+    the fraction is exactly 0.
 
     # Returns
         `{layer name: fraction}` for every mapped layer (`ValueError` if none).
     """
     layers = mapped_layers(model)
     _check_has(layers, model, "mapped layer (NoisyMappedQuantizer)")
-    return {
-        l.name: float(np.mean(l.kernel_quantizer.saturated(l.kernel))) for l in layers
-    }
+    return {l.name: float(np.mean(l.kernel_quantizer.saturated(l.kernel))) for l in layers}
 
 
 def mean_saturation(model, fractions: dict[str, float] | None = None) -> float:
@@ -103,7 +90,7 @@ def mean_saturation(model, fractions: dict[str, float] | None = None) -> float:
 
     `fractions` is `saturation(model)`, computed if not given.
     """
-    return _size_weighted_mean(model, saturation(model) if fractions is None else fractions)
+    return size_weighted_mean(model, saturation(model) if fractions is None else fractions)
 
 
 def auxiliary_losses(model) -> dict[str, float]:
@@ -141,7 +128,7 @@ class FlipRateCallback(tf.keras.callbacks.Callback):
         rates = flip_rates(self.model, reference=self.reference)
         for name, rate in rates.items():
             logs[f"flip_rate/{name}"] = rate
-        logs["flip_rate"] = mean_flip_rate(self.model, rates)
+        logs["flip_rate"] = size_weighted_mean(self.model, rates)
         if not mapped_layers(self.model):
             return
         fractions = saturation(self.model)
