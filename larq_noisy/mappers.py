@@ -57,15 +57,12 @@ class BatchStatNormalization(tf.keras.layers.Layer):
             # a 1 x rows x 1 image: statistics in float32 for float16 inputs (as Keras'
             # BatchNormalization), with the biased variance, as tf.nn.moments.
             rows = tf.reshape(inputs, (1, -1, 1, channels))
-            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                rows, self.gamma, self.beta, epsilon=self.epsilon, is_training=True
-            )
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(rows, self.gamma, self.beta,
+                                                       epsilon=self.epsilon, is_training=True)
             return tf.reshape(y, tf.shape(inputs))
         mean, variance = tf.nn.moments(inputs, axes=list(range(len(inputs.shape) - 1)))
-        return tf.nn.batch_normalization(
-            inputs, mean, variance, tf.cast(self.beta, inputs.dtype),
-            tf.cast(self.gamma, inputs.dtype), self.epsilon,
-        )
+        return tf.nn.batch_normalization(inputs, mean, variance, tf.cast(self.beta, inputs.dtype),
+                                         tf.cast(self.gamma, inputs.dtype), self.epsilon)
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
@@ -81,12 +78,6 @@ class TapMixing(tf.keras.layers.Layer):
 
     over the $hw$ taps $p, q$ (row-major). The default initializer is the identity:
     the taps start unmixed.
-
-    !!! example
-        ```python
-        mix = TapMixing()
-        y = mix(tf.random.normal((64, 3, 3, 16)))  # 64 filters of 3x3x16
-        ```
     """
 
     def __init__(self, kernel_initializer="identity", **kwargs):
@@ -95,9 +86,8 @@ class TapMixing(tf.keras.layers.Layer):
 
     def build(self, input_shape):
         taps = int(input_shape[1]) * int(input_shape[2])
-        self.kernel = self.add_weight(
-            name="kernel", shape=(taps, taps), initializer=self.kernel_initializer
-        )
+        self.kernel = self.add_weight(name="kernel", shape=(taps, taps),
+                                      initializer=self.kernel_initializer)
         super().build(input_shape)
 
     def call(self, inputs):
@@ -156,10 +146,6 @@ def multiply_adds(layer: tf.keras.layers.Layer, input_shape) -> int:
     return 0
 
 
-def _hidden_units(width: float, channels: int) -> int:
-    return max(1, int(round(width * channels)))
-
-
 def build_mapper(
     kind: str,
     filter_shape: tuple[int, int, int],
@@ -188,16 +174,15 @@ def build_mapper(
         raise ValueError(f"Unknown mapper {kind!r}; choose one of {sorted(MAPPERS)}.")
     h, w, c = (int(d) for d in filter_shape)
     width = _DEFAULT_WIDTH[kind] if width is None else width
+    hidden = None if width is None else max(1, int(round(width * c)))  # None: linear
     out_init = "zeros" if zero_init_output else "glorot_uniform"
 
     def named(suffix):
         return dict(name=f"{name}_{suffix}", dtype=dtype)
 
     if kind == "cnn":
-        hidden = _hidden_units(width, c)
         # A 3x3 conv on a 1x1 "image" only ever uses its centre tap.
-        size = (min(3, h), min(3, w))
-        conv = dict(kernel_size=size, padding="same")
+        conv = dict(kernel_size=(min(3, h), min(3, w)), padding="same")
         body = [
             tf.keras.layers.Conv2D(hidden, use_bias=False, **conv, **named("conv1")),
             BatchStatNormalization(**named("norm1")),
@@ -205,12 +190,9 @@ def build_mapper(
             tf.keras.layers.Conv2D(hidden, use_bias=False, **conv, **named("conv2")),
             BatchStatNormalization(**named("norm2")),
             tf.keras.layers.ReLU(**named("relu2")),
-            tf.keras.layers.Conv2D(
-                c, **conv, kernel_initializer=out_init, **named("conv3")
-            ),
+            tf.keras.layers.Conv2D(c, **conv, kernel_initializer=out_init, **named("conv3")),
         ]
     elif kind == "mlp":
-        hidden = _hidden_units(width, c)
         body = [
             tf.keras.layers.Flatten(**named("flatten")),
             tf.keras.layers.Dense(hidden, use_bias=False, **named("dense1")),
@@ -226,7 +208,7 @@ def build_mapper(
             tf.keras.layers.Reshape((h, w, c), **named("unflatten")),
         ]
     else:  # separable
-        body = _separable_layers(c, _hidden_units(width, c), out_init, named)
+        body = _separable_layers(c, hidden, out_init, named)
     return tf.keras.Sequential(body, name=name)
 
 

@@ -102,20 +102,11 @@ def binary_scale(kernel, scale, clip=None, gradient=False):
 
     \\[ s = \mathrm{mean}\,|\mathrm{clip}(W, -c, c)| \\]
 
-    over the whole kernel with `scale="layer"` (DoReFa-Net's 1-bit weights), or over
-    all axes but the last with `scale="channel"` (one per output channel: XNOR-Net,
-    `magnitude_aware_sign`); docs/METHOD.md section 4.
-
-    !!! example
-        ```python
-        s = binary_scale(kernel, "layer")  # a scalar
-        ```
-
-    # Arguments
-        kernel: $W$. scale: `"layer"` or `"channel"`.
-        clip: $c$, or `None` for no clip.
-        gradient: `False`: $s$ is a constant for backprop (`tf.stop_gradient`, as
-            `magnitude_aware_sign`); `True`: its gradient reaches $W$ (XNOR-Net's paper).
+    over the whole kernel with `scale="layer"` (DoReFa-Net), or over all axes but the
+    last with `scale="channel"` (one per output channel: XNOR-Net, larq's
+    `magnitude_aware_sign`); `clip` is $c$ (`None`: no clip). With `gradient=False` $s$
+    is a constant for backprop, as in larq; with `True` its gradient reaches $W$, as in
+    XNOR-Net's paper (docs/METHOD.md section 4).
     """
     magnitude = tf.abs(kernel if clip is None else tf.clip_by_value(kernel, -clip, clip))
     if scale == "layer":
@@ -155,13 +146,10 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
 
     !!! example
         ```python
-        layer = lq.layers.QuantConv2D(
-            64, 3,
-            input_quantizer="ste_sign",
-            kernel_quantizer=larq_noisy.NoisyMappedQuantizer(alpha=1.0, rho_pos=0.005,
-                                                            rho_neg=0.005),
-            kernel_constraint="weight_clip",
-        )
+        quantizer = larq_noisy.NoisyMappedQuantizer(alpha=1.0, rho_pos=0.005, rho_neg=0.005)
+        layer = lq.layers.QuantConv2D(64, 3, input_quantizer="ste_sign",
+                                      kernel_quantizer=quantizer,
+                                      kernel_constraint="weight_clip")
         ```
 
     # Arguments
@@ -219,21 +207,15 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
         kernel_shape = tf.TensorShape(input_shape).as_list()
         filter_shape = kernel_to_filters(tf.zeros(kernel_shape)).shape[1:]
         self.mapper = build_mapper(
-            self.mapper_kind,
-            filter_shape,
-            width=self.width,
-            zero_init_output=self.start == "identity",
-            name=f"{self.name}_mapper",
+            self.mapper_kind, filter_shape, width=self.width,
+            zero_init_output=self.start == "identity", name=f"{self.name}_mapper",
             dtype=self.dtype_policy,
         )
         self.mapper.build((None, *filter_shape))
         if self.labels == "frozen":
             # 0 means "not captured yet": the current sign is used there.
             self.frozen_labels = self.add_weight(
-                name="frozen_labels",
-                shape=kernel_shape,
-                initializer="zeros",
-                trainable=False,
+                name="frozen_labels", shape=kernel_shape, initializer="zeros", trainable=False
             )
         super().build(input_shape)
 
@@ -273,23 +255,16 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
         return binary_scale(kernel, self.scale, self.scale_clip, self.scale_gradient) * signs
 
     def saturated(self, kernel):
-        """Boolean mask of the binary weights no gradient flows back through.
-
-        With `clip="hardtanh"`, those where `|f(W)| > 1`: the clip's gradient is 0
-        there (at exactly 1 `tf.clip_by_value` still passes it), for the auxiliary loss
-        and the task loss's STE alike. With `clip="none"`: all False.
-        """
+        """Boolean mask of the binary weights no gradient flows back through: with
+        `clip="hardtanh"`, those where `|f(W)| > 1` (at 1 the clip still passes it)."""
         kernel = self._built_for(kernel)
         if self.clip == "none":
             return tf.zeros(kernel.shape, tf.bool)
         return tf.abs(self.mapper_output(kernel)) > 1.0
 
     def noisy_labels(self, kernel):
-        """`sign(W)` (or the frozen signs), constant: no gradient flows through them.
-
-        The signs of `W` at the precision the layer computes with (under
-        `mixed_float16`, a weight too small for float16 is 0 there, and sign(0) = +1).
-        """
+        """`sign(W)` (or the frozen signs), constant, at the precision the layer computes
+        with (under `mixed_float16` a weight too small for float16 is 0, sign(0) = +1)."""
         labels = lq.math.sign(tf.cast(kernel, self.compute_dtype))
         if self.labels == "frozen":
             frozen = tf.cast(self.frozen_labels, labels.dtype)
@@ -316,13 +291,9 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
             clipped = self.clipped_output(
                 kernel if self.aux_to_latent else tf.stop_gradient(kernel)
             )
-        loss = reduced_unbiased_loss(
-            tf.cast(clipped, tf.float32),
-            tf.cast(self.noisy_labels(kernel), tf.float32),
-            self.rho_pos,
-            self.rho_neg,
-            self.reduction,
-        )
+        loss = reduced_unbiased_loss(tf.cast(clipped, tf.float32),
+                                     tf.cast(self.noisy_labels(kernel), tf.float32),
+                                     self.rho_pos, self.rho_neg, self.reduction)
         return self.alpha * loss
 
     def call(self, inputs):
@@ -351,10 +322,8 @@ class DoReFaSign(lq.quantizers.Quantizer):
 
     with one mean over the whole kernel (Zhou et al., "DoReFa-Net", 2016, Sec. 2.3):
     the LNS paper's CIFAR-10 baseline, and what `bake` gives a layer mapped with
-    `scale="layer"`. The mean is `binary_scale(W, "layer")`, a constant for backprop;
-    the sign's gradient is larq's `ste_sign`, zero where $|W| >$ `clip_value`, as in
-    `magnitude_aware_sign` and the mapped layers. Not larq's `DoReFa`
-    (`"dorefa_quantizer"`), whose 1-bit weights are not scaled.
+    `scale="layer"`. The mean (`binary_scale`) is a constant for backprop; the sign's
+    gradient is `ste_sign`'s. Not larq's `DoReFa`, whose 1-bit weights are not scaled.
 
     !!! example
         ```python
@@ -364,8 +333,7 @@ class DoReFaSign(lq.quantizers.Quantizer):
         ```
 
     # Arguments
-        clip_value: Threshold for clipping gradients. If `None` gradients are not
-            clipped.
+        clip_value: Threshold for clipping gradients (`None`: not clipped).
     """
 
     precision = 1
