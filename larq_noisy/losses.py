@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import tensorflow as tf
 
 __all__ = ["check_noise_rates", "reduced_unbiased_loss", "unbiased_loss"]
@@ -16,10 +18,10 @@ def check_noise_rates(rho_pos, rho_neg, dtype="float32") -> None:
     `8 / (1 - rho_pos - rho_neg)` in magnitude for predictions in [-1, 1], must be finite.
     """
     for name, rho in (("rho_pos", rho_pos), ("rho_neg", rho_neg)):
-        if not 0.0 <= rho < 1.0:
+        if not (isinstance(rho, numbers.Real) and 0.0 <= rho < 1.0):
             raise ValueError(
-                f"{name}={rho!r} is outside the valid range [0, 1): it is the "
-                "probability that a noisy label flips."
+                f"{name}={rho!r} must be a number in [0, 1): the probability that a "
+                "noisy label flips."
             )
     if rho_pos + rho_neg >= 1.0:
         raise ValueError(

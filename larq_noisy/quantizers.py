@@ -23,9 +23,7 @@ STARTS = ("identity", "warmup")
 SCALES = (None, "layer", "channel")
 CLIPS = ("hardtanh", "none")
 
-#: The paper's setting of the method (Han et al. 2020, Sec. 5.1, CIFAR-10): what
-#: `train.py --preset paper` restores on any dataset, and the CIFAR-10 and ImageNet
-#: protocols' setting.
+#: The paper's setting of the method (Han et al. 2020, Sec. 5.1, CIFAR-10).
 PAPER = {
     "mapper": "cnn", "alpha": 1.0, "rho_pos": 0.005, "rho_neg": 0.005, "reduction": "sum",
     "clip": "hardtanh", "aux_to_latent": True,
