@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from larq_noisy.mappers import BatchStatNormalization, build_mapper
 from larq_noisy.quantizers import (
-    DoReFaSign, NoisyMappedQuantizer, binary_scale, check_options, kernel_to_filters,
+    DoReFaSign, NoisyMappedQuantizer, apply_scale, check_options, kernel_to_filters,
 )
 
 __all__ = ["bake", "binarized_layers", "freeze_labels", "is_binary", "mapped_layers",
@@ -152,15 +152,6 @@ def _numpy(tensor) -> np.ndarray:
     return np.asarray(tf.cast(tensor, tf.float64))
 
 
-def _scaled_sign(probe, options) -> np.ndarray:
-    """What `NoisyMappedQuantizer(**options)` computes from `probe` at the identity start."""
-    signs = lq.math.sign(probe)
-    if options["scale"] is None:
-        return _numpy(signs)
-    scale = binary_scale(probe, options["scale"], options["scale_clip"], options["scale_gradient"])
-    return _numpy(scale * signs)
-
-
 def _fitted_clip(magnitudes, scale, axes) -> float | None:
     """The `c` with `mean |clip(W, -c, c)| = scale` over `axes` (the median over
     channels), or `None` if `scale` exceeds `mean |W|`."""
@@ -247,7 +238,9 @@ def _source_scale(layer) -> tuple[dict, float]:
         misses = []
         for probe in (kernel, spread, small):
             expected = _numpy(quantizer(probe))
-            error = np.abs(_scaled_sign(probe, options) - expected).max()
+            # What NoisyMappedQuantizer(**options) computes from `probe` at the identity start.
+            mapped = _numpy(apply_scale(lq.math.sign(probe), probe, **options))
+            error = np.abs(mapped - expected).max()
             misses.append(error / max(np.abs(expected).max(), np.finfo(float).tiny))
         worst = max(misses)
         if worst <= tolerance:

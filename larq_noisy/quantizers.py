@@ -13,8 +13,8 @@ from larq_noisy.losses import check_noise_rates, reduced_unbiased_loss
 from larq_noisy.mappers import MAPPERS, build_mapper, map_kernel
 
 __all__ = [
-    "DEFAULTS", "OPTIONS", "PAPER", "DoReFaSign", "NoisyMappedQuantizer", "binary_scale",
-    "check_options", "filters_to_kernel", "kernel_to_filters",
+    "DEFAULTS", "OPTIONS", "PAPER", "DoReFaSign", "NoisyMappedQuantizer", "apply_scale",
+    "binary_scale", "check_options", "filters_to_kernel", "kernel_to_filters",
 ]
 
 REDUCTIONS = ("sum", "mean")
@@ -114,6 +114,14 @@ def binary_scale(kernel, scale, clip=None, gradient=False):
     else:  # in the kernel's dtype, exactly as magnitude_aware_sign
         mean = tf.reduce_mean(magnitude, axis=list(range(len(kernel.shape) - 1)))
     return mean if gradient else tf.stop_gradient(mean)
+
+
+def apply_scale(signs, kernel, scale=None, scale_clip=None, scale_gradient=False):
+    """`signs` times `binary_scale(kernel, scale, scale_clip, scale_gradient)`, or
+    `signs` as they are with `scale=None`: the last stage of every scaled binary kernel."""
+    if scale is None:
+        return signs
+    return binary_scale(kernel, scale, scale_clip, scale_gradient) * signs
 
 
 def _ste_sign(x):
@@ -245,12 +253,10 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
     def scaled_signs(self, kernel):
         """Stage 4, `Q^ = s * sign(t)`: the binary kernel the layer computes with."""
         kernel = self._built_for(kernel)
-        return self._times_scale(self.output_signs(kernel), kernel)
+        return self._apply_scale(self.output_signs(kernel), kernel)
 
-    def _times_scale(self, signs, kernel):
-        if self.scale is None:
-            return signs
-        return binary_scale(kernel, self.scale, self.scale_clip, self.scale_gradient) * signs
+    def _apply_scale(self, signs, kernel):
+        return apply_scale(signs, kernel, self.scale, self.scale_clip, self.scale_gradient)
 
     def saturated(self, kernel):
         """Boolean mask of the binary weights no gradient flows back through: with
@@ -300,7 +306,7 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
         # (then the loss and all its gradients are 0 anyway).
         shared = self.aux_to_latent or self.alpha == 0
         self.add_loss(self.auxiliary_loss(inputs, clipped if shared else None))
-        return self._times_scale(_ste_sign(clipped), inputs)
+        return self._apply_scale(_ste_sign(clipped), inputs)
 
     def get_config(self):
         options = {name: getattr(self, name) for name in OPTIONS if name != "mapper"}
