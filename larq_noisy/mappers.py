@@ -1,4 +1,5 @@
-"""Mapper networks `f_theta`: a layer's set of filters -> real-valued binary logits.
+"""Mapper networks `f_theta`: a layer's set of filters -> the real-valued `f(W)` that the
+quantizer clips and binarizes.
 
 A mapper sees one binarized layer's `c_out` filters as a batch of `h x w` images with
 `c_in` channels (docs/METHOD.md section 2) and returns a tensor of the same shape.

@@ -170,7 +170,7 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
         start: `"identity"`: a residual mapper $f_\theta(W) = W + g_\theta(W)$, its last
             layer zero, so $\hat Q = \mathrm{sign}(W)$ at step 0; `"warmup"`: the paper's.
         scale: $s$: `None` (1), `"layer"` or `"channel"` (`binary_scale`).
-        clip: `"hardtanh"` (the paper) or `"none"`: $t = f_\theta(W)$, the STE the identity.
+        clip: `"hardtanh"` (the paper) or `"none"`: $t = f_\theta(W)$, no dead zone.
         aux_to_latent: `True`: $\alpha\, l_i$ trains the mapper and `W` (the paper);
             `False`: the mapper only, from $f_\theta(\mathrm{sg}(W))$ (a second pass).
         scale_clip: `None`, or $c > 0$: $s$ is a mean of $|\mathrm{clip}(W, -c, c)|$.
