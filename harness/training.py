@@ -43,7 +43,7 @@ from harness.settings import (  # read_hparams: for callers that take it from he
 )
 from larq_noisy.conversion import bake, mapped_layers, to_mapped
 from larq_noisy.monitoring import (
-    FlipRateCallback, auxiliary_losses, flip_rates, mean_flip_rate, mean_saturation,
+    FlipRateCallback, auxiliary_losses, flip_rates, mean_saturation, size_weighted_mean,
 )
 
 __all__ = [
@@ -307,9 +307,9 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
     }
     if ARMS[arm].bop:
         result["bop"] = bop
-    result["flip_rate"] = mean_flip_rate(model, result["flip_rates"])
+    result["flip_rate"] = size_weighted_mean(model, result["flip_rates"])
     if options is not None:
-        result["mapper_flip_rate"] = mean_flip_rate(model, flip_rates(model))
+        result["mapper_flip_rate"] = size_weighted_mean(model, flip_rates(model))
         result["saturation"] = mean_saturation(model)
         result["aux_loss"] = sum(auxiliary_losses(model).values())
         deployable = bake(model)

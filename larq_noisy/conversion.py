@@ -1,12 +1,12 @@
 """Move a Larq model between sign binarization and mapped binarization.
 
 `to_mapped` gives each binarized layer its own `NoisyMappedQuantizer`; `bake` turns a
-mapped model back into a stock Larq model whose kernels are the mapped binary kernels.
+mapped model back into a stock Larq model whose kernels are the mapped binary kernels
+(docs/METHOD.md sections 4 and 7).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import reprlib
 import warnings
@@ -17,28 +17,17 @@ import tensorflow as tf
 
 from larq_noisy.mappers import BatchStatNormalization, build_mapper
 from larq_noisy.quantizers import (
-    DoReFaSign,
-    NoisyMappedQuantizer,
-    binary_scale,
-    check_options,
-    kernel_to_filters,
+    DoReFaSign, NoisyMappedQuantizer, apply_scale, check_options, kernel_to_filters,
 )
 
-__all__ = [
-    "binarized_layers",
-    "is_binary",
-    "bake",
-    "freeze_labels",
-    "mapped_layers",
-    "to_mapped",
-]
+__all__ = ["bake", "binarized_layers", "freeze_labels", "is_binary", "mapped_layers",
+           "rebuild", "to_mapped"]
 
 
 def is_binary(quantizer) -> bool:
     # larq's own test (layers_base.is_binary): precision 1 and not a NoOp marker.
-    return getattr(quantizer, "precision", None) == 1 and not isinstance(
-        quantizer, lq.quantizers.NoOp
-    )
+    return (getattr(quantizer, "precision", None) == 1
+            and not isinstance(quantizer, lq.quantizers.NoOp))
 
 
 def _walk(model):
@@ -50,42 +39,29 @@ def _walk(model):
 
 
 def binarized_layers(model) -> list:
-    """The layers of `model` whose kernel quantizer binarizes (precision 1).
-
-    Larq's own test (`lq.models.summary` counts these as binary). A layer that
-    binarizes another weight (`QuantDepthwiseConv2D`'s `depthwise_quantizer`, ...)
-    is not one of them.
-    """
+    """The layers of `model` whose kernel quantizer binarizes (precision 1), as
+    `lq.models.summary` counts them; not those that binarize another weight only."""
     return [l for l in _walk(model) if is_binary(getattr(l, "kernel_quantizer", None))]
 
 
 def mapped_layers(model) -> list:
     """The layers of `model` whose kernel quantizer is a `NoisyMappedQuantizer`."""
-    return [
-        l
-        for l in _walk(model)
-        if isinstance(getattr(l, "kernel_quantizer", None), NoisyMappedQuantizer)
-    ]
+    return [l for l in _walk(model)
+            if isinstance(getattr(l, "kernel_quantizer", None), NoisyMappedQuantizer)]
 
 
 def _own_weights(layer):
     """`layer.weights` less those of its quantizers (a mapper's, for instance)."""
     quantizers = [getattr(layer, a, None) for a in ("kernel_quantizer", "input_quantizer")]
-    owned = {
-        id(w)
-        for q in quantizers
-        if isinstance(q, tf.keras.layers.Layer)
-        for w in q.weights
-    }
+    owned = {id(w) for q in quantizers if isinstance(q, tf.keras.layers.Layer) for w in q.weights}
     return [w for w in layer.weights if id(w) not in owned]
 
 
 def rebuild(model, edit_config):
     """A clone of `model` whose layers are rebuilt from `edit_config(layer, config)`.
 
-    `config` is `layer.get_config()`; nested models are entered. Every weight that a
-    layer and its rebuilt copy share (all but their quantizers', such as a mapper's) is
-    copied, shape-checked.
+    `config` is `layer.get_config()`; nested models are entered. Every weight but
+    the quantizers' (a mapper's, say) is copied to the rebuilt layer, shape-checked.
     """
     if not (isinstance(model, tf.keras.Sequential) or getattr(model, "_is_graph_network", False)):
         raise ValueError(
@@ -115,17 +91,6 @@ def _live_functions(layer) -> dict:
         if key.endswith("_quantizer") and callable(live) and not isinstance(live, tf.keras.layers.Layer):
             config[key] = live
     return config
-
-
-def _with_kernel_quantizer(new_quantizer):
-    """An `edit_config` giving each layer the kernel quantizer `new_quantizer(layer)`
-    (`None`: the layer as it is)."""
-
-    def edit_config(layer, config):
-        quantizer = new_quantizer(layer)
-        return config if quantizer is None else {**config, "kernel_quantizer": quantizer}
-
-    return edit_config
 
 
 def _copy_weights(source, target):
@@ -171,8 +136,8 @@ def _check_has(layers, model, what):
 SCALE_OPTIONS = ("scale", "scale_clip", "scale_gradient")
 _UNSCALED = {"scale": None, "scale_clip": None, "scale_gradient": False}
 
-# How closely two computations of one scale agree in each dtype (float32: the 1e-5
-# to_mapped promises; float16: a few units in the last place).
+# How closely two computations of one scale agree in each dtype (float32: 1e-5;
+# float16: a few units in the last place).
 _TOLERANCE = {tf.float16: 1e-2, tf.bfloat16: 6e-2}
 
 
@@ -185,15 +150,6 @@ def _name(quantizer) -> str:
 
 def _numpy(tensor) -> np.ndarray:
     return np.asarray(tf.cast(tensor, tf.float64))
-
-
-def _scaled_sign(probe, options) -> np.ndarray:
-    """What `NoisyMappedQuantizer(**options)` computes from `probe` at the identity start."""
-    signs = lq.math.sign(probe)
-    if options["scale"] is None:
-        return _numpy(signs)
-    scale = binary_scale(probe, options["scale"], options["scale_clip"], options["scale_gradient"])
-    return _numpy(scale * signs)
 
 
 def _fitted_clip(magnitudes, scale, axes) -> float | None:
@@ -228,16 +184,12 @@ def _scale_passes_gradient(quantizer, probe, scale) -> bool:
 
 def _source_scale(layer) -> tuple[dict, float]:
     """`(options, miss)`: the `SCALE_OPTIONS` with which `NoisyMappedQuantizer` computes
-    what `layer`'s kernel quantizer computes, or `ValueError`, and how far apart
-    (relative) they compute the layer's own binary kernel (0: exactly).
+    what `layer`'s kernel quantizer computes (`ValueError` if none does), and how far
+    apart (relative) they compute the layer's own binary kernel (0: exactly).
 
-    The quantizer must compute `s * sign(W)` (larq's sign: +1 at 0) where `s` is 1, or
-    a mean of `|W|`, clipped at some `c` or not, over the whole kernel or over each
-    output channel (the kernel's last axis). It is probed in the layer's compute
-    dtype on two copies of the kernel with its signs and other magnitudes, spread
-    over (0, 3] and over (0, 0.5]: how `s` follows them tells how it is computed
-    (its group, its clip, and whether it passes a gradient). The options found must
-    then reproduce the quantizer on both copies and on the kernel itself.
+    The quantizer is probed on two copies of the kernel with its signs and other
+    magnitudes: how its scale `s` follows them tells its group, clip and gradient.
+    The options found must reproduce it on both copies and on the kernel itself.
     """
     quantizer = layer.kernel_quantizer
     dtype = tf.as_dtype(layer.compute_dtype)
@@ -286,7 +238,9 @@ def _source_scale(layer) -> tuple[dict, float]:
         misses = []
         for probe in (kernel, spread, small):
             expected = _numpy(quantizer(probe))
-            error = np.abs(_scaled_sign(probe, options) - expected).max()
+            # What NoisyMappedQuantizer(**options) computes from `probe` at the identity start.
+            mapped = _numpy(apply_scale(lq.math.sign(probe), probe, **options))
+            error = np.abs(mapped - expected).max()
             misses.append(error / max(np.abs(expected).max(), np.finfo(float).tiny))
         worst = max(misses)
         if worst <= tolerance:
@@ -296,9 +250,7 @@ def _source_scale(layer) -> tuple[dict, float]:
 
 def _constant_for_one_filter(kernel_shape, kind: str, width) -> bool:
     """Whether the mapper `kind` for a kernel of one filter gives every filter the same
-    output: its `BatchStatNormalization` normalises over the layer's filters (and, in
-    `cnn`, their positions), so over one value per channel for a dense kernel's lone
-    filter in `cnn`, for any lone filter in `mlp`. Tried on two random filters."""
+    output (its batch statistics are over one value per channel). Tried on two."""
     probe = build_mapper(kind, (1, 1, 1), name="batch_statistics_probe")
     if not any(isinstance(l, BatchStatNormalization) for l in probe.layers):
         return False
@@ -313,13 +265,9 @@ def _plan(model, mapper_kind: str, width):
     layer that binarizes a weight and is left as it is."""
     targets, skipped = [], []
     for layer in _walk(model):
-        others = sorted(
-            name
-            for name, value in vars(layer).items()
-            if name.endswith("_quantizer")
-            and name not in ("input_quantizer", "kernel_quantizer")
-            and is_binary(value)
-        )
+        others = sorted(name for name, value in vars(layer).items()
+                        if name.endswith("_quantizer") and is_binary(value)
+                        and name not in ("input_quantizer", "kernel_quantizer"))
         reasons = []
         if others:
             reasons.append(
@@ -375,25 +323,17 @@ def _scale_options(layer, quantizer_options) -> dict:
 def to_mapped(model, **quantizer_options):
     """A copy of `model` in which every binarized layer has its own mapper.
 
-    Every layer whose kernel quantizer binarizes (precision 1: a larq quantizer, a
-    class or a plain function, registered or not) gets a new
-    `NoisyMappedQuantizer(**quantizer_options)`; all latent weights and BatchNorm
-    statistics are copied, and other layers are left as they are. The copy predicts
-    exactly what `model` does (with `start="identity"`): each layer keeps its
-    quantizer's scale, which must be `s * sign(W)` with `s` = 1 (`ste_sign`,
-    `approx_sign`, ...), a mean of |W| per layer (DoReFa) or per output channel
-    (`magnitude_aware_sign`), clipped or not, with or without a gradient. It is
-    found by probing the quantizer (`scale`, `scale_clip` and `scale_gradient`
-    given here override it, with a warning). A quantizer of another form is refused
-    with a `ValueError` naming the layer, before anything is built (anything but a
-    Keras model, such as a file's path, with a `TypeError`). With frozen labels, the
-    labels are the signs of the copied latent weights.
-
-    Left as they are, with a warning naming each: layers whose binarized weight is
-    not a `kernel` (`QuantDepthwiseConv2D`, `QuantSeparableConv2D`), kernels of rank
-    5 (`QuantConv3D`), and kernels of one filter when the mapper's batch statistics
-    over one filter would make its output constant (`QuantDense(1)` with `cnn`, any
-    with `mlp`; `linear` maps them).
+    Every layer whose kernel quantizer binarizes (precision 1) gets a new
+    `NoisyMappedQuantizer(**quantizer_options)`; all weights are copied. With
+    `start="identity"` the copy predicts exactly what `model` does: each layer keeps
+    its quantizer's scale, `s * sign(W)` with `s` = 1 or a mean of `|W|` per layer or
+    per output channel, found by probing the quantizer (`scale`, `scale_clip`,
+    `scale_gradient` given here override it, with a warning). A quantizer of another
+    form is refused with a `ValueError` naming the layer, before anything is built;
+    anything but a Keras model with a `TypeError`. Layers whose binarized weight is
+    not a `kernel`, kernels of rank 5, and one-filter kernels that the mapper's batch
+    statistics would make constant are left as they are, with a warning naming each.
+    Frozen labels are the signs of the copied latent weights.
 
     !!! example
         ```python
@@ -405,20 +345,11 @@ def to_mapped(model, **quantizer_options):
         A new functional or Sequential `tf.keras.Model`; `model` is not changed.
     """
     _check_model(model, "to_mapped")
-    check_options(**quantizer_options)  # bad options fail before any work
-    already = [
-        l.name
-        for l in binarized_layers(model)
-        if isinstance(l.kernel_quantizer, NoisyMappedQuantizer)
-    ]
+    options = check_options(**quantizer_options)  # bad options fail before any work
+    already = [l.name for l in mapped_layers(model)]
     if already:
         raise ValueError(f"Model {model.name!r} is already mapped (layers {already}).")
-    defaults = inspect.signature(NoisyMappedQuantizer.__init__).parameters
-    targets, skipped = _plan(
-        model,
-        quantizer_options.get("mapper", defaults["mapper"].default),
-        quantizer_options.get("width", defaults["width"].default),
-    )
+    targets, skipped = _plan(model, options["mapper"], options["width"])
     for layer, reason in skipped:
         warnings.warn(
             f"to_mapped: layer {layer.name!r} keeps its own binarization, unmapped: {reason}.",
@@ -427,20 +358,19 @@ def to_mapped(model, **quantizer_options):
     _check_has(targets, model, "binarized layer to map")
     scales = {id(l): _scale_options(l, quantizer_options) for l in targets}
 
-    def new_quantizer(layer):
+    def edit_config(layer, config):
         if id(layer) not in scales:
-            return None
+            return config
         # The layer's dtype policy: a mixed_float16 layer computes its kernel in float16.
-        return NoisyMappedQuantizer(
+        quantizer = NoisyMappedQuantizer(
             **{**quantizer_options, **scales[id(layer)]},
             name=f"{layer.name}_quantizer",
             dtype=layer.dtype_policy,
         )
+        return {**config, "kernel_quantizer": quantizer}
 
-    mapped = rebuild(model, _with_kernel_quantizer(new_quantizer))
-    for layer in mapped_layers(mapped):
-        if layer.kernel_quantizer.labels == "frozen":
-            layer.kernel_quantizer.freeze_labels(layer.kernel)
+    mapped = rebuild(model, edit_config)
+    freeze_labels(mapped)
     return mapped
 
 
@@ -454,40 +384,33 @@ def freeze_labels(model) -> None:
 def bake(model):
     """A stock Larq model whose binarized kernels are `model`'s mapped binary kernels.
 
-    The mapper is not needed at inference: once trained, the binary kernel `Q^` is a
-    constant. Each mapped layer becomes a layer with `ste_sign` whose latent kernel is
-    `Q^`, or, when scaled, with `magnitude_aware_sign` (per channel) or `DoReFaSign`
-    (per layer, the project's registered quantizer) whose latent kernel is `Q^ |W|`
-    (`|clip(W)|` with `scale_clip`): the signs of `Q^` and the magnitudes the mapped
-    layer's scale is the mean of, so that the baked layer computes that same mean,
-    op for op. The baked model computes exactly what `model` computes (a scale an
-    ulp off would not do: a sum of `+-s` terms that is exactly 0 in one model and
-    1e-9 in the other flips the next binary activation) and converts to binary ops
-    with Larq Compute Engine. A layer for which it does not is named in a warning.
+    Each mapped layer gets `ste_sign` and the latent kernel `sign(t)`, or, when scaled,
+    `magnitude_aware_sign` (per channel) or `DoReFaSign` (per layer) and the latent
+    kernel `sign(t) |W|` (`|clip(W)|` with `scale_clip`), whose mean is the mapped
+    layer's scale, op for op (docs/METHOD.md section 7). The baked model computes
+    exactly what `model` computes; a layer for which it does not is named in a warning.
     """
     _check_model(model, "bake")
     layers = mapped_layers(model)
     _check_has(layers, model, "mapped layer (NoisyMappedQuantizer) to bake")
-    baked_quantizers = {
-        None: lq.quantizers.SteSign,
-        "channel": lq.quantizers.MagnitudeAwareSign,
-        "layer": DoReFaSign,
-    }
+    baked_quantizers = {None: lq.quantizers.SteSign, "channel": lq.quantizers.MagnitudeAwareSign,
+                        "layer": DoReFaSign}
     by_id = {id(l): l for l in layers}
 
-    def new_quantizer(layer):
+    def edit_config(layer, config):
         if id(layer) not in by_id:
-            return None
+            return config
         quantizer = baked_quantizers[layer.kernel_quantizer.scale]
-        return quantizer(dtype=layer.dtype_policy)  # the layer's policy, as in to_mapped
+        # The layer's policy, as in to_mapped.
+        return {**config, "kernel_quantizer": quantizer(dtype=layer.dtype_policy)}
 
-    baked = rebuild(model, _with_kernel_quantizer(new_quantizer))
+    baked = rebuild(model, edit_config)
     for layer in layers:
         quantizer = layer.kernel_quantizer
         kernel = tf.cast(layer.kernel, quantizer.compute_dtype)
         target = _find(baked, layer.name)
         target.kernel.assign(tf.cast(_baked_latent(quantizer, kernel), target.kernel.dtype))
-        expected = quantizer.binary_kernel(kernel)
+        expected = quantizer.scaled_signs(kernel)
         got = target.kernel_quantizer(tf.cast(target.kernel, target.compute_dtype))
         if not np.array_equal(got, expected):
             miss = np.abs(_numpy(got) - _numpy(expected)).max() / np.abs(_numpy(expected)).max()
@@ -501,8 +424,8 @@ def bake(model):
 
 def _baked_latent(quantizer, kernel):
     """The latent kernel that a baked layer's stock quantizer turns into the mapped
-    binary kernel: `Q^`, times the magnitudes `|W|` whose mean is the scale."""
-    signs = quantizer.binary_signs(kernel)
+    binary kernel: `sign(t)`, times the magnitudes `|W|` whose mean is the scale."""
+    signs = quantizer.output_signs(kernel)
     if quantizer.scale is None:
         return signs
     clip = quantizer.scale_clip

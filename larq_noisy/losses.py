@@ -6,29 +6,23 @@ import numbers
 
 import tensorflow as tf
 
-__all__ = ["check_noise_rates", "squared_loss", "unbiased_loss"]
+__all__ = ["check_noise_rates", "reduced_unbiased_loss", "unbiased_loss"]
 
 
 def check_noise_rates(rho_pos, rho_neg, dtype="float32") -> None:
     """Raise `ValueError` unless the flip rates define the unbiased estimator.
 
-    Each rate must lie in [0, 1) and `rho_pos + rho_neg < 1`; otherwise the
-    normaliser `1 - rho_pos - rho_neg` is zero or negative and the estimator is
-    undefined. Both must also hold in `dtype`, the floating dtype the loss is
-    computed in (float32 by default, as in `NoisyMappedQuantizer`): rates whose sum
-    rounds to 1 there would divide by zero, and the estimator's values for
-    predictions in [-1, 1] (at most `8 / (1 - rho_pos - rho_neg)` in magnitude) must
-    be finite there (in float16: `1 - rho_pos - rho_neg >= 1.22e-4`). Tensors are not
-    checked (their value is unknown when tracing).
+    Each rate must lie in [0, 1) and `rho_pos + rho_neg < 1` (docs/METHOD.md section
+    3.2), in float64 and in `dtype`, the floating dtype the loss is computed in: there
+    `1 - rho_pos - rho_neg` must not round to 0, and the loss, at most
+    `8 / (1 - rho_pos - rho_neg)` in magnitude for predictions in [-1, 1], must be finite.
     """
     for name, rho in (("rho_pos", rho_pos), ("rho_neg", rho_neg)):
-        if isinstance(rho, numbers.Real) and not 0.0 <= rho < 1.0:
+        if not (isinstance(rho, numbers.Real) and 0.0 <= rho < 1.0):
             raise ValueError(
-                f"{name}={rho!r} is outside the valid range [0, 1): it is the "
-                "probability that a noisy label flips."
+                f"{name}={rho!r} must be a number in [0, 1): the probability that a "
+                "noisy label flips."
             )
-    if not (isinstance(rho_pos, numbers.Real) and isinstance(rho_neg, numbers.Real)):
-        return
     if rho_pos + rho_neg >= 1.0:
         raise ValueError(
             f"rho_pos + rho_neg = {rho_pos} + {rho_neg} = {rho_pos + rho_neg} "
@@ -57,11 +51,6 @@ def _as(value, dtype):
     return tf.convert_to_tensor(value, dtype=dtype)
 
 
-def squared_loss(pred, label):
-    """The base loss of the paper, `l(t, y) = (t - y)^2`."""
-    return tf.math.squared_difference(pred, label)
-
-
 def unbiased_loss(pred, noisy_label, rho_pos, rho_neg):
     r"""Element-wise squared loss corrected for class-conditional label noise.
 
@@ -77,8 +66,8 @@ def unbiased_loss(pred, noisy_label, rho_pos, rho_neg):
     \\]
 
     It is unbiased: $(1 - \rho_y)\,\tilde l(t, y) + \rho_y\,\tilde l(t, -y) = l(t, y)$
-    for every $t$, so its expectation over the label noise is the clean loss.
-    With $\rho_{\pm 1} = 0$ it is the plain squared loss.
+    for every $t$, so its expectation over the label noise is the clean loss
+    (docs/METHOD.md sections 3.3-3.4). With $\rho_{\pm 1} = 0$ it is the squared loss.
 
     !!! example
         ```python
@@ -90,8 +79,8 @@ def unbiased_loss(pred, noisy_label, rho_pos, rho_neg):
     # Arguments
         pred: Predictions $t$, any shape.
         noisy_label: Labels in $\{-1, +1\}$, broadcastable to `pred`.
-        rho_pos: $\rho_{+1}$, in [0, 1).
-        rho_neg: $\rho_{-1}$, in [0, 1), with `rho_pos + rho_neg < 1`.
+        rho_pos: $\rho_{+1}$, a number in [0, 1).
+        rho_neg: $\rho_{-1}$, a number in [0, 1), with `rho_pos + rho_neg < 1`.
 
     # Returns
         The element-wise corrected loss, shaped like `pred`.
@@ -100,23 +89,52 @@ def unbiased_loss(pred, noisy_label, rho_pos, rho_neg):
     check_noise_rates(rho_pos, rho_neg, dtype=pred.dtype)
     label = _as(noisy_label, pred.dtype)
     positive = label > 0
-    if isinstance(rho_pos, numbers.Real) and isinstance(rho_neg, numbers.Real):
-        # The coefficients in float64 (Python floats), then cast: 1 - rho_pos - rho_neg
-        # computed in pred's dtype could round to a much smaller number, or to 0.
-        denominator = 1.0 - rho_pos - rho_neg
-        coefficients = [
-            ((1.0 - rho_neg) / denominator, (1.0 - rho_pos) / denominator),  # of l(t, y)
-            (rho_pos / denominator, rho_neg / denominator),  # of l(t, -y)
-        ]
-        same, other = (
-            tf.where(positive, _as(for_pos, pred.dtype), _as(for_neg, pred.dtype))
-            for for_pos, for_neg in coefficients
-        )
-        return same * squared_loss(pred, label) - other * squared_loss(pred, -label)
-    rho_pos, rho_neg = (_as(value, pred.dtype) for value in (rho_pos, rho_neg))
-    rho_y = tf.where(positive, rho_pos, rho_neg)  # flip rate of the label's class
-    rho_not_y = tf.where(positive, rho_neg, rho_pos)  # flip rate of the other class
-    corrected = (1.0 - rho_not_y) * squared_loss(pred, label) - rho_y * squared_loss(
-        pred, -label
+    # The coefficients in float64 (Python floats), then cast: 1 - rho_pos - rho_neg
+    # computed in pred's dtype could round to a much smaller number, or to 0.
+    denominator = 1.0 - rho_pos - rho_neg
+    coefficients = [
+        ((1.0 - rho_neg) / denominator, (1.0 - rho_pos) / denominator),  # of l(t, y)
+        (rho_pos / denominator, rho_neg / denominator),  # of l(t, -y)
+    ]
+    same, other = (
+        tf.where(positive, _as(for_pos, pred.dtype), _as(for_neg, pred.dtype))
+        for for_pos, for_neg in coefficients
     )
-    return corrected / (1.0 - rho_pos - rho_neg)
+    return (same * tf.math.squared_difference(pred, label)
+            - other * tf.math.squared_difference(pred, -label))
+
+
+def reduced_unbiased_loss(pred, noisy_label, rho_pos, rho_neg, reduction="sum"):
+    r"""The sum (or mean) of `unbiased_loss` over all elements, as one quadratic in t.
+
+    With $y^2 = 1$, Eq. 15 is $\tilde l(t, y) = (t - t^*_y)^2 + c_y$ with
+
+    \\[
+    t^*_y = y\,\frac{1 - \rho_{-y} + \rho_y}{1 - \rho_{+1} - \rho_{-1}},
+    \qquad c_y = 1 - (t^*_y)^2
+    \\]
+
+    (docs/METHOD.md section 3.5), so the sum is $\sum_w (t_w - t^*_{y_w})^2$ plus a
+    constant of the label counts: fewer element-wise ops than the two squared
+    differences, the same values up to float rounding.
+
+    # Arguments
+        pred: $t$. noisy_label: labels in $\{-1, +1\}$, shaped like `pred`.
+        rho_pos, rho_neg: Python floats, as `unbiased_loss`'s.
+        reduction: `"sum"` or `"mean"`.
+    """
+    check_noise_rates(rho_pos, rho_neg, dtype=pred.dtype)
+    denominator = 1.0 - rho_pos - rho_neg  # in float64 first, as unbiased_loss
+    optimum = {+1: (1.0 - rho_neg + rho_pos) / denominator,
+               -1: -(1.0 - rho_pos + rho_neg) / denominator}
+    offset = {y: 1.0 - t_star**2 for y, t_star in optimum.items()}
+    positive = noisy_label > 0
+    t_star = tf.where(positive, tf.constant(optimum[1], pred.dtype),
+                      tf.constant(optimum[-1], pred.dtype))
+    size = pred.shape.num_elements()
+    constant = offset[-1] * size
+    if offset[1] != offset[-1]:
+        positives = tf.reduce_sum(tf.cast(positive, pred.dtype))
+        constant = constant + (offset[1] - offset[-1]) * positives
+    total = tf.reduce_sum(tf.square(pred - t_star)) + constant
+    return total if reduction == "sum" else total / size

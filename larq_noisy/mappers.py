@@ -1,4 +1,5 @@
-"""Mapper networks `f_theta`: a layer's set of filters -> real-valued binary logits.
+"""Mapper networks `f_theta`: a layer's set of filters -> the real-valued `f(W)` that the
+quantizer clips and binarizes.
 
 A mapper sees one binarized layer's `c_out` filters as a batch of `h x w` images with
 `c_in` channels (docs/METHOD.md section 2) and returns a tensor of the same shape.
@@ -10,15 +11,8 @@ import larq as lq
 import numpy as np
 import tensorflow as tf
 
-__all__ = [
-    "MAPPERS",
-    "BatchStatNormalization",
-    "TapMixing",
-    "build_mapper",
-    "default_width",
-    "map_kernel",
-    "multiply_adds",
-]
+__all__ = ["MAPPERS", "BatchStatNormalization", "TapMixing", "build_mapper", "map_kernel",
+           "multiply_adds"]
 
 #: The mapper families and what each one is.
 MAPPERS = {
@@ -30,12 +24,8 @@ MAPPERS = {
     "channel bottleneck: dense c->wc, norm, ReLU, dense wc->c (built for ImageNet scale)",
 }
 
+#: The hidden width of each family when none is given (the paper's 2c for `cnn`).
 _DEFAULT_WIDTH = {"cnn": 2.0, "mlp": 2.0, "linear": None, "separable": 0.25}
-
-
-def default_width(kind: str) -> float | None:
-    """The hidden width of `kind` when none is given (the paper's 2c for `cnn`)."""
-    return _DEFAULT_WIDTH[kind]
 
 
 @lq.utils.register_keras_custom_object
@@ -44,10 +34,9 @@ class BatchStatNormalization(tf.keras.layers.Layer):
 
     \\[ y = \gamma \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta \\]
 
-    A mapper's batch is always the full set of a layer's filters, so using its
-    statistics in training and inference alike makes the mapper a deterministic
-    function of the latent kernel: the binary kernel seen at evaluation and export is
-    the one seen in training. No moving averages are kept.
+    A mapper's batch is always the full set of a layer's filters: with its statistics
+    in training and inference alike, and no moving averages, the mapper is a
+    deterministic function of the latent kernel (docs/METHOD.md section 2.3).
     """
 
     def __init__(self, epsilon: float = 1e-3, **kwargs):
@@ -65,20 +54,16 @@ class BatchStatNormalization(tf.keras.layers.Layer):
     def call(self, inputs):
         channels = inputs.shape[-1]
         if inputs.dtype in (tf.float16, tf.bfloat16, tf.float32):
-            # One fused kernel each way (forward and gradient) instead of ~10 element-wise
-            # ops: every row is one "pixel" of a 1 x rows x 1 image. It computes the
-            # statistics in float32 for float16 inputs (as Keras' BatchNormalization),
-            # with the biased variance, as tf.nn.moments.
+            # One fused kernel each way (forward and gradient), every row one "pixel" of
+            # a 1 x rows x 1 image: statistics in float32 for float16 inputs (as Keras'
+            # BatchNormalization), with the biased variance, as tf.nn.moments.
             rows = tf.reshape(inputs, (1, -1, 1, channels))
-            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                rows, self.gamma, self.beta, epsilon=self.epsilon, is_training=True
-            )
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(rows, self.gamma, self.beta,
+                                                       epsilon=self.epsilon, is_training=True)
             return tf.reshape(y, tf.shape(inputs))
         mean, variance = tf.nn.moments(inputs, axes=list(range(len(inputs.shape) - 1)))
-        return tf.nn.batch_normalization(
-            inputs, mean, variance, tf.cast(self.beta, inputs.dtype),
-            tf.cast(self.gamma, inputs.dtype), self.epsilon,
-        )
+        return tf.nn.batch_normalization(inputs, mean, variance, tf.cast(self.beta, inputs.dtype),
+                                         tf.cast(self.gamma, inputs.dtype), self.epsilon)
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
@@ -93,13 +78,7 @@ class TapMixing(tf.keras.layers.Layer):
     \\[ y_{f,p,c} = \sum_{q} T_{p,q}\, x_{f,q,c} \\]
 
     over the $hw$ taps $p, q$ (row-major). The default initializer is the identity:
-    the taps start unmixed. `multiply_adds` gives its cost, `n c (hw)^2`.
-
-    !!! example
-        ```python
-        mix = TapMixing()
-        y = mix(tf.random.normal((64, 3, 3, 16)))  # 64 filters of 3x3x16
-        ```
+    the taps start unmixed.
     """
 
     def __init__(self, kernel_initializer="identity", **kwargs):
@@ -108,9 +87,8 @@ class TapMixing(tf.keras.layers.Layer):
 
     def build(self, input_shape):
         taps = int(input_shape[1]) * int(input_shape[2])
-        self.kernel = self.add_weight(
-            name="kernel", shape=(taps, taps), initializer=self.kernel_initializer
-        )
+        self.kernel = self.add_weight(name="kernel", shape=(taps, taps),
+                                      initializer=self.kernel_initializer)
         super().build(input_shape)
 
     def call(self, inputs):
@@ -133,19 +111,10 @@ class TapMixing(tf.keras.layers.Layer):
 def multiply_adds(layer: tf.keras.layers.Layer, input_shape) -> int:
     """The multiply-adds of one forward pass of `layer` on an input of `input_shape`.
 
-    Counts the products of convolutions (`Conv1D/2D/3D` and larq's quantized ones, at
-    every output position and tap, padding included: what a dense implementation
-    computes), depthwise convolutions, `Dense` layers, layers with a
-    `multiply_adds(input_shape)` method (`TapMixing`) and, recursively, `Sequential`
-    models. Element-wise work (biases, normalisation, activations) is not counted:
-    it is linear in the tensor sizes, not a product of two of them.
-
-    # Arguments
-        layer: A built Keras layer or `Sequential` model.
-        input_shape: Its input's full shape, batch included (an int, not `None`).
-
-    # Returns
-        The count, an `int`.
+    Counts the products of convolutions (larq's too, at every output position and tap,
+    padding included), depthwise and transposed convolutions, `Dense` layers, layers
+    with a `multiply_adds(input_shape)` method (`TapMixing`) and, recursively,
+    `Sequential` models; not element-wise work. `input_shape` includes the batch size.
     """
     shape = tf.TensorShape(input_shape)
     if None in shape.as_list():
@@ -178,10 +147,6 @@ def multiply_adds(layer: tf.keras.layers.Layer, input_shape) -> int:
     return 0
 
 
-def _hidden_units(width: float, channels: int) -> int:
-    return max(1, int(round(width * channels)))
-
-
 def build_mapper(
     kind: str,
     filter_shape: tuple[int, int, int],
@@ -190,20 +155,18 @@ def build_mapper(
     name: str = "mapper",
     dtype=None,
 ) -> tf.keras.Sequential:
-    """Build the mapper network for filters of shape `(h, w, c_in)`.
+    """Build the mapper network for filters of shape `(h, w, c_in)` (docs/METHOD.md
+    section 2.2).
 
     # Arguments
         kind: One of `MAPPERS`.
         filter_shape: `(h, w, c_in)` of one filter (`(1, 1, d_in)` for a dense kernel).
-        width: Hidden width as a multiple of `c_in` (`cnn`: channels of the two hidden
-            convs, the paper's 2.0; `mlp`: units of the hidden layer; `separable`: units
-            of the channel bottleneck, 0.25). Unused by `linear`. `None` means the
-            family's default.
-        zero_init_output: Initialise the last layer to zero, so that the network
-            outputs exactly zero at step 0 (the identity-preserving start).
-        name: Name of the Keras model, also the prefix of its layers' names (variable
-            names must be unique across a model for h5 files and optimizer slots).
-        dtype: The layers' dtype policy (the quantizer's; `None`: the global policy).
+        width: Hidden width as a multiple of `c_in`, unused by `linear` (`None`: the
+            family's default, `_DEFAULT_WIDTH`).
+        zero_init_output: Zero the last layer, so that the network outputs 0 at step 0.
+        name: The model's name and its layers' prefix (variable names must be unique
+            across a model, for h5 files and optimizer slots).
+        dtype: The layers' dtype policy (`None`: the global policy).
 
     # Returns
         A `tf.keras.Sequential` mapping `(c_out, h, w, c_in)` to the same shape.
@@ -211,17 +174,16 @@ def build_mapper(
     if kind not in MAPPERS:
         raise ValueError(f"Unknown mapper {kind!r}; choose one of {sorted(MAPPERS)}.")
     h, w, c = (int(d) for d in filter_shape)
-    width = default_width(kind) if width is None else width
+    width = _DEFAULT_WIDTH[kind] if width is None else width
+    hidden = None if width is None else max(1, int(round(width * c)))  # None: linear
     out_init = "zeros" if zero_init_output else "glorot_uniform"
 
     def named(suffix):
         return dict(name=f"{name}_{suffix}", dtype=dtype)
 
     if kind == "cnn":
-        hidden = _hidden_units(width, c)
         # A 3x3 conv on a 1x1 "image" only ever uses its centre tap.
-        size = (min(3, h), min(3, w))
-        conv = dict(kernel_size=size, padding="same")
+        conv = dict(kernel_size=(min(3, h), min(3, w)), padding="same")
         body = [
             tf.keras.layers.Conv2D(hidden, use_bias=False, **conv, **named("conv1")),
             BatchStatNormalization(**named("norm1")),
@@ -229,12 +191,9 @@ def build_mapper(
             tf.keras.layers.Conv2D(hidden, use_bias=False, **conv, **named("conv2")),
             BatchStatNormalization(**named("norm2")),
             tf.keras.layers.ReLU(**named("relu2")),
-            tf.keras.layers.Conv2D(
-                c, **conv, kernel_initializer=out_init, **named("conv3")
-            ),
+            tf.keras.layers.Conv2D(c, **conv, kernel_initializer=out_init, **named("conv3")),
         ]
     elif kind == "mlp":
-        hidden = _hidden_units(width, c)
         body = [
             tf.keras.layers.Flatten(**named("flatten")),
             tf.keras.layers.Dense(hidden, use_bias=False, **named("dense1")),
@@ -250,7 +209,7 @@ def build_mapper(
             tf.keras.layers.Reshape((h, w, c), **named("unflatten")),
         ]
     else:  # separable
-        body = _separable_layers(c, _hidden_units(width, c), out_init, named)
+        body = _separable_layers(c, hidden, out_init, named)
     return tf.keras.Sequential(body, name=name)
 
 
@@ -268,26 +227,9 @@ def _separable_layers(channels, hidden, out_init, named):
     filter, identity at start), $U \in \mathbb{R}^{c \times r}$ and
     $V \in \mathbb{R}^{r \times c}$ a channel bottleneck of $r$ = `width` $\cdot\, c$ units
     (default 0.25), $\mathrm{N}$ = `BatchStatNormalization` over all filters and taps, and
-    $V$ zero at start for `start="identity"` (then $f(x) = x + g(x) = x$ exactly).
-
-    Why this structure. The paper's `cnn` mixes taps and channels at once: a 3x3 conv
-    $c \to 2c$ on a 3x3 "image" costs $81 \cdot 2c^2$ multiply-adds per filter, so a
-    layer's mapper costs $O(c_{out} c^2)$, about 1 T multiply-adds per ResNet-18 training
-    step (87 G forward for one 512->512 layer) and 81.7 M parameters; `linear` and `mlp`
-    hold $O(k^2 c \cdot \text{hidden})$ parameters per layer (21 M for 3x3x512). A
-    separable map keeps what those mix (every tap with every tap, every channel with
-    every channel, across the whole filter set through $\mathrm{N}$) but factors it,
-    like a depthwise-separable convolution factors a convolution:
-
-    - cost: $c_{out} c\,(k^4 + 2 k^2 r)$ multiply-adds per pass, i.e.
-      $(k^2 + 2r)$ per binary weight, against $72 c$ for `cnn`
-      (ResNet-18's 16 layers: ~2.3 G forward, ~0.5% of a training step at batch 256);
-    - parameters: $k^4 + 2 r c + 2 r + c$ per layer, none growing with $c_{out}$
-      (ResNet-18: 0.57 M in total, against 81.7 M for `cnn`);
-    - function: still a deterministic function of the whole filter set (the
-      normalisation uses the statistics of all of the layer's filters, as `cnn` does;
-      no moving averages), with the nonlinearity of `mlp` (which measured as accurate
-      as `cnn`) between two low-rank channel maps.
+    $V$ zero at start for `start="identity"` (then $f(x) = x + g(x) = x$ exactly). It
+    costs $(k^2 + 2r)$ multiply-adds per binary weight, and no parameter grows with
+    $c_{out}$ (docs/METHOD.md section 2.2).
     """
     return [
         TapMixing(**named("taps")),
@@ -379,19 +321,12 @@ def map_kernel(kind: str, mapper: tf.keras.Sequential, kernel):
     r"""The mapper's output for `kernel`'s filters, in the kernel's layout, or `None`.
 
     Equal, up to float rounding, to
-    `filters_to_kernel(mapper(kernel_to_filters(kernel)), kernel.shape)`, but faster
-    where a dedicated path exists (in float32); `None` where it does not (the caller
-    then maps the filters). Two exist:
-
-    - the paper's `cnn` on 3x3 kernels: its three "same" 3x3 convolutions on 3x3
-      "images" are Toom-Cook/Winograd products (25 multiply-adds per channel pair
-      instead of 81, `_toom_cook_3x3`), with the activations kept in a (pixel, filter,
-      channel) layout so that neither the kernel nor the output is transposed;
-    - `separable`, on any kernel: the tap map and the channel maps are matrix products
-      on the kernel's own layout, no transpose either.
-
-    `multiply_adds` still counts what the stock layers compute (81 per channel pair
-    for a `cnn` conv). Measured gains: docs/RESULTS.md, section 2.1.
+    `filters_to_kernel(mapper(kernel_to_filters(kernel)), kernel.shape)`, but computed
+    without transposing the kernel or the output, in float32; `None` where no such path
+    exists (the caller then maps the filters). Two exist: the paper's `cnn` on 3x3
+    kernels, its three "same" 3x3 convolutions as Toom-Cook products
+    (`_toom_cook_3x3`), and `separable` on any kernel, as matrix products.
+    `multiply_adds` counts what the stock layers compute.
     """
     dense = kernel.dtype == tf.float32 and mapper.compute_dtype == "float32"
     if not dense:

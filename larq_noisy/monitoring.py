@@ -1,5 +1,5 @@
 """Watching the binary weights: how many flipped, how many no gradient reaches, and the
-auxiliary loss, per layer and as a Keras callback."""
+auxiliary loss, per layer and as a Keras callback (docs/METHOD.md sections 3.7 and 9)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ import tensorflow as tf
 from larq_noisy.conversion import _check_has, binarized_layers, mapped_layers
 from larq_noisy.quantizers import NoisyMappedQuantizer
 
-__all__ = [
-    "FlipRateCallback", "auxiliary_losses", "flip_rates", "mean_flip_rate", "mean_saturation",
-    "saturation",
-]
+__all__ = ["FlipRateCallback", "auxiliary_losses", "flip_rates", "mean_saturation",
+           "saturation", "size_weighted_mean"]
 
 
 def _latent_signs(layer) -> np.ndarray:
@@ -26,29 +24,24 @@ def _binary_signs(layer) -> np.ndarray:
     """The signs of the binary kernel `layer` computes with."""
     quantizer = layer.kernel_quantizer
     if isinstance(quantizer, NoisyMappedQuantizer):
-        signs = quantizer.binary_signs(tf.cast(layer.kernel, quantizer.compute_dtype))
+        signs = quantizer.output_signs(tf.cast(layer.kernel, quantizer.compute_dtype))
         return np.asarray(signs) > 0
     return _latent_signs(layer)
 
 
 def flip_rates(model, reference=None) -> dict[str, float]:
-    """Per binarized layer, the fraction of binary weights that differ from a reference.
+    """`{layer name: rate}`: per binarized layer, the fraction of binary weights that
+    differ from a reference.
 
-    Without `reference`, the reference is `sign(W)` of the model's own latent weights,
-    so the rate is how much the mapper departs from sign binarization (0 for a sign
-    layer). With a `reference` model of the same architecture (e.g. the pretrained
-    baseline), it is the fraction of binary weights flipped since then; binarized
-    layers are paired in order, as two builds of one architecture name them apart.
-
-    # Returns
-        `{layer name: rate}` for every binarized layer.
+    Without `reference`, the reference is `sign(W)` of the model's own latent weights:
+    how much the mapper departs from sign binarization (0 for a sign layer). With a
+    `reference` model of the same architecture (e.g. the pretrained baseline), the
+    fraction flipped since then; binarized layers are paired in order.
     """
     layers = binarized_layers(model)
     _check_has(layers, model, "binarized layer")
-    if reference is None:
-        references = [None] * len(layers)
-    else:
-        references = binarized_layers(reference)
+    references = [None] * len(layers) if reference is None else binarized_layers(reference)
+    if reference is not None:
         shapes = [tuple(l.kernel.shape) for l in layers]
         if [tuple(l.kernel.shape) for l in references] != shapes:
             raise ValueError(
@@ -57,60 +50,37 @@ def flip_rates(model, reference=None) -> dict[str, float]:
             )
     rates = {}
     for layer, ref in zip(layers, references):
-        signs = _binary_signs(layer)
-        if ref is None:
-            base = _latent_signs(layer)
-        else:
-            base = _binary_signs(ref)
-        rates[layer.name] = float(np.mean(signs != base))
+        base = _latent_signs(layer) if ref is None else _binary_signs(ref)
+        rates[layer.name] = float(np.mean(_binary_signs(layer) != base))
     return rates
 
 
-def mean_flip_rate(model, rates: dict[str, float]) -> float:
-    """The fraction of all binary weights of `model` that flipped, from `flip_rates`."""
-    return _size_weighted_mean(model, rates)
-
-
-def _size_weighted_mean(model, per_layer: dict[str, float]) -> float:
-    """A per-layer fraction over all the binary weights of the layers in `per_layer`."""
+def size_weighted_mean(model, per_layer: dict[str, float]) -> float:
+    """A per-layer fraction (`flip_rates`, `saturation`) over all the binary weights of
+    the layers of `model` that `per_layer` names."""
     layers = [l for l in binarized_layers(model) if l.name in per_layer]
     sizes = {l.name: int(np.prod(l.kernel.shape)) for l in layers}
     return sum(per_layer[name] * size for name, size in sizes.items()) / sum(sizes.values())
 
 
 def saturation(model) -> dict[str, float]:
-    """Per mapped layer, the fraction of binary weights that no gradient reaches.
-
-    A weight is saturated where its mapper output is past the clip, `|f(W)| > 1`
-    with `clip="hardtanh"`: the clip's gradient is 0 there, for the auxiliary loss
-    and the task loss's STE alike (`NoisyMappedQuantizer.saturated`). With
-    `clip="none"` the STE passes every gradient, so the fraction is exactly 0: a
-    threshold on `|f(W)|` would measure how far a weight is from flipping, not
-    whether it can, and `flip_rates` already tells how many do.
-
-    # Returns
-        `{layer name: fraction}` for every mapped layer (`ValueError` if none).
-    """
+    """`{layer name: fraction}`: per mapped layer, the fraction of binary weights that no
+    gradient reaches, `|f(W)| > 1` with `clip="hardtanh"` (`NoisyMappedQuantizer.saturated`),
+    0 with `clip="none"`. `ValueError` if `model` has no mapped layer."""
     layers = mapped_layers(model)
     _check_has(layers, model, "mapped layer (NoisyMappedQuantizer)")
-    return {
-        l.name: float(np.mean(l.kernel_quantizer.saturated(l.kernel))) for l in layers
-    }
+    return {l.name: float(np.mean(l.kernel_quantizer.saturated(l.kernel))) for l in layers}
 
 
 def mean_saturation(model, fractions: dict[str, float] | None = None) -> float:
-    """The fraction of all mapped binary weights of `model` that are saturated.
-
-    `fractions` is `saturation(model)`, computed if not given.
-    """
-    return _size_weighted_mean(model, saturation(model) if fractions is None else fractions)
+    """The fraction of all mapped binary weights of `model` that are saturated
+    (`fractions`: `saturation(model)`, computed if not given)."""
+    return size_weighted_mean(model, saturation(model) if fractions is None else fractions)
 
 
 def auxiliary_losses(model) -> dict[str, float]:
-    """`{layer name: alpha * l_i}` at the current weights, for every mapped layer.
-
-    The auxiliary loss depends on the weights only, so this is exact without data.
-    """
+    """`{layer name: alpha * l_i}` at the current weights, for every mapped layer (exact
+    without data: the auxiliary loss depends on the weights only)."""
     return {
         layer.name: float(layer.kernel_quantizer.auxiliary_loss(layer.kernel))
         for layer in mapped_layers(model)
@@ -120,11 +90,10 @@ def auxiliary_losses(model) -> dict[str, float]:
 class FlipRateCallback(tf.keras.callbacks.Callback):
     """Adds per-layer flip rates, saturation and the auxiliary loss to the epoch logs.
 
-    Each epoch end it writes `flip_rate/<layer>`, the overall `flip_rate` (weighted by
-    layer size) and, for a mapped model, `saturation/<layer>` and `saturation` (the
-    fraction of binary weights no gradient reaches, see `saturation`) and `aux_loss`
-    (the sum of `alpha * l_i`) into the logs, so that `History`, `CSVLogger` and
-    `TensorBoard` record them. Put it before those callbacks in the list.
+    Each epoch end it writes `flip_rate/<layer>` and `flip_rate` (over all layers) and,
+    for a mapped model, `saturation/<layer>`, `saturation` and `aux_loss` (the sum of
+    `alpha * l_i`) into the logs, so that `History`, `CSVLogger` and `TensorBoard` record
+    them. Put it before those callbacks in the list.
 
     # Arguments
         reference: Optional model to count flips against (see `flip_rates`), e.g. the
@@ -139,13 +108,11 @@ class FlipRateCallback(tf.keras.callbacks.Callback):
         if logs is None:
             return
         rates = flip_rates(self.model, reference=self.reference)
-        for name, rate in rates.items():
-            logs[f"flip_rate/{name}"] = rate
-        logs["flip_rate"] = mean_flip_rate(self.model, rates)
+        logs.update({f"flip_rate/{name}": rate for name, rate in rates.items()})
+        logs["flip_rate"] = size_weighted_mean(self.model, rates)
         if not mapped_layers(self.model):
             return
         fractions = saturation(self.model)
-        for name, fraction in fractions.items():
-            logs[f"saturation/{name}"] = fraction
+        logs.update({f"saturation/{name}": fraction for name, fraction in fractions.items()})
         logs["saturation"] = mean_saturation(self.model, fractions)
         logs["aux_loss"] = sum(auxiliary_losses(self.model).values())

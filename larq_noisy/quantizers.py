@@ -9,12 +9,12 @@ import numbers
 import larq as lq
 import tensorflow as tf
 
-from larq_noisy.losses import check_noise_rates
+from larq_noisy.losses import check_noise_rates, reduced_unbiased_loss
 from larq_noisy.mappers import MAPPERS, build_mapper, map_kernel
 
 __all__ = [
-    "DEFAULTS", "PAPER", "DoReFaSign", "NoisyMappedQuantizer", "binary_scale", "check_options",
-    "filters_to_kernel", "kernel_to_filters", "reduced_unbiased_loss",
+    "DEFAULTS", "OPTIONS", "PAPER", "DoReFaSign", "NoisyMappedQuantizer", "apply_scale",
+    "binary_scale", "check_options", "filters_to_kernel", "kernel_to_filters",
 ]
 
 REDUCTIONS = ("sum", "mean")
@@ -23,56 +23,41 @@ STARTS = ("identity", "warmup")
 SCALES = (None, "layer", "channel")
 CLIPS = ("hardtanh", "none")
 
-
-def _choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}; choose one of {list(choices)}.")
-
-
-#: The paper's setting of the method (Han et al. 2020, Sec. 5.1, CIFAR-10): what
-#: `train.py --preset paper` restores on any dataset, and the CIFAR-10 and ImageNet
-#: protocols' setting.
+#: The paper's setting of the method (Han et al. 2020, Sec. 5.1, CIFAR-10).
 PAPER = {
     "mapper": "cnn", "alpha": 1.0, "rho_pos": 0.005, "rho_neg": 0.005, "reduction": "sum",
     "clip": "hardtanh", "aux_to_latent": True,
 }
 #: The quantizer's defaults: the paper's, except that the auxiliary loss trains the
-#: mapper only. The paper's anchoring of W through it measured -0.46 points (0 of 5
-#: paired seeds, p = 0.01; docs/RESULTS.md section 1), the one option whose measured
-#: effect goes against the paper; keeping the hardtanh clip also follows that section.
+#: mapper only (docs/METHOD.md section 8).
 DEFAULTS = {**PAPER, "aux_to_latent": False}
 
-#: The options of `NoisyMappedQuantizer` (its signature holds their defaults).
-OPTIONS = (
-    "mapper", "alpha", "rho_pos", "rho_neg", "width", "reduction", "labels", "start", "scale",
-    "clip", "aux_to_latent", "scale_clip", "scale_gradient",
-)
 
-
-def check_options(**options) -> None:
+def check_options(**options) -> dict:
     """Raise `ValueError` naming any bad `NoisyMappedQuantizer` option.
 
     Options not given take the quantizer's defaults. Pure Python, so settings can be
     checked before TensorFlow starts (multi-worker training needs that).
+
+    # Returns
+        Every option (`OPTIONS`), the defaults filled in.
     """
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"Unknown NoisyMappedQuantizer options {unknown}; valid: {list(OPTIONS)}.")
     defaults = inspect.signature(NoisyMappedQuantizer.__init__).parameters
     o = {name: options.get(name, defaults[name].default) for name in OPTIONS}
-    _choice("mapper", o["mapper"], tuple(MAPPERS))
-    _choice("reduction", o["reduction"], REDUCTIONS)
-    _choice("labels", o["labels"], LABELS)
-    _choice("start", o["start"], STARTS)
-    _choice("scale", o["scale"], SCALES)
+    choices = (("mapper", tuple(MAPPERS)), ("reduction", REDUCTIONS), ("labels", LABELS),
+               ("start", STARTS), ("scale", SCALES), ("clip", CLIPS))
+    for name, valid in choices:
+        if o[name] not in valid:
+            raise ValueError(f"Unknown {name} {o[name]!r}; choose one of {list(valid)}.")
     scale_clip = o["scale_clip"]
     if scale_clip is not None and (not isinstance(scale_clip, numbers.Real) or scale_clip <= 0):
         raise ValueError(f"scale_clip={scale_clip!r} must be a number > 0 or None.")
-    if not isinstance(o["scale_gradient"], bool):
-        raise ValueError(f"scale_gradient={o['scale_gradient']!r} must be True or False.")
-    _choice("clip", o["clip"], CLIPS)
-    if not isinstance(o["aux_to_latent"], bool):
-        raise ValueError(f"aux_to_latent={o['aux_to_latent']!r} must be True or False.")
+    for name in ("scale_gradient", "aux_to_latent"):
+        if not isinstance(o[name], bool):
+            raise ValueError(f"{name}={o[name]!r} must be True or False.")
     alpha, width = o["alpha"], o["width"]
     if not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha={alpha!r} must be a finite number >= 0.")
@@ -81,6 +66,7 @@ def check_options(**options) -> None:
     ):
         raise ValueError(f"width={width!r} must be a finite number > 0 or None.")
     check_noise_rates(o["rho_pos"], o["rho_neg"])
+    return o
 
 
 def kernel_to_filters(kernel):
@@ -114,22 +100,15 @@ def binary_scale(kernel, scale, clip=None, gradient=False):
 
     \\[ s = \mathrm{mean}\,|\mathrm{clip}(W, -c, c)| \\]
 
-    over the whole kernel with `scale="layer"` (one scale per layer: DoReFa-Net's
-    1-bit weights), or over all axes but the last with `scale="channel"` (one per
-    output channel: XNOR-Net, `magnitude_aware_sign`). `clip` is $c$ (`None`: no
-    clip). With `gradient=False` $s$ is a constant for backprop (`tf.stop_gradient`,
-    as `magnitude_aware_sign`); with `True` its gradient reaches $W$ (XNOR-Net's
-    paper).
-
-    !!! example
-        ```python
-        s = binary_scale(kernel, "layer")  # a scalar
-        ```
+    over the whole kernel with `scale="layer"` (DoReFa-Net), or over all axes but the
+    last with `scale="channel"` (one per output channel: XNOR-Net, larq's
+    `magnitude_aware_sign`); `clip` is $c$ (`None`: no clip). With `gradient=False` $s$
+    is a constant for backprop, as in larq; with `True` its gradient reaches $W$, as in
+    XNOR-Net's paper (docs/METHOD.md section 4).
     """
     magnitude = tf.abs(kernel if clip is None else tf.clip_by_value(kernel, -clip, clip))
     if scale == "layer":
-        # A float16 sum over a whole kernel overflows (3x3x512x512 weights of mean 0.03
-        # sum past 65504): accumulate in float32 at least.
+        # A float16 sum over a whole kernel can overflow: accumulate in float32 at least.
         wide = tf.float32 if kernel.dtype in (tf.float16, tf.bfloat16) else kernel.dtype
         mean = tf.cast(tf.reduce_mean(tf.cast(magnitude, wide)), kernel.dtype)
     else:  # in the kernel's dtype, exactly as magnitude_aware_sign
@@ -137,43 +116,12 @@ def binary_scale(kernel, scale, clip=None, gradient=False):
     return mean if gradient else tf.stop_gradient(mean)
 
 
-def reduced_unbiased_loss(pred, noisy_label, rho_pos, rho_neg, reduction="sum"):
-    r"""The sum (or mean) of `unbiased_loss` over all elements, as one quadratic in t.
-
-    With $y^2 = 1$ and $\rho_y + \rho_{-y} = \rho_{+1} + \rho_{-1}$, Eq. 15 is
-    $\tilde l(t, y) = (t - t^*_y)^2 + c_y$ with
-
-    \\[
-    t^*_y = y\,\frac{1 - \rho_{-y} + \rho_y}{1 - \rho_{+1} - \rho_{-1}},
-    \qquad c_y = 1 - (t^*_y)^2,
-    \\]
-
-    so the sum is $\sum_w (t_w - t^*_{y_w})^2 + \sum_w c_{y_w}$, the second term a
-    constant of the label counts: a select, a subtraction and a square per weight
-    (one multiplication back), instead of the ~10 element-wise ops of the two squared
-    differences (the same values up to float rounding; tests/test_mappers.py). It
-    matters at ImageNet scale (11 M binary weights in ResNet-18).
-
-    # Arguments
-        pred: $t$. noisy_label: labels in $\{-1, +1\}$, shaped like `pred`.
-        rho_pos, rho_neg: Python floats, as `unbiased_loss`'s.
-        reduction: `"sum"` or `"mean"`.
-    """
-    check_noise_rates(rho_pos, rho_neg, dtype=pred.dtype)
-    denominator = 1.0 - rho_pos - rho_neg  # in float64 first, as unbiased_loss
-    optimum = {+1: (1.0 - rho_neg + rho_pos) / denominator,
-               -1: -(1.0 - rho_pos + rho_neg) / denominator}
-    offset = {y: 1.0 - t_star**2 for y, t_star in optimum.items()}
-    positive = noisy_label > 0
-    t_star = tf.where(positive, tf.constant(optimum[1], pred.dtype),
-                      tf.constant(optimum[-1], pred.dtype))
-    size = pred.shape.num_elements()
-    constant = offset[-1] * size
-    if offset[1] != offset[-1]:
-        positives = tf.reduce_sum(tf.cast(positive, pred.dtype))
-        constant = constant + (offset[1] - offset[-1]) * positives
-    total = tf.reduce_sum(tf.square(pred - t_star)) + constant
-    return total if reduction == "sum" else total / size
+def apply_scale(signs, kernel, scale=None, scale_clip=None, scale_gradient=False):
+    """`signs` times `binary_scale(kernel, scale, scale_clip, scale_gradient)`, or
+    `signs` as they are with `scale=None`: the last stage of every scaled binary kernel."""
+    if scale is None:
+        return signs
+    return binary_scale(kernel, scale, scale_clip, scale_gradient) * signs
 
 
 def _ste_sign(x):
@@ -190,94 +138,45 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
     labels of the optimal binary weights (Han et al., ICML 2020):
 
     \\[
-    t = \mathrm{hardtanh}(f_\theta(W)), \qquad \hat Q = \mathrm{sign}(t),
+    t = \mathrm{hardtanh}(f_\theta(W)), \qquad \hat Q = s \cdot \mathrm{sign}(t),
+    \qquad l_i = \sum_{w} \tilde l\big(t_w, \mathrm{sign}(W_w)\big).
     \\]
 
-    with the straight-through estimator through the sign (the clip to $|t| \le 1$
-    comes from the hardtanh). The layer computes with $\hat Q$, times
-    $\mathrm{mean}|W|$ of the layer or of each output channel when `scale` is set
-    (`binary_scale`). The quantizer adds the
-    auxiliary loss $\alpha\, l_i$ with `add_loss`, where
-
-    \\[
-    l_i = \sum_{w} \tilde l\big(t_w, \tilde q_w\big), \qquad \tilde q = \mathrm{sign}(W),
-    \\]
-
-    $\tilde l$ being `unbiased_loss` with flip rates $\rho_{+1}, \rho_{-1}$. The
-    labels carry no gradient. With `start="identity"` the mapper is residual,
-    $f_\theta(W) = W + g_\theta(W)$ with the last layer of $g_\theta$ zero at step 0,
-    so $\hat Q = \mathrm{sign}(W)$ and a converted model starts at exactly the
-    pretrained accuracy; `start="warmup"` is the paper's plain mapper, to be
-    warmed up with all other weights frozen.
-
-    **The clip.** The corrected squared loss is a unit quadratic in $t$,
-    $\tilde l(t, y) = (t - t^*_y)^2 + c_y$ with the minimum at
-    $t^*_y = y\,(1 - \rho_{-y} + \rho_y) / (1 - \rho_{+1} - \rho_{-1})$
-    ($y / (1 - 2\rho)$ for equal rates), so $|t^*_y| > 1$ for every $\rho_y > 0$.
-    With `clip="hardtanh"` (the paper), $t = \mathrm{hardtanh}(f_\theta(W))$ and
-    $\partial t / \partial f = 1$ only where $|f_\theta(W)| \le 1$: the auxiliary
-    loss pushes $f_\theta(W)$ past $\pm 1$, where the clip stops every gradient
-    through that binary weight, the cross-entropy's (whose STE passes through $t$)
-    as well as its own (see `saturated`). With `clip="none"`, $t = f_\theta(W)$,
-    the same $t$ for the loss and the sign, and the STE of the sign is the identity
-    (not larq's `ste_sign`, whose gradient is 0 past $|x| > 1$, the same dead
-    zone): $t^*_y$ is reachable and no weight is cut off. The loss needs no clip
-    to be bounded below (the quadratic pulls $t$ back towards $t^*_y$ from either
-    side), but nothing cuts a too large step either: with `reduction="sum"` the
-    curvature in a mapper parameter shared by the layer's filters grows with their
-    number (for the `cnn` mapper's output bias, $2\alpha\, c_{out} k^2$), and SGD at
-    lr 0.01, momentum 0.9, $\alpha = 1$ diverged on `bnn_small` within 32 steps
-    where the hardtanh saturated instead; `reduction="mean"`, a small $\alpha$ or
-    Adam kept it finite.
-
-    **Where the auxiliary loss trains.** With `aux_to_latent=True` (the paper) the
-    gradient of $\alpha\, l_i$ reaches the latent weights through $f_\theta(W)$,
-    at step 0 $2(t - t^*_y)$ per weight, pulling $W$ towards its own sign. With
-    `aux_to_latent=False`, $l_i$ is computed from $f_\theta(\mathrm{sg}(W))$
-    ($\mathrm{sg}$: stop-gradient): the same value and the same gradient on
-    $\theta$, none on $W$; $W$ learns from the task loss alone, through the
-    forward path. It costs a second mapper pass when `alpha > 0`. The default
-    (`DEFAULTS`: the paper's setting `PAPER` but for this) is `False`: the anchoring
-    cost 0.46 points on Fashion-MNIST (docs/RESULTS.md section 1).
+    The layer computes with $\hat Q$ ($s = 1$, or `binary_scale`), through the
+    straight-through estimator of the sign, and the quantizer adds $\alpha\, l_i$ to the
+    model's loss with `add_loss` ($\tilde l$: `unbiased_loss`; the labels carry no
+    gradient). The stages $f(W) \to t \to \mathrm{sign}(t) \to \hat Q$ are
+    `mapper_output`, `clipped_output`, `output_signs` and `scaled_signs`. See
+    docs/METHOD.md: the mapper (section 2), the loss (3), the forward pass, the clip and
+    `aux_to_latent` (4), the start (5), the dead zone of the clip (9).
 
     !!! example
         ```python
-        layer = lq.layers.QuantConv2D(
-            64, 3,
-            input_quantizer="ste_sign",
-            kernel_quantizer=larq_noisy.NoisyMappedQuantizer(alpha=1.0, rho_pos=0.005,
-                                                            rho_neg=0.005),
-            kernel_constraint="weight_clip",
-        )
+        quantizer = larq_noisy.NoisyMappedQuantizer(alpha=1.0, rho_pos=0.005, rho_neg=0.005)
+        layer = lq.layers.QuantConv2D(64, 3, input_quantizer="ste_sign",
+                                      kernel_quantizer=quantizer,
+                                      kernel_constraint="weight_clip")
         ```
 
     # Arguments
-        mapper: Mapper family, one of `"cnn"` (the paper's), `"mlp"`, `"linear"`.
-        alpha: Weight of the auxiliary loss, >= 0 (`alpha=0` is "ours w/o noisy
-            supervision").
+        mapper: The mapper family, one of `MAPPERS` (`"cnn"`: the paper's).
+        alpha: Weight of the auxiliary loss, >= 0 (0: "ours w/o noisy supervision").
         rho_pos: $\rho_{+1}$, the probability that a +1 weight has label -1.
         rho_neg: $\rho_{-1}$, the probability that a -1 weight has label +1.
-        width: Hidden width of the mapper as a multiple of `c_in`; `None` for the
-            family's default (the paper's 2.0 for `cnn`).
-        reduction: `"sum"` over the layer's weights (the paper, Eq. 17) or `"mean"`.
-        labels: `"current"` signs of the latent weights, or `"frozen"` signs captured
-            by `larq_noisy.freeze_labels` (done by `to_mapped`); until captured,
-            frozen labels fall back to the current signs.
-        start: `"identity"` (residual mapper, zero-initialised output) or `"warmup"`.
-        scale: `None`; `"layer"` to scale the binary kernel by the mean absolute
-            latent weight of the layer (DoReFa-Net); `"channel"` to scale each output
-            channel by that of its filter (as `magnitude_aware_sign`). See
-            `binary_scale`; `to_mapped` sets it (and the next two) to match the
-            layer's original quantizer.
-        scale_clip: `None`, or $c > 0$: the scale is the mean of $|\mathrm{clip}(W,
-            -c, c)|$.
-        scale_gradient: `False` (the scale is a constant for backprop, as
-            `magnitude_aware_sign`) or `True` (its gradient reaches the latent
-            weights, as XNOR-Net's paper).
-        clip: `"hardtanh"` ($t = \mathrm{hardtanh}(f_\theta(W))$, the paper) or
-            `"none"` ($t = f_\theta(W)$, no dead zone).
-        aux_to_latent: `True` (the auxiliary loss trains the mapper and the latent
-            weights, the paper) or `False` (the mapper only, the default).
+        width: The mapper's hidden width as a multiple of `c_in` (`None`: the family's).
+        reduction: `"sum"` over the layer's weights (the paper's Eq. 17) or `"mean"`.
+        labels: `"current"` signs of `W`, or `"frozen"`: those captured by
+            `freeze_labels` (done by `to_mapped`; until then the current ones).
+        start: `"identity"`: a residual mapper $f_\theta(W) = W + g_\theta(W)$, its last
+            layer zero, so $\hat Q = \mathrm{sign}(W)$ at step 0; `"warmup"`: the paper's.
+        scale: $s$: `None` (1), `"layer"` or `"channel"` (`binary_scale`).
+        clip: `"hardtanh"` (the paper) or `"none"`: $t = f_\theta(W)$, no dead zone.
+        aux_to_latent: `True`: $\alpha\, l_i$ trains the mapper and `W` (the paper);
+            `False`: the mapper only, from $f_\theta(\mathrm{sg}(W))$ (a second pass).
+        scale_clip: `None`, or $c > 0$: $s$ is a mean of $|\mathrm{clip}(W, -c, c)|$.
+        scale_gradient: Whether $s$ passes a gradient to `W` (XNOR-Net's paper) or not
+            (larq's `magnitude_aware_sign`). `to_mapped` sets the scale options to match
+            each layer's own quantizer.
     """
 
     precision = 1
@@ -299,85 +198,77 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
         scale_gradient: bool = False,
         **kwargs,
     ):
-        check_options(
+        options = check_options(
             mapper=mapper, alpha=alpha, rho_pos=rho_pos, rho_neg=rho_neg, width=width,
             reduction=reduction, labels=labels, start=start, scale=scale, clip=clip,
             aux_to_latent=aux_to_latent, scale_clip=scale_clip, scale_gradient=scale_gradient,
         )
         super().__init__(**kwargs)
-        self.mapper_kind = mapper
-        self.alpha = float(alpha)
-        self.rho_pos = float(rho_pos)
-        self.rho_neg = float(rho_neg)
-        self.width = width
-        self.reduction = reduction
-        self.labels = labels
-        self.start = start
-        self.scale = scale
-        self.clip = clip
-        self.aux_to_latent = aux_to_latent
-        self.scale_clip = None if scale_clip is None else float(scale_clip)
-        self.scale_gradient = scale_gradient
+        self.mapper_kind = options.pop("mapper")  # `self.mapper` is the network
+        for name, value in options.items():
+            number = name in ("alpha", "rho_pos", "rho_neg", "scale_clip") and value is not None
+            setattr(self, name, float(value) if number else value)
 
     def build(self, input_shape):
         kernel_shape = tf.TensorShape(input_shape).as_list()
         filter_shape = kernel_to_filters(tf.zeros(kernel_shape)).shape[1:]
         self.mapper = build_mapper(
-            self.mapper_kind,
-            filter_shape,
-            width=self.width,
-            zero_init_output=self.start == "identity",
-            name=f"{self.name}_mapper",
+            self.mapper_kind, filter_shape, width=self.width,
+            zero_init_output=self.start == "identity", name=f"{self.name}_mapper",
             dtype=self.dtype_policy,
         )
         self.mapper.build((None, *filter_shape))
         if self.labels == "frozen":
             # 0 means "not captured yet": the current sign is used there.
             self.frozen_labels = self.add_weight(
-                name="frozen_labels",
-                shape=kernel_shape,
-                initializer="zeros",
-                trainable=False,
+                name="frozen_labels", shape=kernel_shape, initializer="zeros", trainable=False
             )
         super().build(input_shape)
 
-    def mapped(self, kernel):
-        """`f(W)`, the mapper's output in the kernel's layout, before any clip."""
+    def _built_for(self, kernel):
+        """`kernel` in the compute dtype, the quantizer built for it."""
+        if not self.built:
+            self.build(kernel.shape)
+        return tf.cast(kernel, self.compute_dtype)
+
+    def mapper_output(self, kernel):
+        """Stage 1, `f(W)`: the mapper's output in the kernel's layout, before the clip."""
         mapped = map_kernel(self.mapper_kind, self.mapper, kernel)  # a faster exact path
         if mapped is None:
             mapped = filters_to_kernel(self.mapper(kernel_to_filters(kernel)), kernel.shape)
         return kernel + mapped if self.start == "identity" else mapped
 
-    def logits(self, kernel):
-        """`t`, what the labels supervise and the sign binarizes: `hardtanh(f(W))`,
-        or `f(W)` with `clip="none"`."""
-        mapped = self.mapped(kernel)
+    def clipped_output(self, kernel):
+        """Stage 2, `t`: `hardtanh(f(W))` (`f(W)` with `clip="none"`), what the labels
+        supervise and the sign binarizes."""
+        mapped = self.mapper_output(kernel)
         if self.clip == "none":
             return mapped
         return tf.clip_by_value(mapped, -1.0, 1.0)
 
-    def saturated(self, kernel):
-        """Boolean mask of the binary weights no gradient flows back through.
+    def output_signs(self, kernel):
+        """Stage 3, `sign(t)` in {-1, +1}: the binary kernel without its scale."""
+        return lq.math.sign(self.clipped_output(kernel))
 
-        With `clip="hardtanh"`, those where `|f(W)| > 1`: the clip's gradient is 0
-        there (at exactly 1 `tf.clip_by_value` still passes it), so neither the
-        auxiliary loss nor the task loss's STE reaches that weight; it can only move
-        when the shared mapper changes for the others. With `clip="none"` no weight
-        is cut off: all False.
-        """
-        if not self.built:
-            self.build(kernel.shape)
-        kernel = tf.cast(kernel, self.compute_dtype)
+    def scaled_signs(self, kernel):
+        """Stage 4, `Q^ = s * sign(t)`: the binary kernel the layer computes with."""
+        kernel = self._built_for(kernel)
+        return self._apply_scale(self.output_signs(kernel), kernel)
+
+    def _apply_scale(self, signs, kernel):
+        return apply_scale(signs, kernel, self.scale, self.scale_clip, self.scale_gradient)
+
+    def saturated(self, kernel):
+        """Boolean mask of the binary weights no gradient flows back through: with
+        `clip="hardtanh"`, those where `|f(W)| > 1` (at 1 the clip still passes it)."""
+        kernel = self._built_for(kernel)
         if self.clip == "none":
             return tf.zeros(kernel.shape, tf.bool)
-        return tf.abs(self.mapped(kernel)) > 1.0
+        return tf.abs(self.mapper_output(kernel)) > 1.0
 
     def noisy_labels(self, kernel):
-        """`sign(W)` (or the frozen signs), constant: no gradient flows through them.
-
-        The signs of `W` at the precision the layer computes with (under
-        `mixed_float16`, a weight too small for float16 is 0 there, and sign(0) = +1).
-        """
+        """`sign(W)` (or the frozen signs), constant, at the precision the layer computes
+        with (under `mixed_float16` a weight too small for float16 is 0, sign(0) = +1)."""
         labels = lq.math.sign(tf.cast(kernel, self.compute_dtype))
         if self.labels == "frozen":
             frozen = tf.cast(self.frozen_labels, labels.dtype)
@@ -390,70 +281,40 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
             raise ValueError(
                 f"freeze_labels needs labels='frozen', this quantizer has {self.labels!r}."
             )
-        if not self.built:
-            self.build(kernel.shape)
-        signs = lq.math.sign(tf.cast(kernel, self.compute_dtype))  # as noisy_labels
+        signs = lq.math.sign(self._built_for(kernel))  # as noisy_labels
         self.frozen_labels.assign(tf.cast(signs, self.frozen_labels.dtype))
 
-    def auxiliary_loss(self, kernel, logits=None):
-        """`alpha * l_i`, the term this quantizer adds to the model's loss.
+    def auxiliary_loss(self, kernel, clipped=None):
+        """`alpha * l_i`, the term this quantizer adds to the model's loss, in float32.
 
-        `logits` (`self.logits(kernel)` if not given) are used as given; only when
-        computed here is the gradient to `kernel` cut for `aux_to_latent=False`.
+        `clipped` (`self.clipped_output(kernel)` if not given) is used as given; only
+        when computed here is the gradient to `kernel` cut for `aux_to_latent=False`.
         """
         kernel = tf.cast(kernel, self.compute_dtype)  # a float32 variable under mixed_float16
-        if logits is None:
-            logits = self.logits(kernel if self.aux_to_latent else tf.stop_gradient(kernel))
-        loss = reduced_unbiased_loss(
-            tf.cast(logits, tf.float32),
-            tf.cast(self.noisy_labels(kernel), tf.float32),
-            self.rho_pos,
-            self.rho_neg,
-            self.reduction,
-        )
+        if clipped is None:
+            clipped = self.clipped_output(
+                kernel if self.aux_to_latent else tf.stop_gradient(kernel)
+            )
+        loss = reduced_unbiased_loss(tf.cast(clipped, tf.float32),
+                                     tf.cast(self.noisy_labels(kernel), tf.float32),
+                                     self.rho_pos, self.rho_neg, self.reduction)
         return self.alpha * loss
 
-    def binary_signs(self, kernel):
-        """The mapped binary kernel `Q^` in {-1, +1}, without scale."""
-        return lq.math.sign(self.logits(kernel))
-
-    def _scaled(self, signs, kernel):
-        if self.scale is None:
-            return signs
-        return binary_scale(kernel, self.scale, self.scale_clip, self.scale_gradient) * signs
-
-    def binary_kernel(self, kernel):
-        """The kernel the layer computes with: `Q^`, scaled if `scale` is set."""
-        if not self.built:
-            self.build(kernel.shape)
-        kernel = tf.cast(kernel, self.compute_dtype)
-        return self._scaled(self.binary_signs(kernel), kernel)
-
     def call(self, inputs):
-        logits = self.logits(inputs)
+        clipped = self.clipped_output(inputs)
         # aux_to_latent=False needs its own mapper pass on sg(W), unless alpha = 0
         # (then the loss and all its gradients are 0 anyway).
         shared = self.aux_to_latent or self.alpha == 0
-        self.add_loss(self.auxiliary_loss(inputs, logits if shared else None))
-        return self._scaled(_ste_sign(logits), inputs)
+        self.add_loss(self.auxiliary_loss(inputs, clipped if shared else None))
+        return self._apply_scale(_ste_sign(clipped), inputs)
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "mapper": self.mapper_kind,
-            "alpha": self.alpha,
-            "rho_pos": self.rho_pos,
-            "rho_neg": self.rho_neg,
-            "width": self.width,
-            "reduction": self.reduction,
-            "labels": self.labels,
-            "start": self.start,
-            "scale": self.scale,
-            "clip": self.clip,
-            "aux_to_latent": self.aux_to_latent,
-            "scale_clip": self.scale_clip,
-            "scale_gradient": self.scale_gradient,
-        }
+        options = {name: getattr(self, name) for name in OPTIONS if name != "mapper"}
+        return {**super().get_config(), "mapper": self.mapper_kind, **options}
+
+
+#: The options of `NoisyMappedQuantizer`, in the order of its signature.
+OPTIONS = tuple(inspect.signature(NoisyMappedQuantizer.__init__).parameters)[1:-1]
 
 
 @lq.utils.register_alias("dorefa")
@@ -463,17 +324,10 @@ class DoReFaSign(lq.quantizers.Quantizer):
 
     \\[ q(W) = \mathrm{mean}(|W|) \cdot \mathrm{sign}(W) \\]
 
-    with one mean over the whole kernel (Zhou et al., "DoReFa-Net", 2016, Sec. 2.3:
-    a scalar rather than XNOR-Net's per-channel means, so that binary kernels serve
-    the backward pass too): the weight binarization of the LNS paper's CIFAR-10
-    baseline, and what `bake` gives a layer mapped with `scale="layer"`. The mean is
-    `binary_scale(W, "layer")`, accumulated in float32 under `mixed_float16`.
-    Backward: the mean is a constant and the sign's gradient is the straight-through
-    estimator, zero where $|W| >$ `clip_value` (with `weight_clip` it passes
-    everywhere, as DoReFa's identity), times the mean, as larq's
-    `magnitude_aware_sign` and the mapped layers, so that a baseline and its mapped
-    arms differ only by the mapper. Not larq's `DoReFa` (`"dorefa_quantizer"`),
-    whose 1-bit weights are not scaled.
+    with one mean over the whole kernel (Zhou et al., "DoReFa-Net", 2016, Sec. 2.3):
+    the LNS paper's CIFAR-10 baseline, and what `bake` gives a layer mapped with
+    `scale="layer"`. The mean (`binary_scale`) is a constant for backprop; the sign's
+    gradient is `ste_sign`'s. Not larq's `DoReFa`, whose 1-bit weights are not scaled.
 
     !!! example
         ```python
@@ -483,8 +337,7 @@ class DoReFaSign(lq.quantizers.Quantizer):
         ```
 
     # Arguments
-        clip_value: Threshold for clipping gradients. If `None` gradients are not
-            clipped.
+        clip_value: Threshold for clipping gradients (`None`: not clipped).
     """
 
     precision = 1

@@ -20,7 +20,7 @@ FASHION_SHAPE = (28, 28, 1)
 
 
 def _flip_rate(mapped):
-    return larq_noisy.mean_flip_rate(mapped, larq_noisy.flip_rates(mapped))
+    return larq_noisy.size_weighted_mean(mapped, larq_noisy.flip_rates(mapped))
 
 
 @pytest.fixture(scope="module")

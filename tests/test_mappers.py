@@ -13,7 +13,8 @@ from conftest import set_batchnorm_statistics, tiny_bnn
 import larq_noisy
 from larq_noisy import NoisyMappedQuantizer, bake, mapped_layers, to_mapped
 from larq_noisy.mappers import BatchStatNormalization, TapMixing, map_kernel, multiply_adds
-from larq_noisy.quantizers import filters_to_kernel, kernel_to_filters, reduced_unbiased_loss
+from larq_noisy.losses import reduced_unbiased_loss
+from larq_noisy.quantizers import filters_to_kernel, kernel_to_filters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +37,7 @@ def test_separable_identity_start_predicts_exactly_what_the_sign_model_predicts(
     for layer in mapped_layers(mapped):
         q = layer.kernel_quantizer
         kernel = layer.kernel.latent_variable
-        np.testing.assert_array_equal(q.mapped(kernel), kernel)  # f(W) = W + 0, exactly
+        np.testing.assert_array_equal(q.mapper_output(kernel), kernel)  # f(W) = W + 0, exactly
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def separable_model():
     tf.keras.utils.set_random_seed(0)
     model = to_mapped(set_batchnorm_statistics(tiny_bnn()), mapper="separable", width=0.5,
                       start="warmup")
-    assert larq_noisy.mean_flip_rate(model, larq_noisy.flip_rates(model)) > 0.01
+    assert larq_noisy.size_weighted_mean(model, larq_noisy.flip_rates(model)) > 0.01
     return model
 
 
@@ -148,7 +149,7 @@ def test_kernel_layout_paths_change_no_numbers(kind, shape, start):
     for a, b in zip(tape.gradient(fast_loss, variables), tape.gradient(stock_loss, variables)):
         assert_close(a, b)
     # The quantizer uses it: its f(W) is the stock path's.
-    assert_close(q.mapped(kernel), stock + (kernel if start == "identity" else 0.0))
+    assert_close(q.mapper_output(kernel), stock + (kernel if start == "identity" else 0.0))
 
 
 def test_kernel_layout_paths_only_where_they_are_exact():
