@@ -17,6 +17,7 @@ and KERASTUNER_ORACLE_PORT and start the same command once per process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -27,12 +28,6 @@ from harness import datasets, errors, tuning
 from harness.distribute import STRATEGIES
 from larq_noisy.mappers import MAPPERS
 from larq_noisy.quantizers import CLIPS
-
-
-# Flags that shape one arm's search space only: flag -> the arm it applies to.
-_ARM_FLAGS = {"alpha_range": "lns", "rho_range": "lns", "asymmetric_rho": "lns",
-              "search_mapper": "lns", "mapper": "lns", "clip": "lns", "aux_to_latent": "lns",
-              "bop_threshold_range": "bop", "bop_gamma_range": "bop"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,37 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> tuple[tuning.TuneConfig, argparse.Namespace]:
     p = build_parser()
     args = p.parse_args(argv)
-    for name, arm in _ARM_FLAGS.items():
-        given = getattr(args, name)
-        if given != p.get_default(name) and arm != args.arm:
-            flag = "--" + name.replace("_", "-")
-            if name == "aux_to_latent" and given is False:
-                flag = "--no-aux-to-latent"
-            p.error(f"{flag} shapes the search of --arm {arm}, not of --arm {args.arm}: leave it out.")
-    if args.lr_range is not None and not args.search_lr:
-        p.error("--lr-range and --no-search-lr contradict each other: give one of them.")
-    defaults = tuning.SearchSpace()
-    space = tuning.SearchSpace(
-        arm=args.arm,
-        finetune_lr=tuple(args.lr_range) if args.lr_range else "protocol" if args.search_lr else None,
-        alpha=tuple(args.alpha_range or defaults.alpha),
-        rho=tuple(args.rho_range or defaults.rho),
-        asymmetric_rho=args.asymmetric_rho,
-        mappers=None if args.search_mapper is None else tuple(args.search_mapper),
-        clips=None if args.clip else defaults.clips,
-        search_aux_to_latent=args.aux_to_latent is None,
-        bop_threshold=tuple(args.bop_threshold_range or defaults.bop_threshold),
-        bop_gamma=tuple(args.bop_gamma_range or defaults.bop_gamma),
-    )
-    config = tuning.TuneConfig(
-        dataset=args.dataset, model=args.model, pretrained=args.pretrained,
-        output_dir=args.output_dir, tuner=args.tuner, max_trials=args.max_trials,
-        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-        limit=args.limit, seed=args.seed, strategy=args.strategy, data_dir=args.data_dir,
-        space=space, mapper=args.mapper, clip=args.clip, aux_to_latent=args.aux_to_latent,
-        pretrain_epochs=args.pretrain_epochs, finetune_cosine=args.finetune_cosine,
-        verbose=0 if args.quiet else 1,
-    )
+    fields = {f.name for f in dataclasses.fields(tuning.TuneConfig)}
+    config = tuning.TuneConfig(**{k: v for k, v in vars(args).items() if k in fields},
+                               verbose=0 if args.quiet else 1)
     try:
         config = config.resolved()  # every bad value is reported now, before any work
     except ValueError as error:

@@ -1,7 +1,8 @@
-"""results.md and the plots of a train.py run."""
+"""results.md and the plots of a train.py run; trials.md and trials.png of a tune.py search."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import matplotlib
@@ -13,8 +14,8 @@ from harness.protocols import ARMS  # noqa: E402
 from harness.rundir import read_history_rows  # noqa: E402
 
 __all__ = [
-    "ARM_TITLES", "arm_color", "describe", "plot_accuracy", "plot_flip_rates", "read_history",
-    "write_results_md",
+    "ARM_TITLES", "arm_color", "describe", "describe_space", "plot_accuracy", "plot_flip_rates",
+    "plot_trials", "read_history", "trial_rows", "write_results_md", "write_search_report",
 ]
 
 #: How the reports name each arm.
@@ -183,4 +184,123 @@ def plot_flip_rates(results: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- tune.py
+
+
+_SAMPLING = {"linear": "uniform", "log": "log-uniform", "reverse_log": "reverse-log-uniform"}
+_AXIS_LABELS = {"rho": "rho (= rho_pos = rho_neg)"}
+
+
+def describe_space(space) -> str:
+    """keras-tuner's search space (`oracle.get_space()`, what `search_space_summary`
+    prints) in one line, from each hyperparameter's `get_config()`."""
+    parts = []
+    for config in (hp.get_config() for hp in space.space):
+        if "min_value" in config:  # Float, Int
+            parts.append(f"{config['name']} {_SAMPLING.get(config['sampling'], config['sampling'])}"
+                         f" in [{config['min_value']:g}, {config['max_value']:g}]")
+        else:  # Choice, Boolean
+            parts.append(f"{config['name']} in {config.get('values', [True, False])}")
+    return "; ".join(parts) or "nothing (every value fixed)"
+
+
+def trial_rows(oracle, epochs: int) -> tuple[list[dict], int]:
+    """keras-tuner's completed trials, best first (`oracle.get_best_trials`): their
+    `trial` id, `values` by hyperparameter (in the order of the search space), `epochs`
+    (Hyperband's, else all `epochs`) and `val_accuracy`; and how many trials failed."""
+    names = [hp.name for hp in oracle.get_space().space]
+    rows = [{"trial": t.trial_id, "val_accuracy": float(t.score),
+             "epochs": t.hyperparameters.values.get("tuner/epochs") or epochs,
+             "values": {n: t.hyperparameters.values[n] for n in names
+                        if n in t.hyperparameters.values}}
+            for t in oracle.get_best_trials(len(oracle.trials))
+            if t.status == "COMPLETED" and t.score is not None and not math.isnan(t.score)]
+    return rows, sum(t.status in ("FAILED", "INVALID") for t in oracle.trials.values())
+
+
+def write_search_report(rows, failed: int, space, search, model: str, weights: str,
+                        references: dict, top: int = 10) -> list[str]:
+    """trials.md and trials.png of a tune.py search (`search`: its resolved `TuneConfig`)
+    in its output directory, from its `trial_rows` and keras-tuner's search `space`;
+    their paths."""
+    arm = search.arm
+    files = [os.path.join(search.output_dir, name) for name in ("trials.md", "trials.png")]
+    title = f"Search of the `{arm}` arm ({ARM_TITLES[arm]}): {model} on {search.dataset}"
+    intro = (
+        f"{search.tuner} tuner; {len(rows)} completed trials"
+        + (f", {failed} failed" if failed else "")
+        + f". Each fine-tunes the `{arm}` arm from `{weights}` for up to {search.epochs} epochs"
+        + (f" of {search.steps_per_epoch} steps" if search.steps_per_epoch else "")
+        + ", scored by its best accuracy on the validation split (held out of train; the "
+        f"test split is not used).\n\nSearch space: {describe_space(space)}."
+    )
+    head = ["rank", "trial", *rows[0]["values"], "epochs", "val acc %"]  # the top trials
+    lines = [f"# {title}", "", intro, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rank, row in enumerate(rows[:top], 1):
+        cells = [str(rank), row["trial"]]
+        cells += [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row["values"].values()]
+        cells += [str(row["epochs"] or "-"), f"{100 * row['val_accuracy']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    best_hparams = os.path.join(search.output_dir, "best_hparams.json")
+    lines += ["", "Feed the best values to train.py: `python train.py --hparams "
+              f"{arm}={best_hparams}` (with the other arms' own files)", ""]
+    with open(files[0], "w") as f:
+        f.write("\n".join(lines))
+    plot_trials(rows, space, files[1], title.replace("`", ""), references)
+    return files
+
+
+def plot_trials(rows, space, path, title: str = "", references: dict | None = None) -> None:
+    """Validation accuracy against each searched number of `space` (keras-tuner's
+    `HyperParameters`; rows of `trial_rows`), one panel each over its range, with
+    `references` (name -> (value, what)) as lines; the searched choices as colours."""
+    ranges = {c["name"]: (c["min_value"], c["max_value"], c["sampling"] == "log")
+              for c in (hp.get_config() for hp in space.space) if "min_value" in c}
+    columns = list(rows[0]["values"])
+    # Hyperband trains some values in several trials: plot each values' best score.
+    best = {}
+    for row in rows:
+        key = tuple(row["values"].values())
+        if key not in best or row["val_accuracy"] > best[key]["val_accuracy"]:
+            best[key] = row
+    numbers = [c for c in columns if c in ranges]
+    choices = [c for c in columns if c not in numbers]
+    groups: dict[str, list] = {}
+    for row in best.values():
+        label = ", ".join(f"{c}={row['values'][c]}" for c in choices) or "trials"
+        groups.setdefault(label, []).append(row)
+    top = rows[0]  # best_hparams.json's trial
+    fig, axes = plt.subplots(1, len(numbers), figsize=(max(8.0, 4.5 * len(numbers) + 1), 4.5),
+                             squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], numbers):
+        for i, (label, members) in enumerate(sorted(groups.items())):
+            ax.scatter([r["values"][name] for r in members],
+                       [100 * r["val_accuracy"] for r in members],
+                       color=f"C{i}", s=40, edgecolors="black", linewidths=0.5, label=label)
+        ax.scatter([top["values"][name]], [100 * top["val_accuracy"]], marker="*", s=300,
+                   facecolors="none", edgecolors="red", linewidths=1.5, label="best")
+        if name in (references or {}):
+            value, what = references[name]
+            ax.axvline(value, color="grey", ls=":", label=what)
+        low, high, log = ranges[name]
+        if log:
+            ax.set_xscale("log")
+            ax.set_xlim(low / 1.5, high * 1.5)
+        else:
+            margin = 0.05 * (high - low)
+            ax.set_xlim(low - margin, high + margin)
+        ax.set_xlabel(_AXIS_LABELS.get(name, name))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation accuracy %")
+    legend = {}  # each label once, from whichever panel drew it
+    for ax in axes[0]:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    axes[0][-1].legend(legend.values(), legend.keys(), loc="lower right", fontsize="x-small")
+    fig.suptitle(f"{title}\n{len(rows)} trials, best validation accuracy "
+                 f"{100 * top['val_accuracy']:.2f}% (trial {top['trial']})", fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import keras_tuner as kt
 import pytest
 import tensorflow as tf
 
@@ -107,22 +108,29 @@ def test_train_py_accepts_and_runs_the_best_hparams(searched, pretrained, tmp_pa
     assert quantizer["clip"] == best["clip"] and quantizer["aux_to_latent"] == best["aux_to_latent"]
 
 
+def _space(config) -> dict:
+    """The search space of `config`, as keras-tuner holds it: each hyperparameter's config."""
+    space = tuning.FineTuningHyperModel(config).space()
+    return {c["name"]: c for c in (hp.get_config() for hp in space.space)}
+
+
 def test_options_become_the_search_space():
     config, _ = tune.parse_args(["--asymmetric-rho", "--search-lr", "--rho-range", "0", "0.3",
                                  "--alpha-range", "0.01", "5"])
-    space = config.space
-    assert space.alpha == (0.01, 5.0) and space.rho == (0.0, 0.3) and space.asymmetric_rho
+    space = {name: (c["min_value"], c["max_value"]) for name, c in _space(config).items()
+             if "min_value" in c}
+    assert space["alpha"] == (0.01, 5.0) and space["rho_pos"] == space["rho_neg"] == (0.0, 0.3)
     lr = get_protocol("fashion_mnist").finetune_lr
-    assert space.finetune_lr == pytest.approx((lr / 10, lr * 10))  # a decade either side
+    assert space["finetune_lr"] == pytest.approx((lr / 10, lr * 10))  # a decade either side
     assert config.tuner == "hyperband" and config.epochs == tuning.SMALL_BUDGET["epochs"]
-    hp = __import__("keras_tuner").HyperParameters()
-    model = tuning.FineTuningHyperModel(config.train_config(), None, space, 1).build(hp)
+    hp = kt.HyperParameters()
+    model = tuning.FineTuningHyperModel(config).build(hp)
     assert model.optimizer is not None  # compiled, ready for the tuner's fit
     assert sorted(hp.values) == ["alpha", "aux_to_latent", "clip", "finetune_lr", "rho_neg",
                                  "rho_pos"]
     values = {"alpha": 2.0, "rho_pos": 0.1, "rho_neg": 0.2, "finetune_lr": 3e-4,
               "clip": "none", "aux_to_latent": False}
-    assert space.hparams(values) == values  # every key is a TrainConfig field
+    assert tuning.FineTuningHyperModel.settings(values) == values  # every key a TrainConfig field
     assert set(values) <= set(training.TrainConfig.__dataclass_fields__)
 
 
@@ -168,12 +176,13 @@ def test_each_arm_searches_its_own_directory_from_one_pretraining():
         assert config.output_dir == os.path.join("tune_runs", "fashion_mnist", arm)
         assert config.pretrain_dir == os.path.join("tune_runs", "fashion_mnist", "pretrain_run")
         assert config.train_config().arms == (arm,)
-    assert configs["sign"].space.alpha is None and configs["sign"].space.clips is None
-    assert configs["bop"].space.bop_threshold == tuning.DEFAULT_BOP_THRESHOLD_RANGE
+    assert list(_space(configs["sign"])) == ["finetune_lr"]
+    threshold = _space(configs["bop"])["bop_threshold"]
+    assert (threshold["min_value"], threshold["max_value"]) == tuning.DEFAULT_BOP_THRESHOLD_RANGE
     own = tune.parse_args(["--output-dir", "elsewhere"])[0]  # its own pretraining
     assert own.pretrain_dir == os.path.join("elsewhere", "pretrain_run")
     fixed = tune.parse_args(["--clip", "none", "--no-aux-to-latent"])[0]
-    assert fixed.space.clips is None and not fixed.space.search_aux_to_latent
+    assert "clip" not in _space(fixed) and "aux_to_latent" not in _space(fixed)
     assert (fixed.train_config().clip, fixed.train_config().aux_to_latent) == ("none", False)
 
 
