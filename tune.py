@@ -43,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a train.py output dir or its pretrain/weights.h5 (default: "
                           "runs/<dataset> if pretrained, else pretrain once)")
     run.add_argument("--output-dir", help="default: tune_runs/<dataset>/<arm>")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0,
+                     help="the trials' batches and mapper initialisation, as train.py's "
+                          "(default: %(default)s)")
+    run.add_argument("--search-seed", type=int, default=1,
+                     help="keras-tuner's oracle seed: which settings the trials try, >= 1 "
+                          "(default: %(default)s)")
 
     s = p.add_argument_group("search (every arm)")
     s.add_argument("--tuner", default="hyperband", choices=tuning.TUNERS)

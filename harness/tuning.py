@@ -124,7 +124,10 @@ class TuneConfig:
     bop_gamma_range: tuple[float, float] | None = None
     batch_size: int | None = None
     limit: int | None = None
-    seed: int = 0
+    seed: int = 0  # the trials' batches and mapper initialisation, as train.py's
+    # keras-tuner's oracle seed: which settings the trials try. >= 1, as keras-tuner takes
+    # 0 for "draw one at random" (a search would not repeat).
+    search_seed: int = 1
     strategy: str = "auto"
     data_dir: str | None = None
     pretrain_epochs: int | None = None  # for the one-time pretraining
@@ -150,6 +153,9 @@ class TuneConfig:
             raise ValueError(f"Unknown arm {c.arm!r} to tune; choose one of {list(TUNED_ARMS)}.")
         if c.tuner not in TUNERS:
             raise ValueError(f"Unknown tuner {c.tuner!r}; choose one of {list(TUNERS)}.")
+        if not isinstance(c.search_seed, int) or c.search_seed < 1:
+            raise ValueError(f"search_seed={c.search_seed!r} must be an integer >= 1 (keras-tuner "
+                             "draws a random seed for 0, and the search would not repeat).")
         missing = _missing_packages(BAYESIAN_NEEDS) if c.tuner == "bayesian" else []
         if missing:
             raise ValueError(
@@ -419,7 +425,7 @@ def prepare_checkpoint(config: TuneConfig, log=None) -> str:
 def make_tuner(config: TuneConfig, hypermodel: FineTuningHyperModel, strategy):
     """`config.tuner`, resuming the search in `output_dir`; `ran`: this process's trials."""
     common = dict(hypermodel=hypermodel, objective=kt.Objective(OBJECTIVE, "max"),
-                  seed=config.seed, directory=config.output_dir, project_name=PROJECT,
+                  seed=config.search_seed, directory=config.output_dir, project_name=PROJECT,
                   overwrite=False, distribution_strategy=strategy)
     if config.tuner == "hyperband":
         tuner = kt.Hyperband(max_epochs=config.epochs, factor=3, **common)
