@@ -324,9 +324,10 @@ class RunDir:
                 path, f"it records the settings of {what} in {self.root}; restore it, or "
                 "choose a new --output-dir",
             )
+            # "<arm>.<field>": an arm's settings, checked once the arm has run with them.
             changed = {
                 k: (saved.get(k), v) for k, v in settings.items()
-                if k not in resumable and saved.get(k) != v
+                if k not in resumable and saved.get(k) != v and ("." not in k or k in saved)
             }
             if changed:
                 diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))

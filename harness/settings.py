@@ -350,13 +350,18 @@ class TrainConfig:
             settings.update(bop_threshold=config.bop_threshold, bop_gamma=config.bop_gamma)
         return {**settings, **(self.quantizer_options(arm) or {})}
 
-    def recorded(self) -> dict:
-        """What config.json records: every setting, and every arm's fine-tuning settings
-        as they resolve (`"<arm>.<field>"`), so that a resumed run is checked against
-        the values its arms use, wherever they came from."""
+    def recorded(self, saved: dict | None = None) -> dict:
+        """What config.json records: every setting, and the fine-tuning settings of each
+        arm this run fine-tunes as they resolve (`"<arm>.<field>"`), so that a resumed
+        run is checked against the values its arms use, wherever they came from. An arm
+        not fine-tuned yet is not recorded (a pretraining-only run resumes under new tuned
+        settings); one recorded by an earlier run (`saved`, config.json) keeps its record."""
         record = {**self.to_json(), "machine": machine()}
         for arm in ARMS:
-            record.update({f"{arm}.{k}": v for k, v in self.arm_settings(arm).items()})
+            if arm in self.arms:
+                record.update({f"{arm}.{k}": v for k, v in self.arm_settings(arm).items()})
+            else:
+                record.update({k: v for k, v in (saved or {}).items() if k.startswith(arm + ".")})
         return record
 
 

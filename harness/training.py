@@ -443,7 +443,7 @@ def run(config: TrainConfig) -> dict:
         progress = stack.enter_context(Progress(run_dir.root))
         if not cluster:
             stack.enter_context(run_dir.locked())
-        run_dir.check_settings(config.recorded())
+        run_dir.check_settings(config.recorded(run_dir.saved_settings()))
         stack.enter_context(run_environment(config))
         # The strategy first: multi-worker needs it before any other TensorFlow op.
         strategy = make_strategy(config.strategy)

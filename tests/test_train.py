@@ -2,6 +2,7 @@
 
 A run killed mid-phase and resumed: tests/test_distributed.py."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import tensorflow as tf
 from conftest import mocked_tfds
 
 import train
-from harness import training
+from harness import protocols, training
 from harness.protocols import get_protocol
 
 # A smoke run of the offline default: a few steps on a few hundred real images.
@@ -276,6 +277,22 @@ def test_changed_settings_on_a_resumed_run_are_refused(full_run, capsys):
     recorded = get_protocol("fashion_mnist").tuned["lns"]["alpha"]  # what the arm used
     assert f"lns.alpha: {recorded} -> 3.0" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(full_run, "lock"))  # released after an error too
+
+
+def test_a_pretraining_only_run_resumes_under_new_tuned_settings(tmp_path, monkeypatch):
+    # An arm's settings are checked once the arm has run with them: a checkpoint pretrained
+    # before the protocol's tuned settings changed still fine-tunes with the new ones.
+    out = str(tmp_path / "pretrain_only")
+    assert train.main(SMOKE + ["--arms", "--output-dir", out]) == 0
+    protocol = get_protocol("fashion_mnist")
+    retuned = {**protocol.tuned, "sign": {**protocol.tuned["sign"], "finetune_lr": 1e-4}}
+    monkeypatch.setitem(protocols.PROTOCOLS, "fashion_mnist",
+                        dataclasses.replace(protocol, tuned=retuned))
+    assert train.main(SMOKE + ["--arms", "sign", "--output-dir", out]) == 0
+    assert _results(out)["arms"]["sign"]["finetune_lr"] == 1e-4
+    with open(os.path.join(out, "config.json")) as f:
+        recorded = json.load(f)
+    assert recorded["sign.finetune_lr"] == 1e-4 and "lns.alpha" not in recorded
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_what_was_written(full_run, tmp_path, capsys):
