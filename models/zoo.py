@@ -24,7 +24,6 @@ from models.bireal_resnet import ConstraintType, QuantizerType
 __all__ = ["BiRealNet18Factory", "ResNetE18Factory"]
 
 
-
 @factory
 class BiRealNet18Factory(BiRealNetFactory):
     """Bi-Real Net 18 (larq-zoo) with a selectable weight quantizer."""
