@@ -7,10 +7,8 @@ turns a spec into a batched `tf.data.Dataset` of `(float32 NHWC image, int32 lab
 
 * `"train"`: the official train split but its last `validation_size` examples,
   shuffled with the seed and augmented.
-* `"validation"`: those last examples (tfds `train[-N:]`, or the last N of the IDX
-  files), the same for every seed; tfds stores a split already shuffled, so they mix all
-  classes. The tfds and IDX orders differ: mnist/fashion_mnist hold out other examples
-  from each source.
+* `"validation"`: those last examples (tfds `train[-N:]`, already shuffled by tfds, or
+  the last N of the IDX files, another order), the same for every seed.
 * `"test"`: the official test split (tfds `validation` for ImageNet and Imagenette,
   which publish no labelled test set).
 
@@ -24,8 +22,7 @@ Validation and test are deterministic: same order, evaluation transform only.
 * JPEG datasets (`spec.jpeg`: imagenet2012, imagenette): larq-zoo's ImageNet
   preprocessing (`larq_zoo.training.data`), the inputs its pretrained weights were
   trained on: train = random resized crop, fused with JPEG decoding, + random horizontal
-  flip; eval = center crop; both = ImageNet mean/std of 0-255 pixels. Imagenette is read
-  at `320px-v2` and 224, so ImageNet architectures apply unchanged.
+  flip; eval = center crop; both = ImageNet mean/std of 0-255 pixels.
 
 `image_size` overrides the spatial size: JPEG data is cropped to it, the fixed-size
 datasets resized (bilinear) after augmentation.
@@ -35,19 +32,17 @@ datasets resized (bilinear) after augmentation.
 Epoch `e` of the training split is a function of `(seed, e)` alone: its shuffle is
 seeded with `epoch_key(seed, e)`, each example's augmentation by stateless random ops
 seeded from that key and the example's position, and tfds reads its files in one order
-per seed. `load(..., epochs=(first, stop))` gives epochs `first .. stop - 1` back to
-back, so a run resumed at epoch `first` (or `skip` batches into it) reads exactly the
-batches an uninterrupted run reads, whatever ran before in the process. Without
-`epochs`, each iteration is a new epoch drawn from `seed` (as `model.fit(epochs=n)` wants).
+per seed. So a run resumed at epoch `first` (`load(..., epochs=(first, stop), skip=n)`)
+reads exactly the batches an uninterrupted run reads, whatever ran before it.
 
 # Where the data comes from
 
 `load()` never downloads (offline, a tfds download fails only after minutes of retries):
 unless the dataset is prepared in the tfds data dir it raises `FileNotFoundError` saying
-what to do. `prepare()` downloads and prepares it on a machine with internet (ImageNet
-from the manual tars). mnist and fashion_mnist also read the four `IDX_FILES`: from
-`data_dir` (or `data_dir/mnist`, `data_dir/fashion-mnist`) when it is given, else
-fashion_mnist from `/usr/share/datasets/fashion-mnist/` (Debian `dataset-fashion-mnist`).
+what to do. `prepare()` downloads and prepares it on a machine with internet. mnist and
+fashion_mnist also read the four `IDX_FILES`: from `data_dir` (or `data_dir/mnist`,
+`data_dir/fashion-mnist`) when it is given, else fashion_mnist from
+`/usr/share/datasets/fashion-mnist/` (Debian `dataset-fashion-mnist`).
 """
 
 from __future__ import annotations
@@ -64,10 +59,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from larq_zoo.training import data as zoo_data
 
-__all__ = [
-    "DATASETS", "IDX_FILES", "SPLITS", "DatasetSpec", "batches_per_epoch", "epoch_key",
-    "get_spec", "load", "prepare",
-]
+__all__ = ["DATASETS", "IDX_FILES", "SPLITS", "DatasetSpec", "batches_per_epoch", "epoch_key",
+           "get_spec", "load", "prepare"]
 
 #: The split names `load()` accepts.
 SPLITS = ("train", "validation", "test")

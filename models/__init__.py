@@ -56,14 +56,8 @@ def _check_choice(what: str, value, choices, note: str = "") -> None:
         raise ValueError(f"Unknown {what} {value!r}; choose one of {list(choices)}{note}.")
 
 
-def build(
-    name: str,
-    input_shape: Tuple[int, int, int],
-    num_classes: int,
-    *,
-    kernel_quantizer: Optional[str] = None,
-    weights: Optional[str] = None,
-) -> tf.keras.Model:
+def build(name: str, input_shape: Tuple[int, int, int], num_classes: int, *,
+          kernel_quantizer: Optional[str] = None, weights: Optional[str] = None) -> tf.keras.Model:
     """Build the registered model `name` (a functional Keras model, softmax output).
 
     # Arguments
