@@ -75,12 +75,12 @@ class LearningRateScheduler(tf.keras.callbacks.LearningRateScheduler):
 
 
 class CosineDecayPerStep(tf.keras.callbacks.Callback):
-    """The learning rate decays from `lr` to 0 along a half cosine over `steps` steps,
-    set before every step. Under larq's `CaseOptimizer` (the bop arm) Bop's `gamma`,
-    the rate of its gradient average (its learning rate, which Bop's authors decay),
-    decays with the same factor, so that Bop's flips settle as the other arms' latent
-    weights do; its threshold stays. A resumed phase continues from the optimizer's
-    restored step count."""
+    """`lr_t = lr * (1 + cos(pi * min(t, steps) / steps)) / 2`, set before every step `t`.
+
+    Under larq's `CaseOptimizer` (the bop arm) Bop's `gamma`, the rate of its gradient
+    average (its learning rate, which Bop's authors decay), decays by the same factor, so
+    that Bop's flips settle as the other arms' latent weights do; its threshold stays. A
+    resumed phase continues from the optimizer's restored step count."""
 
     def __init__(self, lr: float, steps: int, gamma: float | None = None):
         super().__init__()
