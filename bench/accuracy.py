@@ -1,10 +1,8 @@
 """Accuracy on real data, offline: every fine-tuning arm, each with its own tuned settings,
-over seeds paired on one pretrained checkpoint per seed.
+over seeds paired on one pretrained checkpoint per seed (docs/RESULTS.md section 1).
 
-Protocol (default Fashion-MNIST with its protocol's model, optimizer and batch size):
-per seed, pretrain the sign BNN once (train.py's phase 1, `seed<N>/pretrain`), then
-fine-tune every row from that checkpoint for 3 epochs (`seed<N>/<row>`, a train.py run
-of one arm). The rows:
+Per seed, pretrain the sign BNN once (train.py's phase 1, `seed<N>/pretrain`), then
+fine-tune every row from that checkpoint (`seed<N>/<row>`, a train.py run of one arm):
 
     sign       sign fine-tuning, with tune.py --arm sign's learning rate
     bop        larq's Bop, with tune.py --arm bop's threshold, gamma and learning rate
@@ -15,33 +13,23 @@ of one arm). The rows:
                lns with the quantizer's `clip` and `aux_to_latent` set (aux-latent: the
                auxiliary loss trains W, aux-mapper: only the mapper); the combination the
                tuned lns already has is not run twice
-    paper, mean, warmup, cnn, mlp, linear   (only with --studies) the 1-epoch ablations
-               of docs/RESULTS.md section 1.2, over the tuned lns
+    paper, mean, warmup, cnn, mlp, linear, separable   (only with --studies) ablations
+               over the tuned lns
 
 Each arm takes its settings as train.py does: `--hparams ARM=FILE` (tune.py's
-best_hparams.json) for that arm, else the dataset protocol's tuned settings
-(`Protocol.tuned`, which on Fashion-MNIST are the files of the commands below).
+best_hparams.json) for that arm, else the dataset protocol's tuned settings; on
+Fashion-MNIST, the short-pretraining study's schedule and settings (`SHORT_PRETRAINING`,
+`SHORT_PRETRAINING_TUNED`, tuned by the tune.py commands of docs/RESULTS.md section 1).
 
-The schedule is the dataset protocol's fine-tuning (Fashion-MNIST: 3 epochs at a
-constant learning rate; 5 seeds x 8 fine-tuned rows took 50 min on 2 busy CPU cores).
-Constant, because Bop's threshold and gamma have no schedule: a decaying rate would
-anneal the sign arm's flips but not Bop's, and the comparison would no longer be between
-equally treated arms; and because tune.py's trials then run exactly this schedule (tune
-with `--epochs 3 --steps-per-epoch 390`, a full epoch at batch 128), so the tuned values
-are the ones measured here. [project decision]
-
-    .venv/bin/python tune.py --arm sign --tuner random --max-trials 10 --epochs 3 --steps-per-epoch 390
-    .venv/bin/python tune.py --arm bop  --tuner random --max-trials 10 --epochs 3 --steps-per-epoch 390
-    .venv/bin/python tune.py --arm lns  --tuner random --max-trials 10 --epochs 3 --steps-per-epoch 390
-    .venv/bin/python bench/accuracy.py --hparams sign=tune_runs/fashion_mnist/sign/best_hparams.json \\
+    .venv/bin/python bench/accuracy.py --hparams sign=tune_runs/fashion_mnist/sign/best_hparams.json \
         bop=tune_runs/fashion_mnist/bop/best_hparams.json lns=tune_runs/fashion_mnist/lns/best_hparams.json
     .venv/bin/python bench/accuracy.py --seeds 0 1 --studies sign lns     # a subset
-    .venv/bin/python bench/accuracy.py --dataset cifar10 --data-dir /data/tfds \\
+    .venv/bin/python bench/accuracy.py --dataset cifar10 --data-dir /data/tfds \
         --strategy mirrored --mixed-precision       # the paper's table, GPUs
 
 Each run is a train.py output directory, so an interrupted benchmark resumes where it
 stopped with the same command (finished runs are skipped, an interrupted one continues
-from its last backup); the total time over every session is printed and kept in
+from its last backup); the total time over every session is kept in
 `<output-dir>/wall.json`. `--report-only` redoes the tables and plots from what is there.
 """
 
@@ -54,7 +42,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import bench.common  # noqa: E402, F401  (before TensorFlow)
 
 import matplotlib  # noqa: E402
 
@@ -63,11 +51,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from harness import datasets, training  # noqa: E402
-from larq_noisy import quantizers  # noqa: E402
 from harness.distribute import STRATEGIES  # noqa: E402
-from larq_noisy.mappers import MAPPERS  # noqa: E402
 from harness.protocols import ARMS, TUNED_ARMS  # noqa: E402
 from harness.rundir import RunDir, read_json, write_json  # noqa: E402
+from larq_noisy import quantizers  # noqa: E402
+from larq_noisy.mappers import MAPPERS  # noqa: E402
 
 PAPER = {k: quantizers.PAPER[k] for k in ("alpha", "rho_pos", "rho_neg")}  # the ablations'
 BASELINE = "baseline (pretrained, sign)"
@@ -87,13 +75,10 @@ class Row:
         return ARMS[self.arm].title + (f", {extra}" if extra else "")
 
 
-def _variant(clip: str, aux_to_latent: bool) -> tuple[str, Row]:
-    name = f"lns_clip-{clip}_aux-{'latent' if aux_to_latent else 'mapper'}"
-    return name, Row("lns", {"clip": clip, "aux_to_latent": aux_to_latent})
-
-
 MAIN_ROWS = {arm: Row(arm) for arm in ("sign", "bop", "mapped", "lns_rho0", "lns")}
-VARIANTS = dict(_variant(c, a) for c in ("hardtanh", "none") for a in (True, False))
+VARIANTS = {f"lns_clip-{clip}_aux-{'latent' if aux else 'mapper'}":
+            Row("lns", {"clip": clip, "aux_to_latent": aux})
+            for clip in ("hardtanh", "none") for aux in (True, False)}
 #: The 1-epoch ablations of docs/RESULTS.md section 1.2, over the tuned lns.
 ABLATIONS = {
     "paper": Row("lns", PAPER),
@@ -108,11 +93,9 @@ COMPARISONS = [("lns", "sign"), ("lns", "bop"), ("bop", "sign"), ("sign", "basel
                ("mapped", "sign"), ("lns", "mapped"), ("lns", "lns_rho0"),
                *[(name, "lns") for name in (*VARIANTS, *ABLATIONS)]]
 
-
-#: The short-pretraining study of docs/RESULTS.md section 2 (Fashion-MNIST): a 3-epoch
+#: The short-pretraining study of docs/RESULTS.md section 1 (Fashion-MNIST): a 3-epoch
 #: checkpoint, 3 fine-tuning epochs at a constant rate, and the settings tune.py found
-#: for each arm from such a checkpoint (the commands above). The converged protocol's
-#: are bench/converged.py's.
+#: for each arm from such a checkpoint.
 SHORT_PRETRAINING = {"pretrain_epochs": 3, "finetune_epochs": 3, "finetune_cosine": False}
 SHORT_PRETRAINING_TUNED = {
     "sign": {"finetune_lr": 9.73787212128146e-05},
@@ -124,19 +107,10 @@ SHORT_PRETRAINING_TUNED = {
 }
 
 
-def pretrain_config(args, seed: int) -> training.TrainConfig:
-    """The seed's pretraining: train.py's phase 1 alone, every row fine-tunes from it."""
-    return training.TrainConfig(
-        dataset=args.dataset, data_dir=args.data_dir, verbose=args.verbose, limit=args.limit,
-        steps_per_epoch=args.steps_per_epoch, pretrain_epochs=args.pretrain_epochs,
-        strategy=args.strategy, mixed_precision=args.mixed_precision, seed=seed, arms=(),
-        output_dir=os.path.join(args.output_dir, f"seed{seed}", "pretrain"),
-    )
-
-
 def configs(args, common: dict, tuned: dict[str, dict]) -> dict[tuple[int, str], training.TrainConfig]:
     """`{(seed, row): TrainConfig}` in the order to run them (row "pretrain": the seed's
-    checkpoint), with `training.read_hparams`' settings for every arm and per arm."""
+    checkpoint, train.py's phase 1 alone), with `training.read_hparams`' settings for
+    every arm (`common`) and per arm (`tuned`)."""
     def row_config(pretrain, name):
         row = ROWS[name]
         settings = {**common, **row.options}
@@ -150,7 +124,12 @@ def configs(args, common: dict, tuned: dict[str, dict]) -> dict[tuple[int, str],
 
     out = {}
     for seed in args.seeds:
-        pretrain = out[seed, "pretrain"] = pretrain_config(args, seed)
+        pretrain = out[seed, "pretrain"] = training.TrainConfig(
+            dataset=args.dataset, data_dir=args.data_dir, verbose=args.verbose, limit=args.limit,
+            steps_per_epoch=args.steps_per_epoch, pretrain_epochs=args.pretrain_epochs,
+            strategy=args.strategy, mixed_precision=args.mixed_precision, seed=seed, arms=(),
+            output_dir=os.path.join(args.output_dir, f"seed{seed}", "pretrain"),
+        )
         lns = row_config(pretrain, "lns")
         for name in args.studies:
             config = row_config(pretrain, name)
@@ -221,13 +200,9 @@ def title(name: str) -> str:
     return BASELINE if name == "baseline" else f"{ROWS[name].title} (`{name}`)"
 
 
-def stats(values) -> str:
-    v = 100 * np.asarray(values)
-    spread = f" +- {v.std(ddof=1):.2f}" if len(v) > 1 else ""
-    return f"{v.max():.2f} ({v.mean():.2f}{spread})"
-
-
 def table(rows, names, key="test_accuracy") -> str:
+    """A markdown table of `names`' rows: test accuracy best (mean +- std), the means of
+    the rest."""
     lines = ["| arm | seeds | test acc %: best (mean +- std) | val acc % (mean) "
              "| flipped since pretraining % (mean) | saturated % (mean) | fine-tuning s (mean) |",
              "|---|---|---|---|---|---|---|"]
@@ -236,12 +211,12 @@ def table(rows, names, key="test_accuracy") -> str:
         values = [r[field] for r in results if r.get(field) is not None]
         return f"{scale * np.mean(values):.{digits}f}" if values else "-"
 
-    for name in names:
-        if name not in rows:
-            continue
+    for name in (n for n in names if n in rows):
         results = list(rows[name].values())
+        v = 100 * np.asarray([r[key] for r in results])
+        spread = f" +- {v.std(ddof=1):.2f}" if len(v) > 1 else ""
         lines.append(
-            f"| {title(name)} | {len(results)} | {stats([r[key] for r in results])} | "
+            f"| {title(name)} | {len(results)} | {v.max():.2f} ({v.mean():.2f}{spread}) | "
             f"{mean(results, 'val_accuracy', 100, 2)} | {mean(results, 'flip_rate', 100, 2)} | "
             f"{mean(results, 'saturation', 100, 2)} | {mean(results, 'wall_seconds')} |"
         )
@@ -253,10 +228,10 @@ def paired(rows, a, b, key="test_accuracy") -> dict | None:
     seeds = sorted(set(rows.get(a, {})) & set(rows.get(b, {})))
     if len(seeds) < 2:
         return None
-    from scipy import stats as st
+    from scipy import stats
 
     diff = 100 * np.array([rows[a][s][key] - rows[b][s][key] for s in seeds])
-    test = st.ttest_rel([rows[a][s][key] for s in seeds], [rows[b][s][key] for s in seeds])
+    test = stats.ttest_rel([rows[a][s][key] for s in seeds], [rows[b][s][key] for s in seeds])
     p_value = float(test.pvalue)  # NaN when the two rows are the same on every seed
     return {"a": a, "b": b, "seeds": seeds, "diff": diff.round(3).tolist(),
             "mean": float(diff.mean()), "std": float(diff.std(ddof=1)),
@@ -265,6 +240,8 @@ def paired(rows, a, b, key="test_accuracy") -> dict | None:
 
 def strip_plot(series: dict, path, title, xlabel, zero_line=False):
     """One row per `{label: values}`: the seeds as dots, their mean +- std as a diamond."""
+    if not series:
+        return
     fig, ax = plt.subplots(figsize=(8, 0.55 * len(series) + 1.6))
     for i, values in enumerate(series.values()):
         values = np.asarray(values)
@@ -282,19 +259,6 @@ def strip_plot(series: dict, path, title, xlabel, zero_line=False):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def plot(rows, names, path, title_text):
-    series = {title(n).replace("`", ""): [100 * r["test_accuracy"] for r in rows[n].values()]
-              for n in names if n in rows}
-    if series:
-        strip_plot(series, path, title_text, "test accuracy %")
-
-
-def plot_paired(comparisons, path, title_text):
-    """Per-seed differences `a - b`: the seed-to-seed spread of pretraining cancels out."""
-    series = {f"{c['a']} - {c['b']}": c["diff"] for c in comparisons}
-    strip_plot(series, path, title_text, "test accuracy difference, points", zero_line=True)
 
 
 def wall_time(args, session_start: float | None = None) -> dict:
@@ -317,22 +281,24 @@ def wall_time(args, session_start: float | None = None) -> dict:
 
 
 def report(runs, args, tuned: dict) -> dict:
+    """`summary.json`, `summary.md` (printed too) and the plots of what has finished."""
     rows = collect(runs)
     studies = [n for n in ROWS if any(name == n for _, name in runs)]
     main_rows = ["baseline", *[n for n in studies if n in MAIN_ROWS]]
     variants = ["lns", *[n for n in studies if n not in MAIN_ROWS]]
-    comparisons = [paired(rows, a, b) for a, b in COMPARISONS]
     settings = {}
     for (_, name), config in runs.items():
         if name != "pretrain" and name not in settings:
             settings[name] = effective(config)
     wall = wall_time(args)
     epochs = _resolved(next(c for (_, name), c in runs.items() if name != "pretrain")).finetune_epochs
+    comparisons = [c for c in (paired(rows, a, b) for a, b in COMPARISONS) if c]
     summary = {"finetune_epochs": epochs, "tuned": tuned, "settings": settings,
                "rows": {k: {str(s): r for s, r in v.items()} for k, v in rows.items()},
-               "paired": [c for c in comparisons if c], "wall_seconds": wall["total_seconds"]}
+               "paired": comparisons, "wall_seconds": wall["total_seconds"]}
     os.makedirs(args.output_dir, exist_ok=True)
     write_json(os.path.join(args.output_dir, "summary.json"), summary)
+
     files = " ".join(args.hparams or ["none (the dataset protocol's)"])
     text = [f"{epochs} fine-tuning epochs per row; seeds {list(args.seeds)}; "
             f"--hparams: {files}", "", "Settings per row:", ""]
@@ -340,27 +306,31 @@ def report(runs, args, tuned: dict) -> dict:
                                          for k, v in s.items()) for name, s in settings.items()]
     text += ["", table(rows, main_rows), "", table(rows, variants), "",
              "Paired differences of test accuracy (same seed, same pretrained checkpoint):", ""]
-    for c in summary["paired"]:
+    for c in comparisons:
+        p_value = "n/a" if c["p_value"] is None else f"{c['p_value']:.3f}"
         text.append(f"- {c['a']} - {c['b']}: {c['mean']:+.2f} +- {c['std']:.2f} points "
                     f"over seeds {c['seeds']} ({c['wins']}/{len(c['seeds'])} wins, "
-                    "paired t-test p = " + ("n/a" if c["p_value"] is None else f"{c['p_value']:.3f}")
-                    + f"); per seed {c['diff']}")
+                    f"paired t-test p = {p_value}); per seed {c['diff']}")
     text += ["", f"Total time: {wall['total_seconds'] / 60:.1f} min over "
              f"{len(wall['sessions'])} session(s)."]
     with open(os.path.join(args.output_dir, "summary.md"), "w") as f:
         f.write("\n".join(text) + "\n")
     print("\n".join(text), flush=True)
+
     if args.plots:
         os.makedirs(args.plots, exist_ok=True)
-        model = _resolved(next(iter(runs.values()))).model
-        plot(rows, main_rows, os.path.join(args.plots, f"accuracy_arms_{args.dataset}.png"),
-             f"{model} on {args.dataset}: arms over seeds, each tuned")
-        plot(rows, variants, os.path.join(args.plots, f"accuracy_ablations_{args.dataset}.png"),
-             f"{model} on {args.dataset}: LNS variants over seeds")
-        if summary["paired"]:
-            plot_paired(summary["paired"],
-                        os.path.join(args.plots, f"accuracy_paired_{args.dataset}.png"),
-                        f"{model} on {args.dataset}: paired differences, same seed and checkpoint")
+        on = f"{_resolved(next(iter(runs.values()))).model} on {args.dataset}"
+        for names, kind, what in ((main_rows, "arms", "arms over seeds, each tuned"),
+                                  (variants, "ablations", "LNS variants over seeds")):
+            series = {title(n).replace("`", ""): [100 * r["test_accuracy"] for r in rows[n].values()]
+                      for n in names if n in rows}
+            strip_plot(series, os.path.join(args.plots, f"accuracy_{kind}_{args.dataset}.png"),
+                       f"{on}: {what}", "test accuracy %")
+        # Per-seed differences: the seed-to-seed spread of pretraining cancels out.
+        strip_plot({f"{c['a']} - {c['b']}": c["diff"] for c in comparisons},
+                   os.path.join(args.plots, f"accuracy_paired_{args.dataset}.png"),
+                   f"{on}: paired differences, same seed and checkpoint",
+                   "test accuracy difference, points", zero_line=True)
     return summary
 
 
@@ -391,25 +361,19 @@ def main(argv=None):
     if args.finetune_epochs is not None and args.finetune_epochs < 1:
         p.error(f"--finetune-epochs {args.finetune_epochs} must be >= 1.")
     args.studies = list(dict.fromkeys(args.studies))
+    args.finetune_cosine = None
     try:
         common, tuned = training.read_hparams(args.hparams)
-    except ValueError as error:
-        p.error(str(error))
-    args.finetune_cosine = None
-    if args.dataset == "fashion_mnist":  # the short-pretraining study's schedule and settings
-        for key, value in SHORT_PRETRAINING.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-        tuned = {arm: {**values, **tuned.get(arm, {})}  # --hparams ARM=FILE over them
-                 for arm, values in SHORT_PRETRAINING_TUNED.items()}
-
-    runs = configs(args, common, tuned)
-    for config in runs.values():  # every bad value before the first run starts
-        try:
+        if args.dataset == "fashion_mnist":  # the short-pretraining study's schedule and settings
+            for key, value in SHORT_PRETRAINING.items():
+                if getattr(args, key) is None:
+                    setattr(args, key, value)
+            tuned = {arm: {**values, **tuned.get(arm, {})}  # --hparams ARM=FILE over them
+                     for arm, values in SHORT_PRETRAINING_TUNED.items()}
+        runs = configs(args, common, tuned)
+        for config in runs.values():  # every bad value before the first run starts
             _resolved(config)
-        except ValueError as error:
-            p.error(str(error))
-    try:  # runs of an earlier session with other settings are refused now
+        # Runs of an earlier session with other settings are refused now.
         todo = {key: config for key, config in runs.items() if not _finished(config)}
     except ValueError as error:
         p.error(str(error))

@@ -1,4 +1,5 @@
-"""Is training input-bound? Input-pipeline throughput against model throughput.
+"""Is training input-bound? Input-pipeline throughput against model throughput
+(docs/RESULTS.md section 2.2).
 
 1. The training split exactly as train.py reads it (`harness.datasets.load`: decode,
    augmentation, shuffle, batch, prefetch), iterated alone: images/s it can deliver.
@@ -6,7 +7,7 @@
    batch), with sign kernels and with each LNS mapper kind: images/s it can consume.
 If (1) is well above (2) the accelerator never waits for data.
 
-    .venv/bin/python bench/input_pipeline.py                        # Fashion-MNIST, ~3 min
+    .venv/bin/python bench/input_pipeline.py                        # Fashion-MNIST
     .venv/bin/python bench/input_pipeline.py --dataset imagenet2012 --data-dir /data/tfds
 
 Offline only Fashion-MNIST (and MNIST) have real data here; run the ImageNet line on the
@@ -16,21 +17,20 @@ machine that holds the prepared tfds data, where JPEG decoding is what matters.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bench.common import images_per_second, machine  # noqa: E402  (before TensorFlow)
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import models  # noqa: E402
 from harness import datasets  # noqa: E402
-from larq_noisy import MAPPERS, to_mapped  # noqa: E402
 from harness.protocols import get_protocol  # noqa: E402
+from harness.rundir import write_json  # noqa: E402
+from larq_noisy import MAPPERS, to_mapped  # noqa: E402
 
 
 def pipeline_throughput(args, batch_size: int) -> float:
@@ -48,19 +48,14 @@ def pipeline_throughput(args, batch_size: int) -> float:
 def model_throughput(args, batch_size: int, mapper: str | None) -> float:
     """Training images/s of the default model on one in-memory batch."""
     spec = datasets.get_spec(args.dataset)
-    protocol = get_protocol(args.dataset)
     tf.keras.utils.set_random_seed(0)
-    model = models.build(protocol.model, spec.image_shape, spec.num_classes)
+    model = models.build(get_protocol(args.dataset).model, spec.image_shape, spec.num_classes)
     if mapper:
         model = to_mapped(model, mapper=mapper)
     model.compile(tf.keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
     dataset, _ = datasets.load(args.dataset, "train", batch_size, data_dir=args.data_dir)
-    batch = next(iter(dataset))
-    data = tf.data.Dataset.from_tensors(batch).repeat()
-    model.fit(data, steps_per_epoch=args.warmup, epochs=1, verbose=0)  # tracing
-    start = time.perf_counter()
-    model.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0)
-    return args.steps * batch_size / (time.perf_counter() - start)
+    data = tf.data.Dataset.from_tensors(next(iter(dataset))).repeat()
+    return images_per_second(model, data, batch_size, args.warmup, args.steps)
 
 
 def main():
@@ -75,22 +70,20 @@ def main():
     batch_size = args.batch_size or get_protocol(args.dataset).batch_size
     datasets.load(args.dataset, "train", batch_size, data_dir=args.data_dir)  # missing data: now
 
-    model = get_protocol(args.dataset).model
-    report = {"machine": f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}",
-              "dataset": args.dataset, "model": model, "batch_size": batch_size,
-              "pipeline": pipeline_throughput(args, batch_size),
-              "model": {kind: model_throughput(args, batch_size, None if kind == "sign" else kind)
-                        for kind in ("sign", *MAPPERS)}}
+    pipeline = pipeline_throughput(args, batch_size)
+    kinds = {kind: model_throughput(args, batch_size, None if kind == "sign" else kind)
+             for kind in ("sign", *MAPPERS)}
+    report = {"machine": machine(), "dataset": args.dataset, "model": kinds,
+              "batch_size": batch_size, "pipeline": pipeline}
     print(f"{args.dataset}, batch {batch_size} ({report['machine']}), images/s:")
-    print(f"  {'input pipeline alone':<34}{report['pipeline']:>10,.0f}")
-    for kind, throughput in report["model"].items():
+    print(f"  {'input pipeline alone':<34}{pipeline:>10,.0f}")
+    model = get_protocol(args.dataset).model
+    for kind, throughput in kinds.items():
         label = f"{model} training, {kind}" + (" mapper" if kind != "sign" else "")
         print(f"  {label:<34}{throughput:>10,.0f}")
-    fastest = max(report["model"].values())
-    print(f"  {'pipeline / fastest model':<34}{report['pipeline'] / fastest:>10.1f}x")
+    print(f"  {'pipeline / fastest model':<34}{pipeline / max(kinds.values()):>10.1f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

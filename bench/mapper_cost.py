@@ -1,47 +1,28 @@
-"""What a mapper costs: training-step time, multiply-adds, parameters and memory per kind.
+"""What a mapper costs: training-step time, multiply-adds, parameters and memory per kind
+(docs/RESULTS.md section 2.1: the method and the figures).
 
 For every mapper kind (`larq_noisy.MAPPERS`) and `sign` (the kernels as the model
 builds them):
 
-1. Training-step time as a ratio to the same network with `sign` kernels, for two shape
-   sets:
-   - `cifar`: ResNet-20 on 32x32x3, 10 classes, batch 128 (the paper's CIFAR-10 setup);
-   - `imagenet`: Bi-Real Net 18 (ResNet-18 shapes) on 224x224x3, 1000 classes, a small
-     batch (8 by default: a CPU cannot hold the paper's 256 in reasonable time).
-   Each kind runs in a fresh process that builds and trains its model alone first
-   (warm-up steps; its peak resident memory, max RSS, is then that kind's alone), then
-   builds the `sign` model and times the two in alternation, `--steps` rounds of one
-   step each. The ratio is the median over rounds of (kind's step / sign's step in the
-   same round): other processes on the machine slow both alike, so it holds where
-   absolute times drift (`sign` against itself shows the noise floor). Wall-clock and
-   CPU-time (this process's) ratios are both reported.
-2. Counted multiply-adds per training step at ResNet-18's ImageNet shapes (16 binarized
-   3x3 layers) and the paper's batch 256, as a fraction of the network's: forward and
-   backward counted as 3 forward passes (the backward computes the gradients with
-   respect to inputs and weights, each a product of the same size as the forward one;
-   the mapper needs both, since the latent weights get their gradient through it).
-   Counted by `larq_noisy.mappers.multiply_adds` (convolutions, dense layers, tap maps).
-3. Mapper parameters at ResNet-18's shapes and their training memory with Adam (float32
-   weights + 2 slots).
+1. Training-step time as a ratio to the same network with `sign` kernels, per shape set
+   (`SHAPES`): each kind in a fresh process trains alone first (its peak RSS is then its
+   own), then alternates one step with the `sign` model for `--steps` rounds; the ratio
+   is the median over rounds of kind's step / sign's, in wall-clock and CPU time.
+2. Multiply-adds of a training step (`TRAINING_PASSES` forward passes) at ResNet-18's
+   ImageNet shapes and the paper's batch 256, also as a fraction of the network's.
+3. Mapper parameters at ResNet-18's shapes and their memory with Adam.
 
-Every mapped kind is built with the quantizer's defaults but for `--aux-to-latent` (default:
-the quantizer's, `quantizers.DEFAULTS["aux_to_latent"]`, False). With `--aux-to-latent` (the
-paper's) the auxiliary loss comes from the same mapper pass as the forward output; with
-`--no-aux-to-latent` (and alpha > 0, as by default) from a second pass on `stop_gradient(W)`,
-so the mapper runs twice per step. The times measure it; the counts of 2. are of one pass
-(`train`, `train_fraction`), with `mapper_passes` and `train_all_passes` for both (the second
-pass needs no gradient with respect to W, so 3 forward passes bound it from above).
+The mapped kinds take the quantizer's defaults but `--aux-to-latent`: with
+`--no-aux-to-latent` (and alpha > 0) the auxiliary loss takes a second mapper pass,
+which the times include and the counts report apart (`mapper_passes`).
 
-    .venv/bin/python bench/mapper_cost.py --json docs/data/mapper_cost.json   # ~17 min, 2 CPU cores
+    .venv/bin/python bench/mapper_cost.py --json docs/data/mapper_cost.json
     .venv/bin/python bench/mapper_cost.py --shapes cifar --kinds sign cnn    # a subset
     .venv/bin/python bench/mapper_cost.py --aux-to-latent --json ...          # the paper's aux loss
 
 Long runs resume: each finished (shape set, kind) measurement is kept in `<json>.partial`
 and skipped when the same command runs again (same batch, steps, --jit and
---aux-to-latent); the final `<json>` is written once everything is measured. Step times
-are medians over `--steps` timed rounds after `--warmup` untimed steps. The mapper runs
-once per step (twice with `--no-aux-to-latent`) whatever the batch, so its share of a
-step shrinks as the batch grows.
+--aux-to-latent); the final `<json>` is written once everything is measured.
 """
 
 from __future__ import annotations
@@ -55,10 +36,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import last_json_line, machine  # noqa: E402  (before TensorFlow)
+from harness.rundir import read_json, write_json  # noqa: E402
 from larq_noisy.mappers import MAPPERS  # noqa: E402
 from larq_noisy.quantizers import DEFAULTS  # noqa: E402
 
@@ -76,6 +56,7 @@ RESNET18_CONVS = [(64, 64, 4), (64, 128, 1), (128, 128, 3), (128, 256, 1), (256,
 #: the inputs and to the weights (each a product the size of the forward one).
 TRAINING_PASSES = 3
 IMAGENET_BATCH = 256  # the paper's
+AUX_TO_LATENT = DEFAULTS["aux_to_latent"]
 
 
 def network_multiply_adds(model) -> int:
@@ -102,14 +83,11 @@ def resnet18_network_multiply_adds() -> int:
 
 
 def resnet18_mapper_cost(kind: str, batch: int = IMAGENET_BATCH, width=None,
-                         aux_to_latent: bool = DEFAULTS["aux_to_latent"]) -> dict:
+                         aux_to_latent: bool = AUX_TO_LATENT) -> dict:
     """`kind`'s mappers over ResNet-18's 16 binarized layers: parameters and the
     multiply-adds of a training step, also as a fraction of the network's at `batch`.
-
-    `train` and `train_fraction` are one mapper pass's; `mapper_passes` is 2 where the
-    auxiliary loss takes its own pass (`aux_to_latent=False`, alpha > 0), and
-    `train_all_passes` counts them all (the second pass as 3 forward passes too, an upper
-    bound: it needs no gradient with respect to W)."""
+    `train` is one mapper pass's; `train_all_passes` all `mapper_passes` (an upper bound:
+    the auxiliary loss's own pass needs no gradient with respect to W)."""
     from larq_noisy import NoisyMappedQuantizer
     from larq_noisy.mappers import multiply_adds
 
@@ -129,39 +107,32 @@ def resnet18_mapper_cost(kind: str, batch: int = IMAGENET_BATCH, width=None,
             "train_all_passes": passes * train}
 
 
-def _model(kind: str, shape: dict, jit: bool, aux_to_latent: bool = DEFAULTS["aux_to_latent"]):
+def measure_pair(kind: str, shape: dict, jit: bool, aux_to_latent: bool = AUX_TO_LATENT) -> dict:
+    """In this process: `kind`'s peak RSS alone, then its steps alternated with sign's."""
+    import numpy as np
     import tensorflow as tf
 
     import models
     from larq_noisy import to_mapped
 
-    size = shape["image_size"]
-    model = models.build(shape["model"], (size, size, 3), shape["classes"])
-    if kind != "sign":
-        model = to_mapped(model, mapper=kind, aux_to_latent=aux_to_latent)
-    model.compile(tf.keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy",
-                  jit_compile=jit)
-    return model
-
-
-def measure_pair(kind: str, shape: dict, jit: bool,
-                 aux_to_latent: bool = DEFAULTS["aux_to_latent"]) -> dict:
-    """In this process: `kind`'s peak RSS alone, then its steps alternated with sign's."""
-    import numpy as np
-    import tensorflow as tf
+    def compiled(kind):
+        model = models.build(shape["model"], (size, size, 3), shape["classes"])
+        if kind != "sign":
+            model = to_mapped(model, mapper=kind, aux_to_latent=aux_to_latent)
+        model.compile(tf.keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy",
+                      jit_compile=jit)
+        for _ in range(shape["warmup"]):
+            model.train_on_batch(x, y)
+        return model
 
     tf.keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     size, batch = shape["image_size"], shape["batch_size"]
     x = tf.constant(rng.normal(size=(batch, size, size, 3)).astype("float32"))
     y = tf.constant(rng.integers(0, shape["classes"], batch))
-    model = _model(kind, shape, jit, aux_to_latent)
-    for _ in range(shape["warmup"]):
-        model.train_on_batch(x, y)
+    model = compiled(kind)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    sign = _model("sign", shape, jit)
-    for _ in range(shape["warmup"]):
-        sign.train_on_batch(x, y)
+    sign = compiled("sign")
     times = {"kind": ([], []), "sign": ([], [])}  # (wall, cpu) per round
     for round_ in range(shape["steps"]):
         pair = (("kind", model), ("sign", sign))
@@ -190,17 +161,18 @@ def _shape(shape_name: str, args) -> dict:
 
 
 def _measure_in_subprocess(kind: str, shape_name: str, args) -> dict:
+    """`measure_pair` of `kind` in a process of its own (`--one`)."""
     shape = _shape(shape_name, args)
     command = [sys.executable, os.path.abspath(__file__), "--one", kind, "--shapes", shape_name,
-               "--steps", str(shape["steps"]), "--batch-size", str(shape["batch_size"])]
-    if args.jit:
-        command.append("--jit")
-    command.append("--aux-to-latent" if args.aux_to_latent else "--no-aux-to-latent")
+               "--steps", str(shape["steps"]), "--batch-size", str(shape["batch_size"]),
+               *(["--jit"] if args.jit else []),
+               "--aux-to-latent" if args.aux_to_latent else "--no-aux-to-latent"]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return last_json_line(out)
 
 
 def step_ratios(shape_name: str, args, progress: dict, save) -> dict:
+    """Part 1 for one shape set: each kind's `measure_pair`, unless `progress` holds it."""
     shape = _shape(shape_name, args)
     print(f"\nTraining step, {shape['model']} at {shape['image_size']}x{shape['image_size']}x3, "
           f"{shape['classes']} classes, batch {shape['batch_size']} (Adam; one process per kind, "
@@ -222,16 +194,15 @@ def step_ratios(shape_name: str, args, progress: dict, save) -> dict:
     return {"shape": shape, "aux_to_latent": args.aux_to_latent, "kinds": results}
 
 
-def imagenet_counts(kinds, aux_to_latent: bool = DEFAULTS["aux_to_latent"]) -> dict:
+def imagenet_counts(kinds, aux_to_latent: bool = AUX_TO_LATENT) -> dict:
+    """Parts 2 and 3: `resnet18_mapper_cost` of each mapped kind, printed as a table."""
     print(f"\nMappers at ResNet-18's ImageNet shapes (16 binarized 3x3 layers), counted; "
           f"a training step = {TRAINING_PASSES} forward passes, the network's at batch "
           f"{IMAGENET_BATCH}:")
     print(f"{'kind':<11}{'params':>13}{'MiB w/ Adam':>13}{'forward MAC':>14}{'step MAC':>12}"
           f"{'% of network':>14}")
     report = {}
-    for kind in kinds:
-        if kind == "sign":
-            continue
+    for kind in (k for k in kinds if k != "sign"):
         c = report[kind] = resnet18_mapper_cost(kind, aux_to_latent=aux_to_latent)
         print(f"{kind:<11}{c['params']:>13,}{c['adam_mib']:>13,.0f}{c['forward'] / 1e9:>13.2f}G"
               f"{c['train'] / 1e9:>11.1f}G{100 * c['train_fraction']:>13.2f}%")
@@ -255,7 +226,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, help="timed rounds (default: the shape set's)")
     p.add_argument("--jit", action="store_true")
     p.add_argument("--aux-to-latent", action=argparse.BooleanOptionalAction,
-                   default=DEFAULTS["aux_to_latent"],
+                   default=AUX_TO_LATENT,
                    help="the mapped kinds' aux_to_latent: the auxiliary loss from the forward "
                    "output's mapper pass (the paper's) or, with --no-aux-to-latent, from a "
                    "second pass on stop_gradient(W) (default: the quantizer's, "
@@ -268,29 +239,24 @@ def main(argv=None):
         print(json.dumps(measure_pair(args.one, _shape(args.shapes[0], args), args.jit,
                                       args.aux_to_latent)))
         return
-    import tensorflow as tf
-
     partial = f"{args.json}.partial" if args.json else None
     progress = {}
     if partial and os.path.exists(partial):
-        with open(partial) as f:
-            progress = json.load(f)
+        progress = read_json(partial, "delete it (its measurements are then redone)")
         print(f"Resuming: {len(progress)} measurements from {partial}")
+
 
     def save():
         if partial:
-            with open(partial, "w") as f:
-                json.dump(progress, f, indent=2)
+            write_json(partial, progress)
 
-    report = {"machine": f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}",
-              "aux_to_latent": args.aux_to_latent, "steps": {}}
+    report = {"machine": machine(), "aux_to_latent": args.aux_to_latent, "steps": {}}
     print(report["machine"], f"aux_to_latent={args.aux_to_latent}")
     for shape_name in args.shapes:
         report["steps"][shape_name] = step_ratios(shape_name, args, progress, save)
     report["resnet18_imagenet"] = imagenet_counts(args.kinds, args.aux_to_latent)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
         if os.path.exists(partial):
             os.remove(partial)
 

@@ -4,12 +4,11 @@ Each worker is a process on this machine (127.0.0.1) training the offline defaul
 model (bnn_small, 28x28x1) on random data at the same *global* batch, so 2 workers each
 take half of it. Reported: images/s of the whole job after warm-up, and the ratio.
 
-    .venv/bin/python bench/multi_worker.py              # ~2 min on 2 CPU cores
+    .venv/bin/python bench/multi_worker.py
     .venv/bin/python bench/multi_worker.py --steps 60 --batch-size 256
 
-On one machine the workers share its cores (and each TensorFlow process would use all
-of them), so this measures the cost of the collectives more than any speed-up; on
-separate machines each worker brings its own cores.
+On one machine the workers share its cores, so this measures the cost of the
+collectives more than any speed-up; on separate machines each worker brings its own.
 """
 
 from __future__ import annotations
@@ -20,18 +19,17 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import images_per_second, last_json_line  # noqa: E402  (before TensorFlow)
 
 
 def worker(args) -> None:
-    """One worker: time `--steps` steps after `--warmup`, print images/s as JSON."""
-    sys.path.insert(0, ROOT)
+    """One worker (TF_CONFIG says which): print its images/s as JSON."""
     import numpy as np
     import tensorflow as tf
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()  # before any other TensorFlow work
     import models
     from harness.datasets import get_spec
 
@@ -42,18 +40,15 @@ def worker(args) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch_size, *spec.image_shape)).astype("float32")
     y = rng.integers(0, spec.num_classes, args.batch_size)
-    data = tf.data.Dataset.from_tensors((x, y)).repeat()
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    data = data.with_options(options)
-    model.fit(data, steps_per_epoch=args.warmup, epochs=1, verbose=0)
-    start = time.perf_counter()
-    model.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"images_per_s": args.steps * args.batch_size / seconds}), flush=True)
+    data = tf.data.Dataset.from_tensors((x, y)).repeat().with_options(options)
+    rate = images_per_second(model, data, args.batch_size, args.warmup, args.steps)
+    print(json.dumps({"images_per_s": rate}), flush=True)
 
 
 def run_job(n_workers: int, args) -> float:
+    """Images/s of a job of `n_workers` worker processes on 127.0.0.1."""
     ports = []
     for _ in range(n_workers):
         with socket.socket() as s:
@@ -73,8 +68,8 @@ def run_job(n_workers: int, args) -> float:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    rates = [json.loads(o.strip().splitlines()[-1])["images_per_s"] for o in outputs]
-    return min(rates)  # the job is as fast as its slowest worker
+    # The job is as fast as its slowest worker.
+    return min(last_json_line(output)["images_per_s"] for output in outputs)
 
 
 def main():

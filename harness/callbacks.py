@@ -1,5 +1,5 @@
-"""The Keras callbacks of a run: they watch the binary weights, schedule, time, log and
-save each phase, and stop it when the loss diverges."""
+"""The Keras callbacks of a train.py run: they schedule, time, log and save each phase,
+and stop it when the loss diverges (the flip rates are `larq_noisy.FlipRateCallback`'s)."""
 
 from __future__ import annotations
 
@@ -63,15 +63,11 @@ def _optimizers(model):
 
 
 class LearningRateScheduler(tf.keras.callbacks.LearningRateScheduler):
-    """Keras' scheduler, which under larq's `CaseOptimizer` (the bop arm) schedules the
-    default optimizer: Bop's threshold and gamma stay as they are."""
+    """Keras' scheduler (`schedule(epoch) -> lr`), which under larq's `CaseOptimizer` (the
+    bop arm) schedules the default optimizer: Bop's threshold and gamma stay as they are."""
 
     def on_epoch_begin(self, epoch, logs=None):
-        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
-        if isinstance(optimizer, lq.optimizers.CaseOptimizer):
-            tf.keras.backend.set_value(optimizer.default.lr, self.schedule(epoch))
-        else:
-            super().on_epoch_begin(epoch, logs)
+        tf.keras.backend.set_value(_optimizers(self.model)[0].lr, self.schedule(epoch))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -79,12 +75,12 @@ class LearningRateScheduler(tf.keras.callbacks.LearningRateScheduler):
 
 
 class CosineDecayPerStep(tf.keras.callbacks.Callback):
-    """The learning rate decays from `lr` to 0 along a half cosine over `steps` steps,
-    set before every step. Under larq's `CaseOptimizer` (the bop arm) Bop's `gamma`,
-    the rate of its gradient average (its learning rate, which Bop's authors decay),
-    decays with the same factor, so that Bop's flips settle as the other arms' latent
-    weights do; its threshold stays. A resumed phase continues from the optimizer's
-    restored step count."""
+    """`lr_t = lr * (1 + cos(pi * min(t, steps) / steps)) / 2`, set before every step `t`.
+
+    Under larq's `CaseOptimizer` (the bop arm) Bop's `gamma`, the rate of its gradient
+    average (its learning rate, which Bop's authors decay), decays by the same factor, so
+    that Bop's flips settle as the other arms' latent weights do; its threshold stays. A
+    resumed phase continues from the optimizer's restored step count."""
 
     def __init__(self, lr: float, steps: int, gamma: float | None = None):
         super().__init__()
@@ -147,13 +143,10 @@ class HistoryCSV(tf.keras.callbacks.Callback):
         self.rows = read_history_rows(path) if os.path.exists(path) else []
 
     def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": epoch, **{k: _scalar(v) for k, v in (logs or {}).items()}}
+        row = {"epoch": epoch, **{k: float(v) if np.ndim(v) == 0 else v
+                                  for k, v in (logs or {}).items()}}
         self.rows = [r for r in self.rows if int(r["epoch"]) < epoch] + [row]
         write_history_rows(self.rows, self.path)
-
-
-def _scalar(value):
-    return float(value) if np.ndim(value) == 0 else value
 
 
 class AtomicCheckpoint(tf.keras.callbacks.Callback):
@@ -171,6 +164,10 @@ class AtomicCheckpoint(tf.keras.callbacks.Callback):
 class EpochLine(tf.keras.callbacks.Callback):
     """One line per epoch (`verbose=2`): the losses, accuracies, flips, lr and time."""
 
+    #: `(log key, label, format)` of the figures after the loss.
+    FIELDS = (("accuracy", "acc", ".4f"), ("val_accuracy", "val acc", ".4f"),
+              ("flip_rate", "flipped", ".2%"), ("lr", "lr", ".3g"))
+
     def __init__(self, name: str, epochs: int, log):
         super().__init__()
         self.name, self.epochs, self.log = name, epochs, log
@@ -180,18 +177,11 @@ class EpochLine(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        parts = [f"{self.name} epoch {epoch + 1}/{self.epochs}:"]
+        loss = f"loss {logs.get('loss', float('nan')):.4f}"
         if "aux_loss" in logs:
-            parts.append(f"loss {logs['loss']:.4f} = cross-entropy + aux_loss ({logs['aux_loss']:.4g})")
-        else:
-            parts.append(f"loss {logs.get('loss', float('nan')):.4f}")
-        for key, label in (("accuracy", "acc"), ("val_accuracy", "val acc")):
-            if key in logs:
-                parts.append(f"{label} {logs[key]:.4f}")
-        if "flip_rate" in logs:
-            parts.append(f"flipped {logs['flip_rate']:.2%}")
-        if "lr" in logs:
-            parts.append(f"lr {logs['lr']:.3g}")
+            loss += f" = cross-entropy + aux_loss ({logs['aux_loss']:.4g})"
+        parts = [f"{self.name} epoch {epoch + 1}/{self.epochs}:", loss]
+        parts += [f"{label} {logs[key]:{spec}}" for key, label, spec in self.FIELDS if key in logs]
         parts.append(f"{time.time() - self.start:.0f} s")
         self.log(" ".join(parts), flush=True)
 

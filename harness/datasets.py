@@ -1,66 +1,48 @@
 """The datasets: where they come from, their splits and their preprocessing.
 
-Every dataset fact lives here, in one `DatasetSpec` per dataset (`DATASETS`), and
-`load()` turns a spec into a batched `tf.data.Dataset` of `(float32 NHWC image,
-int32 label)`.
+Every dataset fact lives here, in one `DatasetSpec` per dataset (`DATASETS`); `load()`
+turns a spec into a batched `tf.data.Dataset` of `(float32 NHWC image, int32 label)`.
 
 # Splits
 
-* `"train"`: the official train split minus `validation_size` held-out examples,
+* `"train"`: the official train split but its last `validation_size` examples,
   shuffled with the seed and augmented.
-* `"validation"`: the held-out examples, the **last** `validation_size` examples of
-  the official train split (tfds `train[-N:]`, or the last N of the IDX files). The
-  same subset for every seed. tfds stores a split in a fixed, already shuffled order,
-  so the slice mixes all classes; note the tfds and IDX orders differ, so the held-out
-  subset of mnist/fashion_mnist depends on which of the two sources was read.
+* `"validation"`: those last examples (tfds `train[-N:]`, already shuffled by tfds, or
+  the last N of the IDX files, another order), the same for every seed.
 * `"test"`: the official test split (tfds `validation` for ImageNet and Imagenette,
   which publish no labelled test set).
 
-Validation and test are deterministic: same order, eval transform only.
+Validation and test are deterministic: same order, evaluation transform only.
 
 # Transforms
 
-* Small images (cifar10, mnist, fashion_mnist): train = zero-pad `spec.pad` + random
-  crop back to size (+ random horizontal flip where `spec.flip`: not for digits);
-  both = scale to [0, 1], then the train set's per-channel `spec.mean` / `spec.std`.
-* JPEG datasets (`spec.jpeg`: imagenet2012, imagenette): larq-zoo's own ImageNet preprocessing
-  (`larq_zoo.training.data.preprocess_image_bytes`, EfficientNet-style), so that
-  larq-zoo's pretrained weights see the inputs they were trained on. Train = random
-  resized crop (area 8-100%, aspect 3/4-4/3, fused with JPEG decoding) + random
-  horizontal flip; eval = center crop of `size / (size + 32)` of the short side,
-  resized (bicubic) to `size`; both = ImageNet mean/std in the 0-255 range. Imagenette
-  uses the `320px-v2` images and the ImageNet default 224 so ImageNet architectures
-  apply unchanged; pass `image_size=160` (or 128) for faster runs.
+* Small images (cifar10, mnist, fashion_mnist): train = zero-pad `spec.pad`, random crop
+  back to size (+ random horizontal flip where `spec.flip`: not for digits); both = scale
+  to [0, 1], then `(x - spec.mean) / spec.std` per channel (the train set's statistics).
+* JPEG datasets (`spec.jpeg`: imagenet2012, imagenette): larq-zoo's ImageNet
+  preprocessing (`larq_zoo.training.data`), the inputs its pretrained weights were
+  trained on: train = random resized crop, fused with JPEG decoding, + random horizontal
+  flip; eval = center crop; both = ImageNet mean/std of 0-255 pixels.
 
-`image_size` overrides the spatial size: ImageNet-style data is cropped to it; the
-fixed-size datasets are resized (bilinear) to it after augmentation.
+`image_size` overrides the spatial size: JPEG data is cropped to it, the fixed-size
+datasets resized (bilinear) after augmentation.
 
 # Reproducible epochs
 
 Epoch `e` of the training split is a function of `(seed, e)` alone: its shuffle is
-seeded with `epoch_key(seed, e)` and each example's augmentation with stateless random
-ops seeded from that key and the example's position. `load(..., epochs=(first, stop))`
-gives epochs `first .. stop - 1` back to back, so a run that resumes at epoch `first`
-(or `skip` batches into it) reads exactly the batches an uninterrupted run reads, and
-two models trained on the same `(seed, epochs)` see the same batches whatever ran
-before them in the process. Without `epochs`, each iteration of the dataset is a new
-epoch drawn from `seed` (what `model.fit(dataset, epochs=n)` expects). tfds files are
-read in one order per seed. ImageNet-style data goes through larq-zoo's preprocessing
-with its random crop and flip drawn the same way, from stateless ops.
+seeded with `epoch_key(seed, e)`, each example's augmentation by stateless random ops
+seeded from that key and the example's position, and tfds reads its files in one order
+per seed. So a run resumed at epoch `first` (`load(..., epochs=(first, stop), skip=n)`)
+reads exactly the batches an uninterrupted run reads, whatever ran before it.
 
-# Where the data comes from (offline-friendly)
+# Where the data comes from
 
-`load()` never downloads: an offline tfds download retries for minutes before it fails
-(measured: cifar10, 204 s), so `load()` checks that the dataset is prepared in the tfds
-data dir and otherwise raises `FileNotFoundError` saying what to do at once. `prepare()`
-downloads and prepares a dataset on a machine with internet (ImageNet from the manual
-tars). mnist and fashion_mnist also read the four IDX files
-(`train-images-idx3-ubyte.gz`, ...) when tfds has not prepared them: from `data_dir`
-(or `data_dir/mnist`, `data_dir/fashion-mnist`) when it is given, else for
-fashion_mnist from `/usr/share/datasets/fashion-mnist/` (Debian package
-`dataset-fashion-mnist`). The two
-datasets use the same IDX file names: a `data_dir` holding the files directly is read
-as whichever of the two is asked for.
+`load()` never downloads (offline, a tfds download fails only after minutes of retries):
+unless the dataset is prepared in the tfds data dir it raises `FileNotFoundError` saying
+what to do. `prepare()` downloads and prepares it on a machine with internet. mnist and
+fashion_mnist also read the four `IDX_FILES`: from `data_dir` (or `data_dir/mnist`,
+`data_dir/fashion-mnist`) when it is given, else fashion_mnist from
+`/usr/share/datasets/fashion-mnist/` (Debian `dataset-fashion-mnist`).
 """
 
 from __future__ import annotations
@@ -77,10 +59,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from larq_zoo.training import data as zoo_data
 
-__all__ = [
-    "DATASETS", "SPLITS", "DatasetSpec", "batches_per_epoch", "epoch_key", "get_spec", "load",
-    "prepare",
-]
+__all__ = ["DATASETS", "IDX_FILES", "SPLITS", "DatasetSpec", "batches_per_epoch", "epoch_key",
+           "get_spec", "load", "prepare"]
 
 #: The split names `load()` accepts.
 SPLITS = ("train", "validation", "test")
@@ -94,134 +74,64 @@ IDX_FILES = {
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """What `load()` needs to know about one dataset.
+    """What `load()` needs to know about one dataset."""
 
-    # Attributes
-        name: Our key in `DATASETS`.
-        tfds_name: The tfds builder name (with config), as tfds 4.8.3 calls it.
-        num_classes: Number of classes.
-        image_shape: `(h, w, c)` of the images the model receives by default.
-        validation_size: Examples held out of the official train split for validation.
-        train_size: Examples in the official train split.
-        test_size: Examples in the official test split.
-        test_split: The tfds split that `"test"` reads.
-        mean: Per-channel mean subtracted after scaling to [0, 1] (small images).
-        std: Per-channel standard deviation divided by (small images).
-        pad: Training augmentation: zero-padding before the random crop (small images).
-        flip: Training augmentation: random horizontal flip (small images).
-        jpeg: Images are kept JPEG-encoded and go through larq-zoo's ImageNet
-            preprocessing instead of the small-image transform.
-        shuffle_buffer: Upper bound of the training shuffle buffer, in examples.
-        cache: Keep the decoded tfds examples in memory after the first epoch.
-        idx_dirs: Extra folders holding the IDX files; `None` if the dataset has no
-            IDX fallback.
-        manual_files: Files tfds needs in its manual download dir to prepare the data.
-        apt_package: The Debian package that installs the IDX files, if any.
-    """
-
-    name: str
-    tfds_name: str
+    name: str  # our key in `DATASETS`
+    tfds_name: str  # the tfds builder name (with config), as tfds 4.8.3 calls it
     num_classes: int
-    image_shape: tuple[int, int, int]
-    validation_size: int
-    train_size: int
-    test_size: int
-    test_split: str = "test"
-    mean: tuple[float, ...] = ()
-    std: tuple[float, ...] = ()
-    pad: int = 0
-    flip: bool = False
-    jpeg: bool = False
-    shuffle_buffer: int = 60_000
-    cache: bool = False
-    idx_dirs: tuple[str, ...] | None = None
-    manual_files: tuple[str, ...] = ()
-    apt_package: str | None = None
+    image_shape: tuple[int, int, int]  # (h, w, c) of the images the model gets by default
+    validation_size: int  # examples held out of the official train split
+    train_size: int  # examples in the official train split
+    test_size: int  # examples in the official test split
+    test_split: str = "test"  # the tfds split that "test" reads
+    mean: tuple[float, ...] = ()  # small images: per channel, after scaling to [0, 1]
+    std: tuple[float, ...] = ()  # small images: per channel, after subtracting `mean`
+    pad: int = 0  # small images, training: zero-padding before the random crop
+    flip: bool = False  # small images, training: random horizontal flip
+    jpeg: bool = False  # kept JPEG-encoded, for larq-zoo's ImageNet preprocessing
+    shuffle_buffer: int = 60_000  # upper bound of the training shuffle buffer
+    cache: bool = False  # keep the decoded tfds examples in memory after the first epoch
+    idx_dirs: tuple[str, ...] | None = None  # folders of the IDX files; None: no IDX fallback
+    manual_files: tuple[str, ...] = ()  # what tfds needs in its manual download dir
+    apt_package: str | None = None  # the Debian package that installs the IDX files
 
     @property
     def split_sizes(self) -> dict[str, int]:
         """Number of examples of each of our splits."""
-        return {
-            "train": self.train_size - self.validation_size,
-            "validation": self.validation_size,
-            "test": self.test_size,
-        }
+        return {"train": self.train_size - self.validation_size,
+                "validation": self.validation_size, "test": self.test_size}
 
 
-DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in [
-        DatasetSpec(
-            name="cifar10",
-            tfds_name="cifar10",
-            num_classes=10,
-            image_shape=(32, 32, 3),
-            validation_size=10_000,
-            train_size=50_000,
-            test_size=10_000,
-            mean=(0.4914, 0.4822, 0.4465),
-            std=(0.2470, 0.2435, 0.2616),
-            pad=4,
-            flip=True,
-            cache=True,
-        ),
-        DatasetSpec(
-            name="imagenet2012",
-            tfds_name="imagenet2012",
-            num_classes=1000,
-            image_shape=(224, 224, 3),
-            validation_size=10_000,
-            train_size=1_281_167,
-            test_size=50_000,
-            test_split="validation",
-            jpeg=True,
-            shuffle_buffer=10_000,
-            manual_files=("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
-        ),
-        DatasetSpec(
-            name="imagenette",
-            tfds_name="imagenette/320px-v2",
-            num_classes=10,
-            image_shape=(224, 224, 3),
-            validation_size=947,  # 10% of train
-            train_size=9_469,
-            test_size=3_925,
-            test_split="validation",
-            jpeg=True,
-            shuffle_buffer=10_000,
-        ),
-        DatasetSpec(
-            name="mnist",
-            tfds_name="mnist",
-            num_classes=10,
-            image_shape=(28, 28, 1),
-            validation_size=10_000,
-            train_size=60_000,
-            test_size=10_000,
-            mean=(0.1307,),
-            std=(0.3081,),
-            pad=2,
-            cache=True,
-            idx_dirs=(),
-        ),
-        DatasetSpec(
-            name="fashion_mnist",
-            tfds_name="fashion_mnist",
-            num_classes=10,
-            image_shape=(28, 28, 1),
-            validation_size=10_000,
-            train_size=60_000,
-            test_size=10_000,
-            mean=(0.2860,),
-            std=(0.3530,),
-            pad=2,
-            flip=True,
-            cache=True,
-            idx_dirs=("/usr/share/datasets/fashion-mnist",),
-            apt_package="dataset-fashion-mnist",
-        ),
-    ]
-}
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in [
+    DatasetSpec(
+        "cifar10", "cifar10", num_classes=10, image_shape=(32, 32, 3),
+        validation_size=10_000, train_size=50_000, test_size=10_000,
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), pad=4, flip=True,
+        cache=True,
+    ),
+    DatasetSpec(
+        "imagenet2012", "imagenet2012", num_classes=1000, image_shape=(224, 224, 3),
+        validation_size=10_000, train_size=1_281_167, test_size=50_000,
+        test_split="validation", jpeg=True, shuffle_buffer=10_000,
+        manual_files=("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
+    ),
+    DatasetSpec(
+        "imagenette", "imagenette/320px-v2", num_classes=10, image_shape=(224, 224, 3),
+        validation_size=947, train_size=9_469, test_size=3_925,  # validation: 10% of train
+        test_split="validation", jpeg=True, shuffle_buffer=10_000,
+    ),
+    DatasetSpec(
+        "mnist", "mnist", num_classes=10, image_shape=(28, 28, 1),
+        validation_size=10_000, train_size=60_000, test_size=10_000,
+        mean=(0.1307,), std=(0.3081,), pad=2, cache=True, idx_dirs=(),
+    ),
+    DatasetSpec(
+        "fashion_mnist", "fashion_mnist", num_classes=10, image_shape=(28, 28, 1),
+        validation_size=10_000, train_size=60_000, test_size=10_000,
+        mean=(0.2860,), std=(0.3530,), pad=2, flip=True, cache=True,
+        idx_dirs=("/usr/share/datasets/fashion-mnist",), apt_package="dataset-fashion-mnist",
+    ),
+]}
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -229,9 +139,8 @@ def get_spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}."
-        ) from None
+        choices = ", ".join(DATASETS)
+        raise ValueError(f"Unknown dataset {name!r}; choose one of {choices}.") from None
 
 
 def epoch_key(seed: int, epoch):
@@ -245,61 +154,41 @@ def epoch_key(seed: int, epoch):
 
 def batches_per_epoch(name: str, split: str, batch_size: int, limit: int | None = None) -> int:
     """Batches in one epoch of `split`, as `load` batches it."""
-    num_examples = _num_examples(get_spec(name), split, limit)
-    if _drop_remainder(split, num_examples, batch_size):
-        return num_examples // batch_size
-    return -(-num_examples // batch_size)
+    num_examples, drop_remainder = _epoch_size(get_spec(name), split, batch_size, limit)
+    return num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
 
 
-def _num_examples(spec, split, limit) -> int:
-    """Examples in one epoch of `split`, `limit` applied."""
-    return spec.split_sizes[split] if limit is None else min(spec.split_sizes[split], limit)
-
-
-def _drop_remainder(split, num_examples, batch_size) -> bool:
-    # Training drops a last incomplete batch, unless that would leave none.
-    return split == "train" and num_examples >= batch_size
+def _epoch_size(spec, split, batch_size, limit) -> tuple[int, bool]:
+    """`(examples in one epoch of split, limit applied; whether its last incomplete batch
+    is dropped by default)`: training drops it, unless that would leave no batch."""
+    num_examples = spec.split_sizes[split] if limit is None else min(spec.split_sizes[split], limit)
+    return num_examples, split == "train" and num_examples >= batch_size
 
 
 def load(
-    name: str,
-    split: str,
-    batch_size: int,
-    *,
-    data_dir: str | None = None,
-    seed: int = 0,
-    image_size: int | None = None,
-    limit: int | None = None,
-    drop_remainder: bool | None = None,
-    epochs: tuple[int, int] | None = None,
-    skip: int = 0,
+    name: str, split: str, batch_size: int, *, data_dir: str | None = None, seed: int = 0,
+    image_size: int | None = None, limit: int | None = None,
+    drop_remainder: bool | None = None, epochs: tuple[int, int] | None = None, skip: int = 0,
     steps_per_epoch: int | None = None,
 ) -> tuple[tf.data.Dataset, int]:
-    """A batched split of a dataset and its number of examples.
+    """`(dataset, num_examples)`: a split of `name` in batches of `(float32 images
+    [batch, h, w, c], int32 labels [batch])`, prefetched, and its examples in one epoch.
 
     # Arguments
         name: A key of `DATASETS`.
-        split: `"train"`, `"validation"` or `"test"` (see the module docstring).
+        split: One of `SPLITS` (see the module docstring).
         batch_size: Examples per batch.
-        data_dir: The tfds data dir (default: tfds' own, `~/tensorflow_datasets`);
-            mnist/fashion_mnist read IDX files only from there when it is given.
+        data_dir: The tfds data dir (default: tfds' own, `~/tensorflow_datasets`); when
+            given, the only place where mnist/fashion_mnist IDX files are looked for.
         seed: Seeds the training shuffle and augmentation; unused by validation/test.
         image_size: Spatial size of the images instead of the dataset's default.
         limit: Use only the first `limit` examples of the split (smoke runs, tests).
         drop_remainder: Drop the last incomplete batch. By default `True` for
             `"train"` when there is at least one full batch, `False` otherwise.
-        epochs: Training only: `(first, stop)` gives epochs `first .. stop - 1` back
-            to back, epoch `e` drawn from `(seed, e)` alone (see "Reproducible
-            epochs"). `None`: one epoch per iteration, a new one each time.
-        skip: Training with `epochs` only: batches to leave out at the start of epoch
-            `first` (a run resumed mid-epoch).
-        steps_per_epoch: Training only: keep the first `steps_per_epoch` batches of
-            each epoch (smoke runs).
-
-    # Returns
-        `(dataset, num_examples)`: a `tf.data.Dataset` of `(float32 images
-        [batch, h, w, c], int32 labels [batch])`, prefetched, and the number of
-        examples in one epoch (before batching).
+        epochs: Training only: `(first, stop)`, epochs `first .. stop - 1` back to back,
+            epoch `e` drawn from `(seed, e)` alone; `None`: a new epoch each iteration.
+        skip: Training with `epochs` only: batches left out at the start of epoch `first`.
+        steps_per_epoch: Training only: the first `steps_per_epoch` batches of each epoch.
 
     # Raises
         ValueError: For an unknown dataset or split, or a bad size.
@@ -316,26 +205,23 @@ def load(
     if not training and (epochs is not None or skip or steps_per_epoch):
         raise ValueError(f"epochs, skip and steps_per_epoch apply to 'train', not {split!r}.")
 
-    num_examples = _num_examples(spec, split, limit)
-    if drop_remainder is None:
-        drop_remainder = _drop_remainder(split, num_examples, batch_size)
+    num_examples, default_drop = _epoch_size(spec, split, batch_size, limit)
+    drop_remainder = default_drop if drop_remainder is None else drop_remainder
     size = image_size or spec.image_shape[0]
 
     # File shuffling would change which examples `limit` takes.
-    shuffle_files = training and limit is None
-    examples, in_memory = _read_examples(
-        spec, split, data_dir, seed=seed, shuffle_files=shuffle_files
-    )
+    examples, in_memory = _read_examples(spec, split, data_dir, seed, training and limit is None)
     if limit is not None:
         examples = examples.take(limit)
     if spec.cache and not in_memory:
         examples = examples.cache()
 
-    def batched(examples):
-        return examples.batch(batch_size, drop_remainder=drop_remainder)
+    def batched(examples, transform):
+        mapped = examples.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+        return mapped.batch(batch_size, drop_remainder=drop_remainder)
 
     if not training:
-        dataset = batched(_eval_transform(spec, examples, size))
+        dataset = batched(examples, _eval_example(spec, size))
         if in_memory:
             dataset = _shard_by_example(dataset)
         return dataset.prefetch(tf.data.AUTOTUNE), num_examples
@@ -348,7 +234,7 @@ def load(
         tf.compat.v1.set_random_seed(None)  # the seed of this traced function's graph
         shuffled = examples.shuffle(buffer_size, seed=key, reshuffle_each_iteration=False)
         indexed = shuffled.enumerate().skip(skip_examples)
-        epoch = batched(_train_transform(spec, indexed, key, size))
+        epoch = batched(indexed, _train_example(spec, key, size))
         return epoch.take(steps_per_epoch) if steps_per_epoch else epoch
 
     if epochs is None:
@@ -358,7 +244,9 @@ def load(
     else:
         first, stop = epochs
         if not 0 <= first <= stop or skip < 0:
-            raise ValueError(f"epochs={epochs!r}, skip={skip!r}: need 0 <= first <= stop, skip >= 0.")
+            raise ValueError(
+                f"epochs={epochs!r}, skip={skip!r}: need 0 <= first <= stop, skip >= 0."
+            )
         skip_examples = tf.constant(skip * batch_size, tf.int64)
         dataset = tf.data.Dataset.range(first, stop).flat_map(
             lambda e: one_epoch(
@@ -376,45 +264,18 @@ def _shard_by_example(dataset):
     return dataset.with_options(options)
 
 
-def _train_transform(spec, indexed, key, size):
-    """`(index, example)` pairs of one epoch -> augmented, normalized examples."""
-    if spec.jpeg:
-        return indexed.map(
-            lambda index, example: _imagenet_train(*example, tf.stack([key, index]), size=size),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-    return indexed.map(
-        lambda index, example: _normalize_small_image(
-            spec, *_augment_small_image(spec, example, tf.stack([key, index])), size=size
-        ),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-
-
-def _eval_transform(spec, examples, size):
-    if spec.jpeg:
-        return examples.map(
-            functools.partial(_imagenet_eval, size=size),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-    return examples.map(
-        functools.partial(_normalize_small_image, spec, size=size),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-
-
 def prepare(name: str, data_dir: str | None = None) -> None:
     """Downloads and prepares `name` with tfds into `data_dir` (needs internet).
 
     Run it once on a machine with internet, then copy the data dir to offline machines.
     For imagenet2012, first put the ImageNet tars into tfds' manual download dir
-    (`<data_dir>/downloads/manual/`); preparing takes hours.
+    (`<data_dir>/downloads/manual/`).
     """
     spec = get_spec(name)
     builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
-    missing = _missing_manual_files(spec, builder)
-    if missing:
-        raise FileNotFoundError(_manual_files_message(spec, builder, missing))
+    complete, message = _manual_download(spec, builder)
+    if not complete:
+        raise FileNotFoundError(message)
     builder.download_and_prepare()
 
 
@@ -422,77 +283,61 @@ def prepare(name: str, data_dir: str | None = None) -> None:
 # Sources: (uint8 image, label) examples of one split, or JPEG bytes for `jpeg` specs.
 
 
-def _read_examples(spec, split, data_dir, *, seed, shuffle_files):
+def _read_examples(spec, split, data_dir, seed, shuffle_files):
     """`(examples, in_memory)`: the unbatched `(image, label)` examples of `split`,
     from prepared tfds records, or else from IDX files (then `in_memory` is True)."""
     builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
     if builder.data_path.exists():
-        examples = _read_tfds(
-            spec, builder, split, seed=seed, shuffle_files=shuffle_files
+        tfds_split = {"train": f"train[:-{spec.validation_size}]",  # the held-out end it
+                      "validation": f"train[-{spec.validation_size}:]", "test": spec.test_split}
+        examples = builder.as_dataset(
+            split=tfds_split[split], as_supervised=True, shuffle_files=shuffle_files,
+            decoders={"image": tfds.decode.SkipDecoding()} if spec.jpeg else None,
+            # One file order per seed, the same every epoch (see "Reproducible epochs").
+            read_config=tfds.ReadConfig(
+                shuffle_seed=seed, shuffle_reshuffle_each_iteration=False, try_autocache=False
+            ),
         )
         return examples, False
     if spec.idx_dirs is not None:
         return _read_idx_split(spec, split, data_dir, builder), True
     if spec.manual_files:
-        missing = _missing_manual_files(spec, builder)
-        raise FileNotFoundError(
-            f"{spec.name} is not prepared in {builder.data_path}. "
-            + _manual_files_message(spec, builder, missing)
-        )
-    raise FileNotFoundError(_not_prepared_message(spec, builder))
-
-
-def _tfds_split(spec: DatasetSpec, split: str) -> str:
-    """Our split as a tfds split string (the held-out examples end the train split)."""
-    return {
-        "train": f"train[:-{spec.validation_size}]",
-        "validation": f"train[-{spec.validation_size}:]",
-        "test": spec.test_split,
-    }[split]
-
-
-def _read_tfds(spec, builder, split, *, seed, shuffle_files):
-    """`split` read from the prepared tfds records."""
-    return builder.as_dataset(
-        split=_tfds_split(spec, split),
-        as_supervised=True,
-        shuffle_files=shuffle_files,
-        decoders={"image": tfds.decode.SkipDecoding()} if spec.jpeg else None,
-        # One file order per seed, the same every epoch (see "Reproducible epochs").
-        read_config=tfds.ReadConfig(
-            shuffle_seed=seed, shuffle_reshuffle_each_iteration=False, try_autocache=False
-        ),
+        message = _manual_download(spec, builder)[1]
+        raise FileNotFoundError(f"{spec.name} is not prepared in {builder.data_path}. {message}")
+    raise FileNotFoundError(
+        f"{spec.name} ({spec.tfds_name}) is not prepared in {builder.data_path}. "
+        "load() does not download (without internet a tfds download fails only after "
+        f"minutes of retries): run `harness.datasets.prepare({spec.name!r})` once "
+        "on a machine with internet, then copy its tfds data dir "
+        "(~/tensorflow_datasets) here and pass it as data_dir (--data-dir)."
     )
 
 
 def _read_idx_split(spec, split, data_dir, builder):
     """`split` read from the IDX files, as an in-memory dataset."""
-    candidates = _idx_dir_candidates(spec, data_dir)
-    directory = next((d for d in candidates if _has_idx_files(d)), None)
+    if data_dir is not None:  # the user's folder only: never silently other files
+        candidates = [os.path.join(data_dir, spec.name.replace("_", "-")), data_dir]
+    else:
+        candidates = list(spec.idx_dirs)
+    files = [file for pair in IDX_FILES.values() for file in pair]
+    directory = next(
+        (d for d in candidates if all(os.path.isfile(os.path.join(d, f)) for f in files)), None
+    )
     if directory is None:
-        raise FileNotFoundError(_no_idx_message(spec, builder, candidates))
-
-    source = "test" if split == "test" else "train"
-    images, labels = _read_idx_pair(directory, *IDX_FILES[source])
+        install = f"apt-get install {spec.apt_package}, or " if spec.apt_package else ""
+        raise FileNotFoundError(
+            f"{spec.name} is not prepared for tfds in {builder.data_path}, and its IDX "
+            f"files ({', '.join(files)}) are in none of: "
+            f"{', '.join(candidates) or '(no data_dir given)'}. To get them: {install}put "
+            f"the four files into data_dir (--data-dir), or run `harness.datasets.prepare("
+            f"{spec.name!r})` on a machine with internet and copy its tfds data dir here."
+        )
+    images, labels = _read_idx_pair(directory, *IDX_FILES["test" if split == "test" else "train"])
     if split != "test":
         held_out = len(images) - spec.validation_size
         part = slice(None, held_out) if split == "train" else slice(held_out, None)
         images, labels = images[part], labels[part]
     return tf.data.Dataset.from_tensor_slices((images[..., np.newaxis], labels))
-
-
-def _idx_dir_candidates(spec: DatasetSpec, data_dir: str | None) -> list[str]:
-    """Folders that may hold the IDX files of `spec`, in the order they are tried."""
-    if data_dir is not None:  # the user's folder only: never silently other files
-        subdir = spec.name.replace("_", "-")  # "mnist", "fashion-mnist"
-        return [os.path.join(data_dir, subdir), data_dir]
-    return list(spec.idx_dirs)
-
-
-def _has_idx_files(directory: str) -> bool:
-    """Whether all four IDX files are in `directory`."""
-    files = [file for pair in IDX_FILES.values() for file in pair]
-    return all(os.path.isfile(os.path.join(directory, file)) for file in files)
 
 
 @functools.lru_cache(maxsize=4)
@@ -501,9 +346,7 @@ def _read_idx_pair(directory: str, images_file: str, labels_file: str):
     images = _read_idx(os.path.join(directory, images_file))
     labels = _read_idx(os.path.join(directory, labels_file))
     if len(images) != len(labels):
-        raise ValueError(
-            f"{images_file} and {labels_file} in {directory} differ in length."
-        )
+        raise ValueError(f"{images_file} and {labels_file} in {directory} differ in length.")
     return images, labels
 
 
@@ -533,6 +376,24 @@ def _read_idx(path: str) -> np.ndarray:
 # Transforms: one example in, (float32 image, int32 label) out.
 
 
+def _eval_example(spec, size):
+    """The evaluation transform of one `(image, label)` example."""
+    if spec.jpeg:
+        return functools.partial(_imagenet_eval, size=size)
+    return functools.partial(_normalize_small_image, spec, size=size)
+
+
+def _train_example(spec, key, size):
+    """The training transform of one `(index, (image, label))`, seeded by `[key, index]`."""
+    def transform(index, example):
+        seed = tf.stack([key, index])
+        if spec.jpeg:
+            return _imagenet_train(*example, seed, size=size)
+        return _normalize_small_image(spec, *_augment_small_image(spec, example, seed), size=size)
+
+    return transform
+
+
 def _imagenet_eval(image_bytes, label, *, size: int):
     """larq-zoo's ImageNet evaluation preprocessing of one JPEG (a center crop)."""
     image = zoo_data.preprocess_image_bytes(image_bytes, is_training=False, image_size=size)
@@ -559,7 +420,8 @@ def _imagenet_train(image_bytes, label, seed, *, size: int):
     )
     image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
     image = tf.cast(tf.reshape(image, [size, size, 3]), tf.float32)
-    return zoo_data._normalize(image, zoo_data.MEAN_RGB, zoo_data.STDDEV_RGB), tf.cast(label, tf.int32)
+    image = zoo_data._normalize(image, zoo_data.MEAN_RGB, zoo_data.STDDEV_RGB)
+    return image, tf.cast(label, tf.int32)
 
 
 def _augment_small_image(spec: DatasetSpec, example, seed):
@@ -585,61 +447,23 @@ def _normalize_small_image(spec: DatasetSpec, image, label, *, size: int):
 
 
 # ------------------------------------------------------------------------------
-# Messages for data that is not on this machine.
+# ImageNet's manual download, where tfds 4.8.3 looks for it.
 
 
-def _tfds_root(builder) -> pathlib.Path:
-    """The tfds data dir holding the builder's `<name>[/<config>]/<version>` folder."""
-    return pathlib.Path(builder.data_path).parents[2 if builder.builder_config else 1]
-
-
-def _manual_dir(builder) -> pathlib.Path:
-    """Where tfds 4.8.3 looks for manually downloaded files."""
-    return _tfds_root(builder) / "downloads" / "manual"
-
-
-def _missing_manual_files(spec, builder) -> list[str]:
-    """The `spec.manual_files` that are not in the builder's manual dir."""
-    return [f for f in spec.manual_files if not (_manual_dir(builder) / f).is_file()]
-
-
-def _manual_files_message(spec, builder, missing) -> str:
-    manual_dir = _manual_dir(builder)
-    if missing:
-        files = " and ".join(spec.manual_files)
-        return (
-            f"{spec.name} is a manual download: put {files} into {manual_dir}/ "
-            f"(missing: {', '.join(str(manual_dir / f) for f in missing)}). "
-            "Get them from https://image-net.org/download-images (free sign-up), "
-            f"then run `harness.datasets.prepare({spec.name!r}, "
-            f"data_dir={str(_tfds_root(builder))!r})` once (hours; ~300 GB of disk), "
-            "or copy an already prepared tfds data dir here and pass it as data_dir "
-            "(--data-dir)."
-        )
-    return (
-        f"The ImageNet tars are in {manual_dir}: run `harness.datasets.prepare("
-        f"{spec.name!r}, data_dir={str(_tfds_root(builder))!r})` once to build the "
-        "tfds records (hours)."
-    )
-
-
-def _not_prepared_message(spec, builder) -> str:
-    return (
-        f"{spec.name} ({spec.tfds_name}) is not prepared in {builder.data_path}. "
-        "load() does not download (without internet a tfds download fails only after "
-        f"minutes of retries): run `harness.datasets.prepare({spec.name!r})` once "
-        "on a machine with internet, then copy its tfds data dir "
-        "(~/tensorflow_datasets) here and pass it as data_dir (--data-dir)."
-    )
-
-
-def _no_idx_message(spec, builder, tried) -> str:
-    files = ", ".join(file for pair in IDX_FILES.values() for file in pair)
-    install = f"apt-get install {spec.apt_package}, or " if spec.apt_package else ""
-    return (
-        f"{spec.name} is not prepared for tfds in {builder.data_path}, and its IDX "
-        f"files ({files}) are in none of: {', '.join(tried) or '(no data_dir given)'}. "
-        f"To get them: {install}put the four files into data_dir (--data-dir), or run "
-        f"`harness.datasets.prepare({spec.name!r})` on a machine with internet and "
-        "copy its tfds data dir here."
+def _manual_download(spec, builder) -> tuple[bool, str]:
+    """`(whether all spec.manual_files are there, what to do next)`."""
+    # The tfds data dir holds the builder's `<name>[/<config>]/<version>` folder.
+    root = pathlib.Path(builder.data_path).parents[2 if builder.builder_config else 1]
+    manual_dir = root / "downloads" / "manual"
+    missing = [str(manual_dir / f) for f in spec.manual_files if not (manual_dir / f).is_file()]
+    prepare_call = f"`harness.datasets.prepare({spec.name!r}, data_dir={str(root)!r})`"
+    if not missing:
+        return True, (f"The ImageNet tars are in {manual_dir}: run {prepare_call} once to build "
+                      "the tfds records (hours).")
+    return False, (
+        f"{spec.name} is a manual download: put {' and '.join(spec.manual_files)} into "
+        f"{manual_dir}/ (missing: {', '.join(missing)}). Get them from "
+        "https://image-net.org/download-images (free sign-up), then run "
+        f"{prepare_call} once (hours; ~300 GB of disk), or copy an already prepared tfds "
+        "data dir here and pass it as data_dir (--data-dir)."
     )

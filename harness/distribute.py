@@ -73,23 +73,21 @@ def _check_tf_config(text: str) -> None:
 
 
 def _tf_config_mistake(config) -> str | None:
-    """What is wrong with the shape of a parsed TF_CONFIG, or `None`."""
     if not isinstance(config, dict):
         return "is not a JSON object"
     cluster, task = config.get("cluster"), config.get("task")
     if cluster is None:
         return 'has no "cluster"'
+    addresses = '"host:port" addresses'
     if not isinstance(cluster, dict) or not cluster:
-        return (f'has "cluster": {json.dumps(cluster)}, not an object of lists of "host:port" '
-                "addresses")
-    for job, addresses in cluster.items():
-        if not (isinstance(addresses, list) and addresses
-                and all(isinstance(a, str) and a.rpartition(":")[2].isdigit() for a in addresses)):
-            return (f'has "cluster": {{"{job}": {json.dumps(addresses)}}}, not a list of '
-                    '"host:port" addresses')
+        return f'has "cluster": {json.dumps(cluster)}, not an object of lists of {addresses}'
+    for job, hosts in cluster.items():
+        if not (isinstance(hosts, list) and hosts
+                and all(isinstance(a, str) and a.rpartition(":")[2].isdigit() for a in hosts)):
+            return f'has "cluster": {{"{job}": {json.dumps(hosts)}}}, not a list of {addresses}'
     if task is not None and not isinstance(task, dict):
-        return (f'has "task": {json.dumps(task)}, not an object such as '
-                '{"type": "worker", "index": 0}')
+        example = '{"type": "worker", "index": 0}'
+        return f'has "task": {json.dumps(task)}, not an object such as {example}'
     return None
 
 
@@ -97,9 +95,7 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process writes results, plots and models (always, but in a cluster)."""
     resolver = getattr(strategy, "cluster_resolver", None)
     task_type = getattr(resolver, "task_type", None)
-    if not task_type:
-        return True
-    if task_type == "chief":
+    if not task_type or task_type == "chief":
         return True
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     return task_type == "worker" and resolver.task_id == 0 and not has_chief

@@ -1,4 +1,4 @@
-"""Sign-binarized baseline BNNs for larq-noisy: a registry `name -> builder`.
+"""Sign-binarized baseline BNNs for larq-noisy: `build(name, ...)` of the registry `MODELS`.
 
 ```python
 import models
@@ -17,124 +17,47 @@ All: binary activations and binary weights in the binarized convs; stem conv,
 downsampling 1x1 shortcut convs and the dense classifier in full precision; softmax
 output computed in float32 (works under `mixed_float16`). Functional Keras models.
 `kernel_quantizer` replaces the default with any of `WEIGHT_QUANTIZERS`: `ste_sign`,
-`magnitude_aware_sign` (scaled per output channel) or `dorefa` (`DoReFaSign`, scaled
-per layer: the LNS paper's CIFAR-10 baseline).
+`magnitude_aware_sign` (scaled per output channel by the mean absolute latent weight,
+XNOR-Net / Bi-Real Net) or `dorefa` (`DoReFaSign`, scaled per layer: the LNS paper's
+CIFAR-10 baseline), each with `kernel_constraint="weight_clip"`.
 """
 
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import tensorflow as tf
 
-from models.bireal_resnet import (
-    BiRealResNetFactory,
-    BNNSmallFactory,
-    DoReFaSign,
-    ResNet20Factory,
-)
+from larq_noisy.quantizers import DoReFaSign  # registers "dorefa"
+from models.bireal_resnet import BiRealResNetFactory, BNNSmallFactory, ResNet20Factory
 from models.zoo import BiRealNet18Factory, ResNetE18Factory
+
+__all__ = [
+    "MODELS", "WEIGHTS_DIR", "WEIGHT_QUANTIZERS", "BNNSmallFactory", "BiRealNet18Factory",
+    "BiRealResNetFactory", "DoReFaSign", "ResNet20Factory", "ResNetE18Factory", "build",
+]
 
 #: Pretrained checkpoints shipped with the repository, each with a .json beside it.
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
-__all__ = [
-    "MODELS",
-    "WEIGHTS_DIR",
-    "WEIGHT_QUANTIZERS",
-    "BNNSmallFactory",
-    "BiRealNet18Factory",
-    "BiRealResNetFactory",
-    "DoReFaSign",
-    "ResNet20Factory",
-    "ResNetE18Factory",
-    "build",
-]
+#: The models by name: larq-zoo-style factories.
+MODELS = {
+    "bnn_small": BNNSmallFactory,
+    "resnet20": ResNet20Factory,
+    "birealnet18": BiRealNet18Factory,
+    "resnet_e18": ResNetE18Factory,
+}
 
-# The selectable baseline weight binarizations: plain sign; sign scaled per output
-# channel by the mean absolute latent weight (XNOR-Net / Bi-Real Net); sign scaled by
-# the layer's mean absolute latent weight (DoReFa-Net, the LNS paper's CIFAR-10 baseline).
+#: The selectable weight binarizations of the binarized layers.
 WEIGHT_QUANTIZERS = ("ste_sign", "magnitude_aware_sign", "dorefa")
+
 
 def _check_choice(what: str, value, choices, note: str = "") -> None:
     if value not in choices:
         raise ValueError(f"Unknown {what} {value!r}; choose one of {list(choices)}{note}.")
 
 
-def _check_options(kernel_quantizer: Optional[str], weights: Optional[str]) -> None:
-    if kernel_quantizer is not None:
-        _check_choice(
-            "kernel_quantizer",
-            kernel_quantizer,
-            WEIGHT_QUANTIZERS,
-            " (or None for the architecture's default)",
-        )
-    if weights is None:
-        return
-    if not isinstance(weights, (str, os.PathLike)):
-        raise ValueError(f"weights must be None or a local file path, not {weights!r}.")
-    if str(weights) == "imagenet":
-        raise ValueError(
-            "weights='imagenet' would download pretrained weights, and larq-noisy runs "
-            "offline: pass weights=None or the path of a local weights file."
-        )
-    path = os.fspath(weights)
-    if not (os.path.exists(path) or os.path.exists(path + ".index")):
-        raise ValueError(f"weights file {path!r} does not exist.")
-
-
-def _quantizer_fields(kernel_quantizer: Optional[str]) -> dict:
-    """Factory overrides: none for the default, else the quantizer + `weight_clip`."""
-    if kernel_quantizer is None:
-        return {}
-    return {"kernel_quantizer": kernel_quantizer, "kernel_constraint": "weight_clip"}
-
-
-def _builder(factory_class, name: str, doc: str) -> Callable[..., tf.keras.Model]:
-    def builder(
-        input_shape: Tuple[int, int, int],
-        num_classes: int,
-        *,
-        kernel_quantizer: Optional[str] = None,
-        weights: Optional[str] = None,
-    ) -> tf.keras.Model:
-        _check_options(kernel_quantizer, weights)
-        model = factory_class(
-            input_shape=tuple(input_shape),
-            num_classes=int(num_classes),
-            weights=None,
-            include_top=True,
-            **_quantizer_fields(kernel_quantizer),
-        ).build()
-        if weights is not None:
-            model.load_weights(os.fspath(weights))
-        return model
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = doc
-    return builder
-
-
-bnn_small = _builder(BNNSmallFactory, "bnn_small", BNNSmallFactory.__doc__)
-resnet20 = _builder(ResNet20Factory, "resnet20", ResNet20Factory.__doc__)
-birealnet18 = _builder(BiRealNet18Factory, "birealnet18", BiRealNet18Factory.__doc__)
-resnet_e18 = _builder(ResNetE18Factory, "resnet_e18", ResNetE18Factory.__doc__)
-
-MODELS: Dict[str, Callable[..., tf.keras.Model]] = {
-    "bnn_small": bnn_small,
-    "resnet20": resnet20,
-    "birealnet18": birealnet18,
-    "resnet_e18": resnet_e18,
-}
-
-
-def build(
-    name: str,
-    input_shape: Tuple[int, int, int],
-    num_classes: int,
-    *,
-    kernel_quantizer: Optional[str] = None,
-    weights: Optional[str] = None,
-) -> tf.keras.Model:
+def build(name: str, input_shape: Tuple[int, int, int], num_classes: int, *,
+          kernel_quantizer: Optional[str] = None, weights: Optional[str] = None) -> tf.keras.Model:
     """Build the registered model `name` (a functional Keras model, softmax output).
 
     # Arguments
@@ -142,8 +65,7 @@ def build(
         input_shape: `(height, width, channels)`.
         num_classes: size of the softmax output.
         kernel_quantizer: the weight binarization of the binarized layers, one of
-            `WEIGHT_QUANTIZERS` (with `kernel_constraint="weight_clip"`; `"dorefa"`
-            is `DoReFaSign`, the paper's CIFAR-10 baseline), or `None`
+            `WEIGHT_QUANTIZERS` (with `kernel_constraint="weight_clip"`), or `None`
             for the architecture's own default (the table above).
         weights: `None` (random initialization) or the path of a local weights file
             (Keras `.h5` or TF checkpoint prefix). Nothing is ever downloaded.
@@ -153,6 +75,26 @@ def build(
             choices), `weights="imagenet"`, or a weights path that does not exist.
     """
     _check_choice("model name", name, MODELS)
-    return MODELS[name](
-        input_shape, num_classes, kernel_quantizer=kernel_quantizer, weights=weights
-    )
+    overrides = {}
+    if kernel_quantizer is not None:
+        _check_choice("kernel_quantizer", kernel_quantizer, WEIGHT_QUANTIZERS,
+                      " (or None for the architecture's default)")
+        overrides = {"kernel_quantizer": kernel_quantizer, "kernel_constraint": "weight_clip"}
+    if weights is not None:
+        if not isinstance(weights, (str, os.PathLike)):
+            raise ValueError(f"weights must be None or a local file path, not {weights!r}.")
+        if str(weights) == "imagenet":
+            raise ValueError(
+                "weights='imagenet' would download pretrained weights, and larq-noisy runs "
+                "offline: pass weights=None or the path of a local weights file."
+            )
+        weights = os.fspath(weights)
+        if not (os.path.exists(weights) or os.path.exists(weights + ".index")):
+            raise ValueError(f"weights file {weights!r} does not exist.")
+    model = MODELS[name](
+        input_shape=tuple(input_shape), num_classes=int(num_classes), weights=None,
+        include_top=True, **overrides,
+    ).build()
+    if weights is not None:
+        model.load_weights(weights)
+    return model

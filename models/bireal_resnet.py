@@ -8,13 +8,11 @@ ECCV 2018), so a ResNet basic block of two binary convolutions reads
 
 where `shortcut` is the identity, or `AvgPool2D(2) -> Conv1x1 -> BN` with a
 *full-precision* 1x1 conv when the block downsamples (as Bi-Real Net and BinaryResNetE18
-in larq-zoo; the LNS method keeps downsampling shortcut convs full precision, so they
-are not binarized layers). The binary convs binarize their inputs with `ste_sign` and
-their weights with the chosen kernel quantizer (latent weights clipped to [-1, 1]).
-The stem conv and the dense classifier stay full precision; a ReLU on the real-valued
-stream before global average pooling (as BinaryResNetE18) gives the classifier a
-non-linear feature; the final softmax runs in float32 so that the models also train
-under the `mixed_float16` policy.
+in larq-zoo; not binarized layers, docs/METHOD.md 6.2). The binary convs binarize their
+inputs with `ste_sign` and their weights with the chosen kernel quantizer (latent weights
+clipped to [-1, 1]). The stem conv and the dense classifier stay full precision; a ReLU
+on the real-valued stream before global average pooling (as BinaryResNetE18) gives the
+classifier a non-linear feature; the softmax runs in float32 (`mixed_float16` works).
 """
 
 from typing import Optional, Sequence, Union
@@ -24,11 +22,8 @@ import tensorflow as tf
 from larq_zoo.core.model_factory import ModelFactory
 from zookeeper import Field, factory
 
-from larq_noisy.quantizers import DoReFaSign  # registers "dorefa"
-
 __all__ = [
-    "BNNSmallFactory", "BiRealResNetFactory", "ConstraintType", "DoReFaSign", "QuantizerType",
-    "ResNet20Factory",
+    "BNNSmallFactory", "BiRealResNetFactory", "ConstraintType", "QuantizerType", "ResNet20Factory",
 ]
 
 QuantizerType = Union[str, dict, lq.quantizers.Quantizer]
@@ -79,15 +74,9 @@ class BiRealResNetFactory(ModelFactory):
         """`shortcut(x) + BN(binary conv3x3(x))`: binary activations, binary weights."""
         shortcut = self.shortcut(x, filters, strides)
         x = lq.layers.QuantConv2D(
-            filters,
-            3,
-            strides=strides,
-            padding="same",
-            input_quantizer=self.input_quantizer,
-            kernel_quantizer=self.kernel_quantizer,
-            kernel_constraint=self.kernel_constraint,
-            kernel_initializer=self.kernel_initializer,
-            use_bias=False,
+            filters, 3, strides=strides, padding="same", use_bias=False,
+            input_quantizer=self.input_quantizer, kernel_quantizer=self.kernel_quantizer,
+            kernel_constraint=self.kernel_constraint, kernel_initializer=self.kernel_initializer,
         )(x)
         x = self.batch_norm(x)
         return tf.keras.layers.add([x, shortcut])
@@ -100,11 +89,7 @@ class BiRealResNetFactory(ModelFactory):
     def build(self) -> tf.keras.Model:
         # Full-precision stem.
         x = tf.keras.layers.Conv2D(
-            self.stem_filters,
-            3,
-            strides=self.stem_strides,
-            padding="same",
-            use_bias=False,
+            self.stem_filters, 3, strides=self.stem_strides, padding="same", use_bias=False,
             kernel_initializer="he_normal",
         )(self.image_input)
         x = self.batch_norm(x)
@@ -151,9 +136,6 @@ class BNNSmallFactory(BiRealResNetFactory):
     -> dense (FP).
     """
 
-    model_name: str = Field("bnn_small")
-    stem_filters: int = Field(16)
-    stem_strides: int = Field(1)
+    model_name: str = Field("bnn_small")  # the rest: BiRealResNetFactory's defaults
     stem_pool: bool = Field(True)
-    stage_filters: Sequence[int] = Field((16, 32, 64))
     blocks_per_stage: int = Field(1)

@@ -1,18 +1,12 @@
-"""larq-zoo ImageNet BNNs whose weight binarization can be chosen.
+"""larq-zoo's ImageNet BNNs with a selectable weight binarization.
 
-larq-zoo models are zookeeper factories; these subclasses turn the kernel quantizer and
-its constraint into configurable fields (defaults: the architecture's own), so that a
-sign-binarized baseline can be built for `larq_noisy.to_mapped`. Everything else,
-including each architecture's input (activation) quantizer, is larq-zoo's:
-
-- Bi-Real Net 18: `approx_sign` activations, `magnitude_aware_sign` weights
-  (sign scaled per output channel by mean |W|), `weight_clip`.
-- BinaryResNetE18: `SteSign(clip_value=1.25)` activations and weights,
-  `WeightClip(1.25)`. Below 50 pixels it uses a 3x3 stride-1 stem without pooling.
-
-Both keep the stem conv, the 1x1 downsampling shortcut convs and the classifier in full
-precision and have 16 binarized convs. Never build them with `weights="imagenet"`:
-that downloads, and this project runs offline.
+larq-zoo models are zookeeper factories; these subclasses make the kernel quantizer and
+its constraint fields (defaults: the architecture's own, the table in `models`), so that
+a sign-binarized baseline can be built for `larq_noisy.to_mapped`. Everything else is
+larq-zoo's: the activations' quantizer (Bi-Real Net 18: `approx_sign`; BinaryResNetE18:
+`SteSign(clip_value=1.25)`), BinaryResNetE18's 3x3 stride-1 stem without pooling below
+50 pixels. Never build them with `weights="imagenet"`: that downloads, and this project
+runs offline.
 """
 
 from larq_zoo.literature.birealnet import BiRealNetFactory
@@ -22,7 +16,6 @@ from zookeeper import Field, factory
 from models.bireal_resnet import ConstraintType, QuantizerType
 
 __all__ = ["BiRealNet18Factory", "ResNetE18Factory"]
-
 
 
 @factory
