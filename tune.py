@@ -23,86 +23,21 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ notices: nothing to act on
 
-import models  # noqa: E402
-from harness import datasets, errors, tuning
-from harness.distribute import STRATEGIES
-from larq_noisy.mappers import MAPPERS
-from larq_noisy.quantizers import CLIPS
+from harness import errors, tuning  # noqa: E402
+from harness.settings import add_flags  # noqa: E402
+
+
+#: tune.py's own option, shown after the setting it belongs with (and `--quiet`, last).
+#: The flags of the settings come from `TuneConfig`.
+OPTIONS = {"pretrain_epochs": ("--pretrain-only", dict(
+    action="store_true", help="find or make the pretrained checkpoint, print its path and exit"))}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    run = p.add_argument_group("what to tune")
-    run.add_argument("--arm", default="lns", choices=tuning.TUNED_ARMS,
-                     help="the fine-tuning arm to search (default: %(default)s)")
-    run.add_argument("--dataset", default="fashion_mnist", choices=sorted(datasets.DATASETS))
-    run.add_argument("--model", choices=sorted(models.MODELS), help="default: the dataset's")
-    run.add_argument("--pretrained", metavar="PATH",
-                     help="a train.py output dir or its pretrain/weights.h5 (default: "
-                          "runs/<dataset> if pretrained, else pretrain once)")
-    run.add_argument("--output-dir", help="default: tune_runs/<dataset>/<arm>")
-    run.add_argument("--seed", type=int, default=0,
-                     help="the trials' batches and mapper initialisation, as train.py's "
-                          "(default: %(default)s)")
-    run.add_argument("--search-seed", type=int, default=1,
-                     help="keras-tuner's oracle seed: which settings the trials try, >= 1 "
-                          "(default: %(default)s)")
-
-    s = p.add_argument_group("search (every arm)")
-    s.add_argument("--tuner", default="hyperband", choices=tuning.TUNERS)
-    s.add_argument("--max-trials", type=int,
-                   help=f"bayesian/random: default {tuning.DEFAULT_MAX_TRIALS}; hyperband: a cap "
-                        "(default: one full Hyperband iteration)")
-    s.add_argument("--epochs", type=int,
-                   help="fine-tuning epochs per trial (hyperband: the most); default "
-                        f"{tuning.SMALL_BUDGET['epochs']} on (fashion_)mnist, else the protocol's")
-    s.add_argument("--steps-per-epoch", type=int,
-                   help=f"default {tuning.SMALL_BUDGET['steps_per_epoch']} on (fashion_)mnist, "
-                        "else full epochs")
-    s.add_argument("--search-lr", action=argparse.BooleanOptionalAction, default=True,
-                   help="search the fine-tuning learning rate (default: yes), log-uniform over "
-                        "a decade either side of the protocol's; for bop, the rate of the "
-                        "variables Bop does not flip")
-    s.add_argument("--lr-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                   help="the fine-tuning learning rate's range")
-
-    lns = p.add_argument_group("search (--arm lns)")
-    lns.add_argument("--alpha-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                     help=f"log-uniform (default: {list(tuning.DEFAULT_ALPHA_RANGE)})")
-    lns.add_argument("--rho-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                     help=f"uniform (default: {list(tuning.DEFAULT_RHO_RANGE)})")
-    lns.add_argument("--asymmetric-rho", action="store_true",
-                     help="search rho_pos and rho_neg separately (default: one rho for both)")
-    lns.add_argument("--search-mapper", nargs="*", metavar="KIND", choices=list(MAPPERS),
-                     help=f"also search the mapper kind among KINDs (default: all of {list(MAPPERS)})")
-    lns.add_argument("--mapper", choices=list(MAPPERS),
-                     help="fix the mapper kind (default: the dataset's protocol)")
-    lns.add_argument("--clip", choices=CLIPS,
-                     help=f"fix the quantizer's clip (default: searched among {list(CLIPS)})")
-    lns.add_argument("--aux-to-latent", action=argparse.BooleanOptionalAction,
-                     help="fix whether the noisy-supervision loss trains the latent weights "
-                          "(default: searched)")
-
-    bop = p.add_argument_group("search (--arm bop)")
-    bop.add_argument("--bop-threshold-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                     help=f"log-uniform (default: {list(tuning.DEFAULT_BOP_THRESHOLD_RANGE)})")
-    bop.add_argument("--bop-gamma-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                     help=f"log-uniform (default: {list(tuning.DEFAULT_BOP_GAMMA_RANGE)})")
-
-    hw = p.add_argument_group("data and hardware")
-    hw.add_argument("--batch-size", type=int, help="global batch size (default: the protocol's)")
-    hw.add_argument("--limit", type=int, help="examples per split, for smoke runs")
-    hw.add_argument("--data-dir", help="tfds data dir (and Fashion-MNIST IDX files)")
-    hw.add_argument("--strategy", default="auto", choices=STRATEGIES)
-    hw.add_argument("--pretrain-epochs", type=int,
-                    help="for the one-time pretraining (default: the protocol's)")
-    s.add_argument("--finetune-cosine", action=argparse.BooleanOptionalAction,
-                   help="the trials' schedule, as train.py's (default: the protocol's)")
-    hw.add_argument("--pretrain-only", action="store_true",
-                    help="find or make the pretrained checkpoint, print its path and exit")
-    hw.add_argument("--quiet", action="store_true")
+    add_flags(p, tuning.TuneConfig, after=OPTIONS).add_argument("--quiet", action="store_true")
     return p
 
 

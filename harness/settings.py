@@ -63,29 +63,40 @@ def _kinds(hint) -> tuple[list, bool]:
     return [typing.get_origin(o) or o for o in options if o is not type(None)], type(None) in options
 
 
-def add_flags(parser: argparse.ArgumentParser, cls, after: dict | None = None) -> None:
-    """A flag per setting of dataclass `cls`, in field order: a bool
-    is a switch (`--x` / `--no-x` if it may be `None`), a tuple takes any number of
-    values. `after`: `{field: (flag, argparse options)}`, a script's own option, shown
-    after that field's flag."""
+def add_flags(parser: argparse.ArgumentParser, cls, after: dict | None = None):
+    """A flag per setting of dataclass `cls`, in field order: a bool is a switch (`--x`
+    and `--no-x` if it may be `None` or is on by default; with its own `flag`, the
+    switch that turns it off), a `tuple[float, float]` a range (`LOW HIGH`), another
+    tuple takes any number of values. `after`: `{field: (flag, argparse options)}`, a
+    script's own option, shown after that field's flag. Returns the last group."""
     group, hints = parser, typing.get_type_hints(cls)
     for field in settings_of(cls):
-        meta = field.metadata
+        meta, hint = field.metadata, hints[field.name]
         if meta["group"]:
             group = parser.add_argument_group(meta["group"])
-        kinds, optional = _kinds(hints[field.name])
+        kinds, optional = _kinds(hint)
         options = dict(dest=field.name, default=field.default, help=meta["help"])
         if kinds[0] is bool:
-            options["action"] = (argparse.BooleanOptionalAction if optional
-                                 else "store_false" if field.default else "store_true")
+            options["action"] = ("store_false" if meta["flag"] and field.default
+                                 else argparse.BooleanOptionalAction if optional or field.default
+                                 else "store_true")
+        elif kinds[0] is tuple and _items(hint) == (float, float):
+            options.update(nargs=2, type=float, metavar=("LOW", "HIGH"))
         elif kinds[0] is tuple:
-            options.update(nargs="*", choices=meta["choices"])
+            options.update(nargs="*", choices=meta["choices"], metavar=meta["metavar"])
         else:
             options.update(type=kinds[0], choices=meta["choices"], metavar=meta["metavar"])
         group.add_argument(flag(field.name, cls), **options)
         if field.name in (after or {}):
             own_flag, options = after[field.name]
             group.add_argument(own_flag, **options)
+    return group
+
+
+def _items(hint) -> tuple:
+    """The item types of the tuple in `hint` (`tuple[str, ...] | None`: `(str, ...)`)."""
+    return next(typing.get_args(h) for h in (*typing.get_args(hint), hint)
+                if typing.get_origin(h) is tuple)
 
 
 # What each type of setting takes from JSON, and how a message names it.

@@ -34,12 +34,14 @@ import keras_tuner as kt
 import larq as lq
 import tensorflow as tf
 
+import models
 from harness import datasets, report, training
-from harness.distribute import make_strategy
+from harness.distribute import STRATEGIES, make_strategy
 from harness.protocols import TUNED_ARMS, get_protocol
 from harness.rundir import (
     RunDir, ensure_writable_dir, pretrained_run, pretrained_weights_path, read_json, write_json,
 )
+from harness.settings import setting
 from larq_noisy.mappers import MAPPERS
 from larq_noisy.quantizers import CLIPS, OPTIONS, PAPER, check_options
 
@@ -94,44 +96,75 @@ class SearchFailed(RuntimeError):
 
 @dataclasses.dataclass
 class TuneConfig:
-    """Every setting of a search, one per tune.py flag. `None` means the default: the
-    dataset's (`BUDGETS`, `protocols.PROTOCOLS`), a `DEFAULT_*_RANGE`, the learning rate
-    a decade either side of the protocol's; `output_dir=None`: `tune_runs/<dataset>/<arm>`.
-    `clip` and `aux_to_latent` are searched unless fixed here."""
+    """Every setting of a search; those made by `setting` are tune.py's flags. `None`
+    means the default: the dataset's (`BUDGETS`, `protocols.PROTOCOLS`), a
+    `DEFAULT_*_RANGE`, the learning rate a decade either side of the protocol's;
+    `output_dir=None`: `tune_runs/<dataset>/<arm>`. `clip` and `aux_to_latent` are
+    searched unless fixed here."""
 
-    dataset: str = "fashion_mnist"
-    arm: str = "lns"
-    model: str | None = None
-    pretrained: str | None = None  # a train.py output dir or a weights file
-    output_dir: str | None = None
+    arm: str = setting("lns", "the fine-tuning arm to search (default: %(default)s)",
+                       group="what to tune", choices=TUNED_ARMS)
+    dataset: str = setting("fashion_mnist", choices=sorted(datasets.DATASETS))
+    model: str | None = setting(None, "default: the dataset's", choices=sorted(models.MODELS))
+    pretrained: str | None = setting(
+        None, "a train.py output dir or its pretrain/weights.h5 (default: runs/<dataset> if "
+        "pretrained, else pretrain once)", metavar="PATH")
+    output_dir: str | None = setting(None, "default: tune_runs/<dataset>/<arm>")
     # Where the one-time pretraining goes; None: tune_runs/<dataset>/pretrain_run with
     # the default output_dir (shared by the arms), else <output_dir>/pretrain_run.
     pretrain_dir: str | None = None
-    tuner: str = "hyperband"
-    max_trials: int | None = None  # hyperband: a cap (default: one full iteration)
-    epochs: int | None = None  # per trial (hyperband: the most a trial trains)
-    steps_per_epoch: int | None = None
-    search_lr: bool = True
-    lr_range: tuple[float, float] | None = None
-    alpha_range: tuple[float, float] | None = None
-    rho_range: tuple[float, float] | None = None
-    asymmetric_rho: bool = False  # rho_pos and rho_neg searched apart
-    search_mapper: tuple[str, ...] | None = None  # (): all of `MAPPERS`
-    mapper: str | None = None  # fixed; None: the protocol's
-    clip: str | None = None
-    aux_to_latent: bool | None = None
-    bop_threshold_range: tuple[float, float] | None = None
-    bop_gamma_range: tuple[float, float] | None = None
-    batch_size: int | None = None
-    limit: int | None = None
-    seed: int = 0  # the trials' batches and mapper initialisation, as train.py's
-    # keras-tuner's oracle seed: which settings the trials try. >= 1, as keras-tuner takes
-    # 0 for "draw one at random" (a search would not repeat).
-    search_seed: int = 1
-    strategy: str = "auto"
-    data_dir: str | None = None
-    pretrain_epochs: int | None = None  # for the one-time pretraining
-    finetune_cosine: bool | None = None  # the trials' schedule (None: the protocol's)
+    seed: int = setting(0, "the trials' batches and mapper initialisation, as train.py's "
+                        "(default: %(default)s)")
+    # >= 1, as keras-tuner takes 0 for "draw one at random" (a search would not repeat).
+    search_seed: int = setting(1, "keras-tuner's oracle seed: which settings the trials try, "
+                               ">= 1 (default: %(default)s)")
+
+    tuner: str = setting("hyperband", group="search (every arm)", choices=TUNERS)
+    max_trials: int | None = setting(
+        None, f"bayesian/random: default {DEFAULT_MAX_TRIALS}; hyperband: a cap (default: one "
+        "full Hyperband iteration)")
+    epochs: int | None = setting(
+        None, "fine-tuning epochs per trial (hyperband: the most); default "
+        f"{SMALL_BUDGET['epochs']} on (fashion_)mnist, else the protocol's")
+    steps_per_epoch: int | None = setting(
+        None, f"default {SMALL_BUDGET['steps_per_epoch']} on (fashion_)mnist, else full epochs")
+    search_lr: bool = setting(
+        True, "search the fine-tuning learning rate (default: yes), log-uniform over a decade "
+        "either side of the protocol's; for bop, the rate of the variables Bop does not flip")
+    lr_range: tuple[float, float] | None = setting(None, "the fine-tuning learning rate's range")
+    finetune_cosine: bool | None = setting(
+        None, "the trials' schedule, as train.py's (default: the protocol's)")
+
+    alpha_range: tuple[float, float] | None = setting(
+        None, f"log-uniform (default: {list(DEFAULT_ALPHA_RANGE)})", group="search (--arm lns)")
+    rho_range: tuple[float, float] | None = setting(
+        None, f"uniform (default: {list(DEFAULT_RHO_RANGE)})")
+    asymmetric_rho: bool = setting(
+        False, "search rho_pos and rho_neg separately (default: one rho for both)")
+    search_mapper: tuple[str, ...] | None = setting(  # (): all of `MAPPERS`
+        None, f"also search the mapper kind among KINDs (default: all of {list(MAPPERS)})",
+        choices=list(MAPPERS), metavar="KIND")
+    mapper: str | None = setting(
+        None, "fix the mapper kind (default: the dataset's protocol)", choices=list(MAPPERS))
+    clip: str | None = setting(
+        None, f"fix the quantizer's clip (default: searched among {list(CLIPS)})", choices=CLIPS)
+    aux_to_latent: bool | None = setting(
+        None, "fix whether the noisy-supervision loss trains the latent weights (default: "
+        "searched)")
+
+    bop_threshold_range: tuple[float, float] | None = setting(
+        None, f"log-uniform (default: {list(DEFAULT_BOP_THRESHOLD_RANGE)})",
+        group="search (--arm bop)")
+    bop_gamma_range: tuple[float, float] | None = setting(
+        None, f"log-uniform (default: {list(DEFAULT_BOP_GAMMA_RANGE)})")
+
+    batch_size: int | None = setting(
+        None, "global batch size (default: the protocol's)", group="data and hardware")
+    limit: int | None = setting(None, "examples per split, for smoke runs")
+    data_dir: str | None = setting(None, "tfds data dir (and Fashion-MNIST IDX files)")
+    strategy: str = setting("auto", choices=STRATEGIES)
+    pretrain_epochs: int | None = setting(
+        None, "for the one-time pretraining (default: the protocol's)")
     verbose: int = 1
     # Set by `resolved` only; any change (`dataclasses.replace`) clears it.
     _resolved: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
