@@ -38,8 +38,8 @@ from harness.rundir import (
     CheckpointError, RunDir, atomic_path, backup_position, machine, pretrained_run,
     pretrained_weights_path, read_json, save_weights, weights_fingerprint, write_json,
 )
-from harness.settings import (  # read_hparams: for callers that take it from here
-    TrainConfig, checkpoint_mismatch, read_hparams, settings_note, shipped_checkpoint,
+from harness.settings import (
+    TrainConfig, checkpoint_mismatch, settings_note, shipped_checkpoint,
 )
 from larq_noisy.conversion import bake, mapped_layers, to_mapped
 from larq_noisy.monitoring import (

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from harness.protocols import ARMS, get_protocol
+from harness.protocols import ARMS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 import train
 import tune
-from harness import training, tuning
+from harness import search_space, training, tuning
 from harness.protocols import get_protocol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,7 +189,7 @@ def test_each_arm_searches_its_own_directory_from_one_pretraining():
         assert config.train_config().arms == (arm,)
     assert list(_space(configs["sign"])) == ["finetune_lr"]
     threshold = _space(configs["bop"])["bop_threshold"]
-    assert (threshold["min_value"], threshold["max_value"]) == tuning.DEFAULT_BOP_THRESHOLD_RANGE
+    assert (threshold["min_value"], threshold["max_value"]) == search_space.DEFAULT_BOP_THRESHOLD_RANGE
     own = tune.parse_args(["--output-dir", "elsewhere"])[0]  # its own pretraining
     assert own.pretrain_dir == os.path.join("elsewhere", "pretrain_run")
     fixed = tune.parse_args(["--clip", "none", "--no-aux-to-latent"])[0]
