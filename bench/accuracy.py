@@ -50,9 +50,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from harness import datasets, settings, training  # noqa: E402
+from harness import datasets, training  # noqa: E402
 from harness.distribute import STRATEGIES  # noqa: E402
 from harness.protocols import ARMS, TUNED_ARMS  # noqa: E402
+from harness.settings import read_hparams  # noqa: E402
 from harness.rundir import RunDir, read_json, write_json  # noqa: E402
 from larq_noisy import quantizers  # noqa: E402
 from larq_noisy.mappers import MAPPERS  # noqa: E402
@@ -109,7 +110,7 @@ SHORT_PRETRAINING_TUNED = {
 
 def configs(args, common: dict, tuned: dict[str, dict]) -> dict[tuple[int, str], training.TrainConfig]:
     """`{(seed, row): TrainConfig}` in the order to run them (row "pretrain": the seed's
-    checkpoint, train.py's phase 1 alone), with `settings.read_hparams`' settings for
+    checkpoint, train.py's phase 1 alone), with `read_hparams`' settings for
     every arm (`common`) and per arm (`tuned`)."""
     def row_config(pretrain, name):
         row = ROWS[name]
@@ -363,7 +364,7 @@ def main(argv=None):
     args.studies = list(dict.fromkeys(args.studies))
     args.finetune_cosine = None
     try:
-        common, tuned = settings.read_hparams(args.hparams)
+        common, tuned = read_hparams(args.hparams)
         if args.dataset == "fashion_mnist":  # the short-pretraining study's schedule and settings
             for key, value in SHORT_PRETRAINING.items():
                 if getattr(args, key) is None:
