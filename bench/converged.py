@@ -52,7 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from harness.rundir import read_history_rows as read_history  # noqa: E402
-from harness.rundir import read_json, write_json  # noqa: E402
+from harness.rundir import machine, read_json, write_json  # noqa: E402
 
 #: Declared before any sample ran: a paired difference whose 95% CI lies inside
 #: +-0.25 points is "equivalent"; the test accuracy of one seed moves by about that much.
@@ -64,13 +64,6 @@ SAMPLE_ARMS = ("sign", "bop", "mapped", "lns", "lns_rho0")
 COMPARISONS = [("lns", "sign"), ("lns", "bop"), ("bop", "sign"), ("lns", "mapped"),
                ("lns", "lns_rho0"), ("paper", "sign"), ("sign", "baseline"),
                ("lns", "baseline"), ("bop", "baseline")]
-
-
-def machine() -> dict:
-    """The CPU a row ran on: its model and widest vector extension."""
-    from harness.rundir import machine as describe
-
-    return describe()
 
 
 def sha256(path: str) -> str:
