@@ -89,6 +89,12 @@ class Bench:
         self.out, self.state = args.output_dir, args.state
         os.makedirs(self.state, exist_ok=True)
         self.rows_path = os.path.join(self.state, "rows.json")
+        if args.ship:  # checkpoint 0 must be of this study's length
+            epochs = read_json(args.ship[:-3] + ".json", "ship its .json beside it")["epochs"]
+            if epochs != args.pretrain_epochs:
+                raise SystemExit(
+                    f"converged.py: --ship {args.ship} is a {epochs}-epoch checkpoint, not "
+                    f"{args.pretrain_epochs}; give --ship \"\" to keep checkpoint 0 in --state")
         self.rows = read_json(self.rows_path, "delete it to run every sample again") \
             if os.path.exists(self.rows_path) else {"rows": []}
 
@@ -255,19 +261,19 @@ class Bench:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", default=os.path.join(ROOT, "bench_runs", "converged_fashion_mnist"))
-    p.add_argument("--state", default=os.path.join(ROOT, "bench", "state", "converged_fashion_mnist"),
+    p.add_argument("--output-dir", default=os.path.join(ROOT, "bench_runs", "converged240_fashion_mnist"))
+    p.add_argument("--state", default=os.path.join(ROOT, "bench", "state", "converged240_fashion_mnist"),
                    help="what a later session needs (commit it): checkpoints, tuned settings, rows")
     p.add_argument("--ship", default=os.path.join(ROOT, "models", "weights", "bnn_small_fashion_mnist.h5"),
-                   help="checkpoint 0: the one train.py fine-tunes by default")
+                   help='checkpoint 0: the one train.py fine-tunes by default ("": in --state)')
     p.add_argument("--docs", default=os.path.join(ROOT, "docs"))
-    p.add_argument("--pretrain-epochs", type=int, default=60)
+    p.add_argument("--pretrain-epochs", type=int, default=240)
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--steps-per-epoch", type=int, default=390, help="tune.py's trials: full epochs")
     p.add_argument("--trials", type=int, default=16)
     p.add_argument("--lr-range", nargs=2, default=["1e-5", "3e-3"])
-    p.add_argument("--checkpoints", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    p.add_argument("--checkpoints", nargs="+", type=int, default=[0])
+    p.add_argument("--seeds", nargs="+", type=int, default=list(range(12)))
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     bench = Bench(args)

@@ -67,6 +67,19 @@ def test_tuned_settings_belong_to_their_model_and_the_run_says_so():
     assert "the paper's" in note and "bnn_small, not resnet20" in note
 
 
+def test_the_protocol_fine_tunes_with_what_the_benchmark_tuned_from_its_checkpoint():
+    """The protocol's tuned settings are the 240-epoch benchmark's best_hparams.json files
+    (so `python train.py` is that benchmark's checkpoint 0 / seed 0 sample)."""
+    protocol = get_protocol("fashion_mnist")
+    state = os.path.join(ROOT, "bench", "state", "converged240_fashion_mnist")
+    for arm in ("sign", "bop", "lns"):
+        with open(os.path.join(state, f"tuned_{arm}.json")) as f:
+            searched = json.load(f)
+        assert {k: protocol.tuned[arm][k] for k in searched} == searched
+    # What the lns search did not search is the protocol's own: the linear mapper.
+    assert protocol.tuned["lns"].keys() - searched.keys() == {"mapper"}
+
+
 def _tiny_bop_model():
     tf.keras.utils.set_random_seed(0)
     inputs = tf.keras.Input((4,))
