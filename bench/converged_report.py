@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.common import mean_cell  # noqa: E402
 from harness.rundir import write_json  # noqa: E402
 
 TITLES = {
@@ -111,17 +112,11 @@ def row_table(rows, names, epochs: int) -> str:
         if not results:
             continue
         test = 100 * np.array([r["test_accuracy"] for r in results])
-        val = 100 * np.mean([r["val_accuracy"] for r in results])
-
-        def mean(field):
-            values = [r[field] for r in results if r.get(field) is not None]
-            return f"{100 * np.mean(values):.2f}" if values else "-"
-
         spread = f" +- {test.std(ddof=1):.2f}" if len(test) > 1 else ""
-        title = TITLES[name].format(epochs=epochs)
-        lines.append(f"| {title} | {len(test)} | {test.mean():.2f}{spread} "
-                     f"({test.min():.2f} - {test.max():.2f}) | {val:.2f} | {mean('flip_rate')} "
-                     f"| {mean('saturation')} |")
+        lines.append(f"| {TITLES[name].format(epochs=epochs)} | {len(test)} | {test.mean():.2f}"
+                     f"{spread} ({test.min():.2f} - {test.max():.2f}) | "
+                     f"{mean_cell(results, 'val_accuracy')} | {mean_cell(results, 'flip_rate')} "
+                     f"| {mean_cell(results, 'saturation')} |")
     return "\n".join(lines)
 
 
@@ -178,11 +173,10 @@ def plot_pretraining(curves: dict, path: str) -> None:
 def plot_finetuning(curves: dict, path: str, long: str) -> None:
     """`{label: [val acc by epoch, epoch 0 = the checkpoint]}`."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (label, values) in enumerate(sorted(curves.items())):
-        arm = label.split(",")[0]
-        style = "--" if long in label else "-"
-        ax.plot(range(len(values)), 100 * np.array(values), style, marker="o",
-                color=f"C{sorted({l.split(',')[0] for l in curves}).index(arm)}", label=label)
+    arms = sorted({label.split(",")[0] for label in curves})
+    for label, values in sorted(curves.items()):
+        ax.plot(range(len(values)), 100 * np.array(values), "--" if long in label else "-",
+                marker="o", color=f"C{arms.index(label.split(',')[0])}", label=label)
     ax.set_xlabel("fine-tuning epoch (0: the converged checkpoint; cosine decay to 0)")
     ax.set_ylabel("validation accuracy %")
     ax.grid(alpha=0.3)
