@@ -45,9 +45,7 @@ from harness.rundir import machine, read_json, write_json  # noqa: E402
 #: Declared before any sample ran: a paired difference whose 95% CI lies inside
 #: +-0.25 points is "equivalent"; the test accuracy of one seed moves by about that much.
 EQUIVALENCE_MARGIN = 0.25
-#: Pretraining of E epochs is converged if its final validation accuracy is within this
-#: many points of the best of the same run for 2E epochs (docs/METHOD.md 6.3).
-CONVERGENCE_MARGIN = 0.2
+CONVERGENCE_MARGIN = 0.2  # points of validation accuracy (docs/METHOD.md 6.3)
 SAMPLE_ARMS = ("sign", "bop", "mapped", "lns", "lns_rho0")
 COMPARISONS = [("lns", "sign"), ("lns", "bop"), ("bop", "sign"), ("lns", "mapped"),
                ("lns", "lns_rho0"), ("paper", "sign"), ("sign", "baseline"),

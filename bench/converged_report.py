@@ -1,6 +1,5 @@
-"""The report of bench/converged.py: tables, paired differences with 95% confidence
-intervals and one verdict each, the variance split, and plots (docs/RESULTS.md
-section 1 is written from its output)."""
+"""The report of bench/converged.py (docs/RESULTS.md section 0): tables, paired
+differences with 95% confidence intervals and one verdict each, the variance split, plots."""
 
 from __future__ import annotations
 
@@ -68,14 +67,13 @@ def variance_split(diffs: dict) -> dict | None:
     for (ckpt, _), value in diffs.items():
         groups.setdefault(ckpt, []).append(value)
     sizes = {len(v) for v in groups.values()}
-    if len(groups) < 2 or len(sizes) != 1 or sizes.pop() < 2:
+    if len(groups) < 2 or len(sizes) != 1 or min(sizes) < 2:
         return None
-    k, n = len(groups), len(next(iter(groups.values())))
+    n = sizes.pop()
     means = np.array([np.mean(v) for v in groups.values()])
     within = float(np.mean([np.var(v, ddof=1) for v in groups.values()]))
-    between_ms = n * float(np.var(means, ddof=1))
-    between = max(0.0, (between_ms - within) / n)
-    return {"checkpoints": k, "seeds": n, "within_checkpoint_var": within,
+    between = max(0.0, (n * float(np.var(means, ddof=1)) - within) / n)  # from the mean square
+    return {"checkpoints": len(groups), "seeds": n, "within_checkpoint_var": within,
             "between_checkpoint_var": between}
 
 
