@@ -48,7 +48,6 @@ from larq_noisy import quantizers  # noqa: E402
 from larq_noisy.mappers import MAPPERS  # noqa: E402
 
 PAPER = {k: quantizers.PAPER[k] for k in ("alpha", "rho_pos", "rho_neg")}  # the ablations'
-BASELINE = "baseline (pretrained, sign)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +182,7 @@ def collect(runs) -> dict[str, dict[int, dict]]:
 
 
 def title(name: str) -> str:
-    return BASELINE if name == "baseline" else f"{ROWS[name].title} (`{name}`)"
+    return "baseline (pretrained, sign)" if name == "baseline" else f"{ROWS[name].title} (`{name}`)"
 
 
 def table(rows, names) -> str:

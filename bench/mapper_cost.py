@@ -167,8 +167,9 @@ def _measure_in_subprocess(kind: str, shape_name: str, args) -> dict:
     return last_json_line(out)
 
 
-def step_ratios(shape_name: str, args, progress: dict, save) -> dict:
-    """Part 1 for one shape set: each kind's `measure_pair`, unless `progress` holds it."""
+def step_ratios(shape_name: str, args, progress: dict, partial: str | None) -> dict:
+    """Part 1 for one shape set: each kind's `measure_pair`, unless `progress` (kept in
+    the file `partial`) holds it."""
     shape = _shape(shape_name, args)
     print(f"\nTraining step, {shape['model']} at {shape['image_size']}x{shape['image_size']}x3, "
           f"{shape['classes']} classes, batch {shape['batch_size']} (Adam; one process per kind, "
@@ -182,7 +183,8 @@ def step_ratios(shape_name: str, args, progress: dict, save) -> dict:
                f"/aux_to_latent{args.aux_to_latent}")
         if key not in progress:
             progress[key] = _measure_in_subprocess(kind, shape_name, args)
-            save()
+            if partial:
+                write_json(partial, progress)
         r = results[kind] = progress[key]
         print(f"{kind:<11}{r['ms_per_step']:>10.1f}{r['sign_ms_per_step']:>9.1f}"
               f"{r['ratio_to_sign']:>8.2f}{r['cpu_ratio_to_sign']:>11.2f}{r['params']:>13,}"
@@ -221,14 +223,11 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="default: the shape set's")
     p.add_argument("--steps", type=int, help="timed rounds (default: the shape set's)")
     p.add_argument("--jit", action="store_true")
-    p.add_argument("--aux-to-latent", action=argparse.BooleanOptionalAction,
-                   default=AUX_TO_LATENT,
+    p.add_argument("--aux-to-latent", action=argparse.BooleanOptionalAction, default=AUX_TO_LATENT,
                    help="the mapped kinds' aux_to_latent: the auxiliary loss from the forward "
                    "output's mapper pass (the paper's) or, with --no-aux-to-latent, from a "
-                   "second pass on stop_gradient(W) (default: the quantizer's, "
-                   "%(default)s)")
-    p.add_argument("--json", help="write the figures to this file (and resume from "
-                   "<json>.partial)")
+                   "second pass on stop_gradient(W) (default: the quantizer's, %(default)s)")
+    p.add_argument("--json", help="write the figures to this file (and resume from <json>.partial)")
     p.add_argument("--one", choices=KINDS, help=argparse.SUPPRESS)  # a single measurement
     args = p.parse_args(argv)
     if args.one:
@@ -240,15 +239,10 @@ def main(argv=None):
     if partial and os.path.exists(partial):
         progress = read_json(partial, "delete it (its measurements are then redone)")
         print(f"Resuming: {len(progress)} measurements from {partial}")
-
-    def save():
-        if partial:
-            write_json(partial, progress)
-
     report = {"machine": machine(), "aux_to_latent": args.aux_to_latent, "steps": {}}
     print(report["machine"], f"aux_to_latent={args.aux_to_latent}")
     for shape_name in args.shapes:
-        report["steps"][shape_name] = step_ratios(shape_name, args, progress, save)
+        report["steps"][shape_name] = step_ratios(shape_name, args, progress, partial)
     report["resnet18_imagenet"] = imagenet_counts(args.kinds, args.aux_to_latent)
     if args.json:
         write_json(args.json, report)
