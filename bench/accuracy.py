@@ -1,15 +1,14 @@
 """Accuracy on real data, offline: every fine-tuning arm, each with its own tuned settings,
 over seeds paired on one pretrained checkpoint per seed (docs/RESULTS.md section 1).
 
-Per seed, the sign BNN is pretrained once (`seed<N>/pretrain`, train.py's phase 1), then
-each row fine-tunes one arm from that checkpoint (`seed<N>/<row>`, a train.py run):
-`sign`, `bop` and `lns` with tune.py's settings for them; `mapped` and `lns_rho0`, lns'
-with alpha = 0 and rho = 0; `lns_clip-<hardtanh|none>_aux-<latent|mapper>`, lns with the
-quantizer's `clip` and `aux_to_latent` set (aux-latent: the auxiliary loss trains W,
-aux-mapper: only the mapper), the tuned lns' own combination not run twice; and with
---studies, the ablations over the tuned lns (`ABLATIONS`). Each arm takes its settings
-as train.py does: `--hparams ARM=FILE`, else the dataset protocol's tuned settings; on
-Fashion-MNIST, the short-pretraining study's (`SHORT_PRETRAINING`, `SHORT_PRETRAINING_TUNED`).
+Per seed, the sign BNN is pretrained once (`seed<N>/pretrain`), then each row of `ROWS`
+fine-tunes one arm from it (`seed<N>/<row>`), each a train.py run: the tuned arms, lns'
+settings with alpha = 0 (`mapped`) or rho = 0 (`lns_rho0`), lns with each `clip` and
+`aux_to_latent` (aux-latent: the auxiliary loss trains W; aux-mapper: only the mapper;
+the tuned lns' own combination is not run twice) and, with --studies, the `ABLATIONS`.
+Each arm takes `--hparams ARM=FILE` as train.py does, else the dataset protocol's tuned
+settings; on Fashion-MNIST, the short-pretraining study's schedule and settings
+(`SHORT_PRETRAINING`, `SHORT_PRETRAINING_TUNED`).
 
     .venv/bin/python bench/accuracy.py --hparams sign=tune_runs/fashion_mnist/sign/best_hparams.json \
         bop=tune_runs/fashion_mnist/bop/best_hparams.json lns=tune_runs/fashion_mnist/lns/best_hparams.json
@@ -17,9 +16,9 @@ Fashion-MNIST, the short-pretraining study's (`SHORT_PRETRAINING`, `SHORT_PRETRA
     .venv/bin/python bench/accuracy.py --dataset cifar10 --data-dir /data/tfds \
         --strategy mirrored --mixed-precision       # the paper's table, GPUs
 
-The same command resumes an interrupted benchmark (finished runs are skipped, an
-interrupted one continues from its last backup); `<output-dir>/wall.json` keeps the time
-over every session. `--report-only` redoes the tables and plots from what is there.
+The same command resumes (finished runs are skipped, an interrupted one continues from its
+last backup); `<output-dir>/wall.json` keeps the time of every session. `--report-only`
+redoes the tables and plots from what is there.
 """
 
 from __future__ import annotations
@@ -56,11 +55,6 @@ class Row:
 
     arm: str
     options: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def title(self) -> str:
-        extra = ", ".join(f"{k} {v}" for k, v in self.options.items())
-        return ARMS[self.arm].title + (f", {extra}" if extra else "")
 
 
 MAIN_ROWS = {arm: Row(arm) for arm in ("sign", "bop", "mapped", "lns_rho0", "lns")}
@@ -182,7 +176,11 @@ def collect(runs) -> dict[str, dict[int, dict]]:
 
 
 def title(name: str) -> str:
-    return "baseline (pretrained, sign)" if name == "baseline" else f"{ROWS[name].title} (`{name}`)"
+    if name == "baseline":
+        return "baseline (pretrained, sign)"
+    row = ROWS[name]
+    options = "".join(f", {k} {v}" for k, v in row.options.items())
+    return f"{ARMS[row.arm].title}{options} (`{name}`)"
 
 
 def table(rows, names) -> str:

@@ -40,7 +40,6 @@ from larq_noisy.mappers import MAPPERS  # noqa: E402
 from larq_noisy.quantizers import DEFAULTS  # noqa: E402
 
 KINDS = ("sign", *MAPPERS)  # "sign": the kernels as the model builds them
-#: model, input size, classes, batch, timed rounds, warm-up steps
 SHAPES = {
     "cifar": dict(model="resnet20", image_size=32, classes=10, batch_size=128, steps=20, warmup=5),
     "imagenet": dict(model="birealnet18", image_size=224, classes=1000, batch_size=8, steps=4,
