@@ -244,13 +244,9 @@ def wall_time(args, session_start: float | None = None) -> dict:
     path = os.path.join(args.output_dir, "wall.json")
     wall = read_json(path, "delete it (only the time of past sessions is lost)") if (
         os.path.exists(path)) else {"sessions": []}
-    if session_start is not None:
-        sessions = wall["sessions"]
-        entry = {"start": session_start, "seconds": time.time() - session_start}
-        if sessions and sessions[-1]["start"] == session_start:
-            sessions[-1] = entry
-        else:
-            sessions.append(entry)
+    if session_start is not None:  # this session's entry, replaced
+        wall["sessions"] = [s for s in wall["sessions"] if s["start"] != session_start]
+        wall["sessions"].append({"start": session_start, "seconds": time.time() - session_start})
         os.makedirs(args.output_dir, exist_ok=True)
         write_json(path, wall)
     wall["total_seconds"] = sum(s["seconds"] for s in wall["sessions"])

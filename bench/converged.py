@@ -11,10 +11,11 @@ Stages, each a train.py or tune.py run under `--output-dir` that the same comman
 2. **Tuning** (`tune/<arm>`): `tune.py --arm sign|bop|lns` from checkpoint 0, the same
    random search for each arm, scored on the validation split.
 3. **Samples** (`samples/ckpt<S>_seed<T>`, the first checkpoint's first: `python
-   train.py` is its seed 0): from checkpoint S with fine-tuning seed T, one train.py run
-   of `SAMPLE_ARMS` with their tuned settings (every arm reads the same batches from the
-   same weights: a paired sample), and lns with `--preset paper` (`.../paper`). After the
-   first sample, the tuned arms for twice as many epochs: is fine-tuning long enough?
+   train.py` is its seed 0): from checkpoint S with fine-tuning seed T (batch order,
+   mapper initialisation), one train.py run of `SAMPLE_ARMS` with their tuned settings
+   (every arm reads the same batches from the same weights: a paired sample), and lns
+   with `--preset paper` (`.../paper`). After the first sample, the tuned arms for twice
+   as many epochs (`samples/ckpt0_seed0_<2F>ep`): is fine-tuning long enough?
 4. **Report** (converged_report.py): tables, paired differences, one verdict each against
    `EQUIVALENCE_MARGIN` (declared before running), the variance split, plots, in `--docs`.
 

@@ -19,7 +19,8 @@ which the times include and the counts report apart (`mapper_passes`).
     .venv/bin/python bench/mapper_cost.py --aux-to-latent --json ...          # the paper's aux loss
 
 Each finished (shape set, kind) measurement is kept in `<json>.partial` and skipped when
-the same command runs again; the final `<json>` is written once everything is measured.
+the same command (batch, steps, --jit, --aux-to-latent) runs again; the final `<json>` is
+written once everything is measured.
 """
 
 from __future__ import annotations
