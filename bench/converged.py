@@ -114,8 +114,7 @@ class Bench:
         history = read_history(os.path.join(run, "pretrain", "history.csv"))
         curve = [float(r["val_accuracy"]) for r in history]
         baseline = read_json(os.path.join(run, "results.json"), "")["baseline"]
-        curves = self.rows.setdefault("pretraining", {})
-        curves[f"seed{seed}_{epochs}ep"] = {
+        self.rows.setdefault("pretraining", {})[f"seed{seed}_{epochs}ep"] = {
             "seed": seed, "epochs": epochs, "val_accuracy_by_epoch": curve,
             "val_accuracy": baseline["val_accuracy"], "test_accuracy": baseline["test_accuracy"],
             "machine": machine()}
@@ -132,13 +131,13 @@ class Bench:
                 self.keep_curve(int(seed[4:]), int(epochs[:-2]), run)
 
     def record_checkpoint(self, seed, epochs, run, kept) -> None:
-        info = {"seed": seed, "epochs": epochs, "file": os.path.relpath(kept, ROOT),
-                "sha256": sha256(kept), "machine": machine(),
-                "command": f".venv/bin/python train.py --pretrain-epochs {epochs} --arms "
-                           f"--seed {seed} --output-dir {os.path.relpath(run, ROOT)}",
-                **{k: read_json(os.path.join(run, "results.json"), "")["baseline"][k]
-                   for k in ("val_accuracy", "test_accuracy")}}
-        write_json(kept[:-3] + ".json", info)
+        baseline = read_json(os.path.join(run, "results.json"), "")["baseline"]
+        write_json(kept[:-3] + ".json", {
+            "seed": seed, "epochs": epochs, "file": os.path.relpath(kept, ROOT),
+            "sha256": sha256(kept), "machine": machine(),
+            "command": f".venv/bin/python train.py --pretrain-epochs {epochs} --arms "
+                       f"--seed {seed} --output-dir {os.path.relpath(run, ROOT)}",
+            **{k: baseline[k] for k in ("val_accuracy", "test_accuracy")}})
 
     # 2. Tuning ------------------------------------------------------------------
 
