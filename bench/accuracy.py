@@ -244,7 +244,7 @@ def wall_time(args, session_start: float | None = None) -> dict:
     path = os.path.join(args.output_dir, "wall.json")
     wall = read_json(path, "delete it (only the time of past sessions is lost)") if (
         os.path.exists(path)) else {"sessions": []}
-    if session_start is not None:  # this session's entry, replaced
+    if session_start is not None:
         wall["sessions"] = [s for s in wall["sessions"] if s["start"] != session_start]
         wall["sessions"].append({"start": session_start, "seconds": time.time() - session_start})
         os.makedirs(args.output_dir, exist_ok=True)

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from bench.common import mean_cell  # noqa: E402
 from harness.rundir import write_json  # noqa: E402
 
-TITLES = {
+TITLES = {  # the rows of the table, in its order
     "baseline": "baseline ({epochs}-epoch checkpoint, sign)",
     "sign": "fine-tuning with sign weights (`sign`)",
     "bop": "fine-tuning with Bop (`bop`)",
@@ -211,7 +211,6 @@ def report(state: dict, args) -> dict:
     comparisons = [c for a, b in COMPARISONS
                    if (c := paired(rows, a, b, EQUIVALENCE_MARGIN)) is not None]
     check = convergence(state.get("pretraining", {}), args.pretrain_epochs, CONVERGENCE_MARGIN)
-    names = ["baseline", "sign", "bop", "mapped", "lns_rho0", "lns", "paper"]
     analysis = {"equivalence_margin": EQUIVALENCE_MARGIN, "convergence": check,
                 "comparisons": comparisons,
                 "machines": sorted({r["machine"]["cpu"] + " " + str(r["machine"]["vector"])
@@ -223,7 +222,7 @@ def report(state: dict, args) -> dict:
     write_json(os.path.join(data, f"{stem}.json"), {**state, "analysis": analysis})
     text = [f"# From a {args.pretrain_epochs}-epoch checkpoint: every arm, paired samples "
             f"(bench/converged.py)", "",
-            row_table(rows, names, args.pretrain_epochs), "", comparison_table(comparisons), "",
+            row_table(rows, TITLES, args.pretrain_epochs), "", comparison_table(comparisons), "",
             split_table(comparisons), ""]
     if check:
         text.append(f"Convergence: {check['epochs']} epochs end at {check['final_val']:.2f}% "
