@@ -1,25 +1,14 @@
 """Accuracy on real data, offline: every fine-tuning arm, each with its own tuned settings,
 over seeds paired on one pretrained checkpoint per seed (docs/RESULTS.md section 1).
 
-Per seed, pretrain the sign BNN once (train.py's phase 1, `seed<N>/pretrain`), then
-fine-tune every row from that checkpoint (`seed<N>/<row>`, a train.py run of one arm):
-
-    sign       sign fine-tuning, with tune.py --arm sign's learning rate
-    bop        larq's Bop, with tune.py --arm bop's threshold, gamma and learning rate
-    mapped     lns' tuned settings with alpha = 0 (the mapper without noisy supervision)
-    lns_rho0   lns' tuned settings with rho = 0 (noisy labels, no correction)
-    lns        tune.py --arm lns' alpha, rho, clip, aux_to_latent and learning rate
-    lns_clip-<hardtanh|none>_aux-<latent|mapper>
-               lns with the quantizer's `clip` and `aux_to_latent` set (aux-latent: the
-               auxiliary loss trains W, aux-mapper: only the mapper); the combination the
-               tuned lns already has is not run twice
-    paper, mean, warmup, cnn, mlp, linear, separable   (only with --studies) ablations
-               over the tuned lns
-
-Each arm takes its settings as train.py does: `--hparams ARM=FILE` (tune.py's
-best_hparams.json) for that arm, else the dataset protocol's tuned settings; on
-Fashion-MNIST, the short-pretraining study's schedule and settings (`SHORT_PRETRAINING`,
-`SHORT_PRETRAINING_TUNED`, tuned by the tune.py commands of docs/RESULTS.md section 1).
+Per seed, the sign BNN is pretrained once (`seed<N>/pretrain`), then each row of `ROWS`
+fine-tunes one arm from it (`seed<N>/<row>`), each a train.py run: the tuned arms, lns'
+settings with alpha = 0 (`mapped`) or rho = 0 (`lns_rho0`), lns with each `clip` and
+`aux_to_latent` (aux-latent: the auxiliary loss trains W; aux-mapper: only the mapper;
+the tuned lns' own combination is not run twice) and, with --studies, the `ABLATIONS`.
+Each arm takes `--hparams ARM=FILE` as train.py does, else the dataset protocol's tuned
+settings; on Fashion-MNIST, the short-pretraining study's schedule and settings
+(`SHORT_PRETRAINING`, `SHORT_PRETRAINING_TUNED`).
 
     .venv/bin/python bench/accuracy.py --hparams sign=tune_runs/fashion_mnist/sign/best_hparams.json \
         bop=tune_runs/fashion_mnist/bop/best_hparams.json lns=tune_runs/fashion_mnist/lns/best_hparams.json
@@ -27,10 +16,9 @@ Fashion-MNIST, the short-pretraining study's schedule and settings (`SHORT_PRETR
     .venv/bin/python bench/accuracy.py --dataset cifar10 --data-dir /data/tfds \
         --strategy mirrored --mixed-precision       # the paper's table, GPUs
 
-Each run is a train.py output directory, so an interrupted benchmark resumes where it
-stopped with the same command (finished runs are skipped, an interrupted one continues
-from its last backup); the total time over every session is kept in
-`<output-dir>/wall.json`. `--report-only` redoes the tables and plots from what is there.
+The same command resumes (finished runs are skipped, an interrupted one continues from its
+last backup); `<output-dir>/wall.json` keeps the time of every session. `--report-only`
+redoes the tables and plots from what is there.
 """
 
 from __future__ import annotations
@@ -42,7 +30,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench.common  # noqa: E402, F401  (before TensorFlow)
+from bench.common import mean_cell  # noqa: E402  (before TensorFlow)
 
 import matplotlib  # noqa: E402
 
@@ -59,21 +47,14 @@ from larq_noisy import quantizers  # noqa: E402
 from larq_noisy.mappers import MAPPERS  # noqa: E402
 
 PAPER = {k: quantizers.PAPER[k] for k in ("alpha", "rho_pos", "rho_neg")}  # the ablations'
-BASELINE = "baseline (pretrained, sign)"
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One row of the tables: `arm` fine-tuned with its tuned settings (its
-    `Arm.tuned_as`'s), then `options` (`TrainConfig` fields) over them."""
+    """`arm` fine-tuned with its tuned settings, `options` (`TrainConfig` fields) over them."""
 
     arm: str
     options: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def title(self) -> str:
-        extra = ", ".join(f"{k} {v}" for k, v in self.options.items())
-        return ARMS[self.arm].title + (f", {extra}" if extra else "")
 
 
 MAIN_ROWS = {arm: Row(arm) for arm in ("sign", "bop", "mapped", "lns_rho0", "lns")}
@@ -110,8 +91,7 @@ SHORT_PRETRAINING_TUNED = {
 
 def configs(args, common: dict, tuned: dict[str, dict]) -> dict[tuple[int, str], training.TrainConfig]:
     """`{(seed, row): TrainConfig}` in the order to run them (row "pretrain": the seed's
-    checkpoint, train.py's phase 1 alone), with `read_hparams`' settings for
-    every arm (`common`) and per arm (`tuned`)."""
+    checkpoint), with `read_hparams`' settings for every arm (`common`) and per arm (`tuned`)."""
     def row_config(pretrain, name):
         row = ROWS[name]
         settings = {**common, **row.options}
@@ -142,14 +122,12 @@ def configs(args, common: dict, tuned: dict[str, dict]) -> dict[tuple[int, str],
 
 
 def _resolved(config: training.TrainConfig) -> training.TrainConfig:
-    """`config.resolved()` before any run: a row's checkpoint is made by its seed's
-    pretraining, so it is not checked here."""
+    """`config.resolved()`, its checkpoint unchecked (its seed's pretraining makes it)."""
     return dataclasses.replace(config, pretrained=None).resolved()
 
 
 def effective(config: training.TrainConfig) -> dict:
-    """What distinguishes a row: its learning rate, Bop's or the quantizer's settings
-    (its default included, whoever set it)."""
+    """A row's learning rate, Bop's or the quantizer's settings (defaults included)."""
     from larq_noisy import NoisyMappedQuantizer
 
     arm, c = config.arms[0], _resolved(config)
@@ -172,7 +150,7 @@ def _repeats(lns: training.TrainConfig, config: training.TrainConfig) -> bool:
 
 def _finished(config: training.TrainConfig) -> bool:
     """Whether the run of `config` finished in an earlier session (with these settings,
-    else `ValueError`): train.py would only say so, after loading the data."""
+    else `ValueError`): train.py would say so only after loading the data."""
     run_dir = RunDir(config.output_dir)
     phase = run_dir.arm(config.arms[0]) if config.arms else run_dir.pretrain
     if run_dir.read_result(phase) is None or not os.path.exists(run_dir.path("results.json")):
@@ -198,42 +176,40 @@ def collect(runs) -> dict[str, dict[int, dict]]:
 
 
 def title(name: str) -> str:
-    return BASELINE if name == "baseline" else f"{ROWS[name].title} (`{name}`)"
+    if name == "baseline":
+        return "baseline (pretrained, sign)"
+    row = ROWS[name]
+    options = "".join(f", {k} {v}" for k, v in row.options.items())
+    return f"{ARMS[row.arm].title}{options} (`{name}`)"
 
 
-def table(rows, names, key="test_accuracy") -> str:
-    """A markdown table of `names`' rows: test accuracy best (mean +- std), the means of
-    the rest."""
+def table(rows, names) -> str:
+    """A markdown table of `names`' rows: test accuracy best (mean +- std), means of the rest."""
     lines = ["| arm | seeds | test acc %: best (mean +- std) | val acc % (mean) "
              "| flipped since pretraining % (mean) | saturated % (mean) | fine-tuning s (mean) |",
              "|---|---|---|---|---|---|---|"]
-
-    def mean(results, field, scale=1.0, digits=0):
-        values = [r[field] for r in results if r.get(field) is not None]
-        return f"{scale * np.mean(values):.{digits}f}" if values else "-"
-
     for name in (n for n in names if n in rows):
         results = list(rows[name].values())
-        v = 100 * np.asarray([r[key] for r in results])
+        v = 100 * np.asarray([r["test_accuracy"] for r in results])
         spread = f" +- {v.std(ddof=1):.2f}" if len(v) > 1 else ""
         lines.append(
             f"| {title(name)} | {len(results)} | {v.max():.2f} ({v.mean():.2f}{spread}) | "
-            f"{mean(results, 'val_accuracy', 100, 2)} | {mean(results, 'flip_rate', 100, 2)} | "
-            f"{mean(results, 'saturation', 100, 2)} | {mean(results, 'wall_seconds')} |"
+            f"{mean_cell(results, 'val_accuracy')} | {mean_cell(results, 'flip_rate')} | "
+            f"{mean_cell(results, 'saturation')} | {mean_cell(results, 'wall_seconds', 1, 0)} |"
         )
     return "\n".join(lines)
 
 
-def paired(rows, a, b, key="test_accuracy") -> dict | None:
+def paired(rows, a, b) -> dict | None:
     """`a - b` per seed (same pretrained checkpoint), with a paired t-test."""
     seeds = sorted(set(rows.get(a, {})) & set(rows.get(b, {})))
     if len(seeds) < 2:
         return None
     from scipy import stats
 
-    diff = 100 * np.array([rows[a][s][key] - rows[b][s][key] for s in seeds])
-    test = stats.ttest_rel([rows[a][s][key] for s in seeds], [rows[b][s][key] for s in seeds])
-    p_value = float(test.pvalue)  # NaN when the two rows are the same on every seed
+    values = {n: np.array([rows[n][s]["test_accuracy"] for s in seeds]) for n in (a, b)}
+    diff = 100 * (values[a] - values[b])
+    p_value = float(stats.ttest_rel(values[a], values[b]).pvalue)  # NaN if equal on every seed
     return {"a": a, "b": b, "seeds": seeds, "diff": diff.round(3).tolist(),
             "mean": float(diff.mean()), "std": float(diff.std(ddof=1)),
             "wins": int((diff > 0).sum()), "p_value": p_value if np.isfinite(p_value) else None}
@@ -269,12 +245,8 @@ def wall_time(args, session_start: float | None = None) -> dict:
     wall = read_json(path, "delete it (only the time of past sessions is lost)") if (
         os.path.exists(path)) else {"sessions": []}
     if session_start is not None:
-        sessions = wall["sessions"]
-        entry = {"start": session_start, "seconds": time.time() - session_start}
-        if sessions and sessions[-1]["start"] == session_start:
-            sessions[-1] = entry
-        else:
-            sessions.append(entry)
+        wall["sessions"] = [s for s in wall["sessions"] if s["start"] != session_start]
+        wall["sessions"].append({"start": session_start, "seconds": time.time() - session_start})
         os.makedirs(args.output_dir, exist_ok=True)
         write_json(path, wall)
     wall["total_seconds"] = sum(s["seconds"] for s in wall["sessions"])
@@ -284,13 +256,10 @@ def wall_time(args, session_start: float | None = None) -> dict:
 def report(runs, args, tuned: dict) -> dict:
     """`summary.json`, `summary.md` (printed too) and the plots of what has finished."""
     rows = collect(runs)
-    studies = [n for n in ROWS if any(name == n for _, name in runs)]
+    settings = {name: effective(config) for (_, name), config in runs.items() if name != "pretrain"}
+    studies = [n for n in ROWS if n in settings]
     main_rows = ["baseline", *[n for n in studies if n in MAIN_ROWS]]
     variants = ["lns", *[n for n in studies if n not in MAIN_ROWS]]
-    settings = {}
-    for (_, name), config in runs.items():
-        if name != "pretrain" and name not in settings:
-            settings[name] = effective(config)
     wall = wall_time(args)
     epochs = _resolved(next(c for (_, name), c in runs.items() if name != "pretrain")).finetune_epochs
     comparisons = [c for c in (paired(rows, a, b) for a, b in COMPARISONS) if c]

@@ -1,6 +1,5 @@
-"""What the benchmark scripts share: the machine, a timed fit, and the JSON line a
-measuring subprocess ends with. Import it before TensorFlow: it quiets
-TensorFlow's C++ log."""
+"""What the benchmark scripts share: the machine, a timed fit, the JSON line a measuring
+subprocess ends with, a table cell. Import it before TensorFlow: it quiets its C++ log."""
 
 from __future__ import annotations
 
@@ -29,3 +28,11 @@ def images_per_second(model, data, batch_size: int, warmup: int, steps: int) -> 
 def last_json_line(stdout: str):
     """The JSON object a measuring subprocess printed last."""
     return json.loads(stdout.strip().splitlines()[-1])
+
+
+def mean_cell(results, field: str, scale: float = 100, digits: int = 2) -> str:
+    """A table cell: the mean of `field` over `results` (dicts), "-" if none has it."""
+    import numpy as np
+
+    values = [r[field] for r in results if r.get(field) is not None]
+    return f"{scale * np.mean(values):.{digits}f}" if values else "-"

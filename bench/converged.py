@@ -1,38 +1,27 @@
 """Does LNS improve a *converged* BNN? Fashion-MNIST, bnn_small, every arm tuned alike,
 paired samples over several converged checkpoints (docs/RESULTS.md section 0).
 
-Stages, each a train.py or tune.py run under `--output-dir`, each resumed by running the
-same command again (finished runs are skipped, an interrupted one continues from its
-last backup):
+Stages, each a train.py or tune.py run under `--output-dir` that the same command resumes:
 
-1. **Pretraining** (`pretrain/seed<S>_<E>ep`): the sign BNN with the protocol's
-   pretraining (Adam 3e-3, cosine decay) for `--pretrain-epochs` E, once per checkpoint
-   seed S in `--checkpoints`, and once for 2E epochs at seed 0: the convergence check
-   (E is converged if its final validation accuracy is within `CONVERGENCE_MARGIN` of the
-   best of the run twice as long; docs/METHOD.md 6.3). Each checkpoint is copied with its SHA-256 into
-   `--state` (checkpoint 0 is the one train.py ships) and every later stage reads it
-   from there.
+1. **Pretraining** (`pretrain/seed<S>_<E>ep`): the sign BNN for `--pretrain-epochs` E once
+   per checkpoint seed S in `--checkpoints`, and once for 2E epochs at seed 0: E is
+   converged if its final validation accuracy is within `CONVERGENCE_MARGIN` of the best
+   of the run twice as long (docs/METHOD.md 6.3). Each checkpoint is copied with its
+   SHA-256 into `--state` (checkpoint 0 is the one train.py ships).
 2. **Tuning** (`tune/<arm>`): `tune.py --arm sign|bop|lns` from checkpoint 0, the same
-   random search (trials, epochs, learning-rate range) for each arm, scored on the
-   validation split; each best_hparams.json is kept in `--state`.
-3. **Samples** (`samples/ckpt<S>_seed<T>`, checkpoint by checkpoint, the first one's
-   first: `python train.py` is its seed 0): from checkpoint S, fine-tuning seed T (the
-   order of the batches, the mapper's initialisation), one train.py run of the arms
-   sign, bop, mapped, lns, lns_rho0 with their tuned settings, and (`.../paper`) lns
-   with `--preset paper`, the paper's options untuned. Every arm of a sample reads the
-   same batches from the same weights: a paired sample. After the first sample, the
-   tuned arms once more for twice as many epochs (`samples/ckpt0_seed0_<2F>ep`): is
-   the fine-tuning long enough?
-4. **Report**: tables, paired differences (mean, 95% CI, wins, p), one verdict per
-   comparison against the equivalence margin declared before running
-   (`EQUIVALENCE_MARGIN`), the variance split between checkpoints and fine-tuning seeds,
-   and plots, into `--docs`.
+   random search for each arm, scored on the validation split.
+3. **Samples** (`samples/ckpt<S>_seed<T>`, the first checkpoint's first: `python
+   train.py` is its seed 0): from checkpoint S with fine-tuning seed T (batch order,
+   mapper initialisation), one train.py run of `SAMPLE_ARMS` with their tuned settings
+   (every arm reads the same batches from the same weights: a paired sample), and lns
+   with `--preset paper` (`.../paper`). After the first sample, the tuned arms for twice
+   as many epochs (`samples/ckpt0_seed0_<2F>ep`): is fine-tuning long enough?
+4. **Report** (converged_report.py): tables, paired differences, one verdict each against
+   `EQUIVALENCE_MARGIN` (declared before running), the variance split, plots, in `--docs`.
 
-Every finished run's rows are appended to `<state>/rows.json` with the machine they ran
-on, and the checkpoints and tuned settings live in `--state`: commit that folder and a
-fresh work tree resumes where the last one stopped. Rows of one sample must come from
-one machine type (TensorFlow's CPU kernels round differently on AVX2 and AVX-512): the
-report refuses to pair rows from different CPUs.
+Every finished run's rows go to `<state>/rows.json` with their machine: commit `--state`
+and a fresh work tree resumes where the last one stopped. The report refuses to pair rows
+from different CPUs (TensorFlow's kernels round differently on AVX2 and AVX-512).
 
     .venv/bin/python bench/converged.py              # everything, resumable
     .venv/bin/python bench/converged.py --report-only
@@ -57,9 +46,7 @@ from harness.rundir import machine, read_json, write_json  # noqa: E402
 #: Declared before any sample ran: a paired difference whose 95% CI lies inside
 #: +-0.25 points is "equivalent"; the test accuracy of one seed moves by about that much.
 EQUIVALENCE_MARGIN = 0.25
-#: Pretraining of E epochs is converged if its final validation accuracy is within this
-#: many points of the best of the same run for 2E epochs (docs/METHOD.md 6.3).
-CONVERGENCE_MARGIN = 0.2
+CONVERGENCE_MARGIN = 0.2  # points of validation accuracy (docs/METHOD.md 6.3)
 SAMPLE_ARMS = ("sign", "bop", "mapped", "lns", "lns_rho0")
 COMPARISONS = [("lns", "sign"), ("lns", "bop"), ("bop", "sign"), ("lns", "mapped"),
                ("lns", "lns_rho0"), ("paper", "sign"), ("sign", "baseline"),
@@ -110,17 +97,16 @@ class Bench:
         if seed == 0 and self.args.ship:
             kept = self.args.ship
         run = os.path.join(self.out, "pretrain", f"seed{seed}_{epochs}ep")
-        if os.path.exists(kept):
-            if os.path.exists(os.path.join(run, "results.json")):  # its curve, once
-                if f"seed{seed}_{epochs}ep" not in self.rows.get("pretraining", {}):
-                    self.keep_curve(seed, epochs, run)
-            return kept
-        run = self.pretrain(seed, epochs)
-        shutil.copyfile(os.path.join(run, "pretrain", "weights.h5"), kept)
-        self.record_checkpoint(seed, epochs, run, kept)
+        if not os.path.exists(kept):
+            self.pretrain(seed, epochs)
+            shutil.copyfile(os.path.join(run, "pretrain", "weights.h5"), kept)
+            self.record_checkpoint(seed, epochs, run, kept)
+        elif (os.path.exists(os.path.join(run, "results.json"))  # its curve, once
+              and f"seed{seed}_{epochs}ep" not in self.rows.get("pretraining", {})):
+            self.keep_curve(seed, epochs, run)
         return kept
 
-    def pretrain(self, seed: int, epochs: int) -> str:
+    def pretrain(self, seed: int, epochs: int) -> None:
         run = os.path.join(self.out, "pretrain", f"seed{seed}_{epochs}ep")
         if not os.path.exists(os.path.join(run, "results.json")) or not os.path.exists(
                 os.path.join(run, "pretrain", "weights.h5")):
@@ -129,16 +115,12 @@ class Bench:
                               "--output-dir", run, "--verbose", 2],
                  os.path.join(run, "log.txt"))
         self.keep_curve(seed, epochs, run)
-        return run
 
     def keep_curve(self, seed: int, epochs: int, run: str) -> None:
-        import csv
-
-        with open(os.path.join(run, "pretrain", "history.csv")) as f:
-            curve = [float(r["val_accuracy"]) for r in csv.DictReader(f)]
+        history = read_history(os.path.join(run, "pretrain", "history.csv"))
+        curve = [float(r["val_accuracy"]) for r in history]
         baseline = read_json(os.path.join(run, "results.json"), "")["baseline"]
-        curves = self.rows.setdefault("pretraining", {})
-        curves[f"seed{seed}_{epochs}ep"] = {
+        self.rows.setdefault("pretraining", {})[f"seed{seed}_{epochs}ep"] = {
             "seed": seed, "epochs": epochs, "val_accuracy_by_epoch": curve,
             "val_accuracy": baseline["val_accuracy"], "test_accuracy": baseline["test_accuracy"],
             "machine": machine()}
@@ -155,13 +137,13 @@ class Bench:
                 self.keep_curve(int(seed[4:]), int(epochs[:-2]), run)
 
     def record_checkpoint(self, seed, epochs, run, kept) -> None:
-        info = {"seed": seed, "epochs": epochs, "file": os.path.relpath(kept, ROOT),
-                "sha256": sha256(kept), "machine": machine(),
-                "command": f".venv/bin/python train.py --pretrain-epochs {epochs} --arms "
-                           f"--seed {seed} --output-dir {os.path.relpath(run, ROOT)}",
-                **{k: read_json(os.path.join(run, "results.json"), "")["baseline"][k]
-                   for k in ("val_accuracy", "test_accuracy")}}
-        write_json(kept[:-3] + ".json", info)
+        baseline = read_json(os.path.join(run, "results.json"), "")["baseline"]
+        write_json(kept[:-3] + ".json", {
+            "seed": seed, "epochs": epochs, "file": os.path.relpath(kept, ROOT),
+            "sha256": sha256(kept), "machine": machine(),
+            "command": f".venv/bin/python train.py --pretrain-epochs {epochs} --arms "
+                       f"--seed {seed} --output-dir {os.path.relpath(run, ROOT)}",
+            **{k: baseline[k] for k in ("val_accuracy", "test_accuracy")}})
 
     # 2. Tuning ------------------------------------------------------------------
 
@@ -206,16 +188,13 @@ class Bench:
                       read_json(os.path.join(paper, "results.json"), ""), {"lns": "paper"})
 
     def keep(self, ckpt, seed, checkpoint, results, names=None) -> None:
-        rows = self.rows["rows"]
+        """The rows of a sample's results.json not kept yet, its arms renamed by `names`."""
         fingerprint = sha256(checkpoint)
-        if not self.done(ckpt, seed, "baseline"):
-            rows.append({"checkpoint": ckpt, "seed": seed, "row": "baseline",
-                         "sha256": fingerprint, "machine": machine(), **results["baseline"]})
-        for arm, result in results["arms"].items():
-            row = (names or {}).get(arm, arm)
+        named = {(names or {}).get(arm, arm): result for arm, result in results["arms"].items()}
+        for row, result in {"baseline": results["baseline"], **named}.items():
             if not self.done(ckpt, seed, row):
-                rows.append({"checkpoint": ckpt, "seed": seed, "row": row,
-                             "sha256": fingerprint, "machine": machine(), **result})
+                self.rows["rows"].append({"checkpoint": ckpt, "seed": seed, "row": row,
+                                          "sha256": fingerprint, "machine": machine(), **result})
         self.save()
 
     def length_check(self, checkpoint: str, hparams: list[str]) -> None:

@@ -1,6 +1,5 @@
-"""The report of bench/converged.py: tables, paired differences with 95% confidence
-intervals and one verdict each, the variance split, and plots (docs/RESULTS.md
-section 1 is written from its output)."""
+"""The report of bench/converged.py (docs/RESULTS.md section 0): tables, paired
+differences with 95% confidence intervals and one verdict each, the variance split, plots."""
 
 from __future__ import annotations
 
@@ -13,9 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.common import mean_cell  # noqa: E402
 from harness.rundir import write_json  # noqa: E402
 
-TITLES = {
+TITLES = {  # the rows of the table, in its order
     "baseline": "baseline ({epochs}-epoch checkpoint, sign)",
     "sign": "fine-tuning with sign weights (`sign`)",
     "bop": "fine-tuning with Bop (`bop`)",
@@ -67,14 +67,13 @@ def variance_split(diffs: dict) -> dict | None:
     for (ckpt, _), value in diffs.items():
         groups.setdefault(ckpt, []).append(value)
     sizes = {len(v) for v in groups.values()}
-    if len(groups) < 2 or len(sizes) != 1 or sizes.pop() < 2:
+    if len(groups) < 2 or len(sizes) != 1 or min(sizes) < 2:
         return None
-    k, n = len(groups), len(next(iter(groups.values())))
+    n = sizes.pop()
     means = np.array([np.mean(v) for v in groups.values()])
     within = float(np.mean([np.var(v, ddof=1) for v in groups.values()]))
-    between_ms = n * float(np.var(means, ddof=1))
-    between = max(0.0, (between_ms - within) / n)
-    return {"checkpoints": k, "seeds": n, "within_checkpoint_var": within,
+    between = max(0.0, (n * float(np.var(means, ddof=1)) - within) / n)  # from the mean square
+    return {"checkpoints": len(groups), "seeds": n, "within_checkpoint_var": within,
             "between_checkpoint_var": between}
 
 
@@ -111,17 +110,11 @@ def row_table(rows, names, epochs: int) -> str:
         if not results:
             continue
         test = 100 * np.array([r["test_accuracy"] for r in results])
-        val = 100 * np.mean([r["val_accuracy"] for r in results])
-
-        def mean(field):
-            values = [r[field] for r in results if r.get(field) is not None]
-            return f"{100 * np.mean(values):.2f}" if values else "-"
-
         spread = f" +- {test.std(ddof=1):.2f}" if len(test) > 1 else ""
-        title = TITLES[name].format(epochs=epochs)
-        lines.append(f"| {title} | {len(test)} | {test.mean():.2f}{spread} "
-                     f"({test.min():.2f} - {test.max():.2f}) | {val:.2f} | {mean('flip_rate')} "
-                     f"| {mean('saturation')} |")
+        lines.append(f"| {TITLES[name].format(epochs=epochs)} | {len(test)} | {test.mean():.2f}"
+                     f"{spread} ({test.min():.2f} - {test.max():.2f}) | "
+                     f"{mean_cell(results, 'val_accuracy')} | {mean_cell(results, 'flip_rate')} "
+                     f"| {mean_cell(results, 'saturation')} |")
     return "\n".join(lines)
 
 
@@ -178,11 +171,10 @@ def plot_pretraining(curves: dict, path: str) -> None:
 def plot_finetuning(curves: dict, path: str, long: str) -> None:
     """`{label: [val acc by epoch, epoch 0 = the checkpoint]}`."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (label, values) in enumerate(sorted(curves.items())):
-        arm = label.split(",")[0]
-        style = "--" if long in label else "-"
-        ax.plot(range(len(values)), 100 * np.array(values), style, marker="o",
-                color=f"C{sorted({l.split(',')[0] for l in curves}).index(arm)}", label=label)
+    arms = sorted({label.split(",")[0] for label in curves})
+    for label, values in sorted(curves.items()):
+        ax.plot(range(len(values)), 100 * np.array(values), "--" if long in label else "-",
+                marker="o", color=f"C{arms.index(label.split(',')[0])}", label=label)
     ax.set_xlabel("fine-tuning epoch (0: the converged checkpoint; cosine decay to 0)")
     ax.set_ylabel("validation accuracy %")
     ax.grid(alpha=0.3)
@@ -219,7 +211,6 @@ def report(state: dict, args) -> dict:
     comparisons = [c for a, b in COMPARISONS
                    if (c := paired(rows, a, b, EQUIVALENCE_MARGIN)) is not None]
     check = convergence(state.get("pretraining", {}), args.pretrain_epochs, CONVERGENCE_MARGIN)
-    names = ["baseline", "sign", "bop", "mapped", "lns_rho0", "lns", "paper"]
     analysis = {"equivalence_margin": EQUIVALENCE_MARGIN, "convergence": check,
                 "comparisons": comparisons,
                 "machines": sorted({r["machine"]["cpu"] + " " + str(r["machine"]["vector"])
@@ -231,7 +222,7 @@ def report(state: dict, args) -> dict:
     write_json(os.path.join(data, f"{stem}.json"), {**state, "analysis": analysis})
     text = [f"# From a {args.pretrain_epochs}-epoch checkpoint: every arm, paired samples "
             f"(bench/converged.py)", "",
-            row_table(rows, names, args.pretrain_epochs), "", comparison_table(comparisons), "",
+            row_table(rows, TITLES, args.pretrain_epochs), "", comparison_table(comparisons), "",
             split_table(comparisons), ""]
     if check:
         text.append(f"Convergence: {check['epochs']} epochs end at {check['final_val']:.2f}% "

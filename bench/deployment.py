@@ -1,12 +1,11 @@
 """Deployment: binary against float TFLite, size and latency, per model.
 
 Each model is built with LNS mappers (`to_mapped`) and exported with
-`larq_noisy.export.export_model`, which also converts its float twin. Sizes and op
-counts do not depend on the weights, so untrained models stand in; `--run` adds the lns
-arm of a train.py run (`harness.exporting.export_arm`, as train.py --export), verified
-on its test images. Latency: the median of batch-1 inferences through LCE's Python
-interpreter on this machine (on x86, LCE's binary kernels fall back to portable code:
-measure the device itself with `lce_benchmark_model`, see the README).
+`larq_noisy.export.export_model`, which also converts its float twin. Sizes and op counts
+do not depend on the weights, so untrained models stand in; `--run` adds the lns arm of a
+train.py run (as train.py --export), verified on its test images. Latency: the median of
+batch-1 inferences through LCE's Python interpreter here (on x86, LCE's binary kernels
+fall back to portable code: measure the device itself with `lce_benchmark_model`).
 
     .venv/bin/python bench/deployment.py
     .venv/bin/python bench/deployment.py --run bench_runs/accuracy/seed0/lns --threads 1 2
@@ -15,21 +14,20 @@ measure the device itself with `lce_benchmark_model`, see the README).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import bench.common  # noqa: E402, F401  (before TensorFlow)
 
 import tensorflow as tf  # noqa: E402
 
 import models  # noqa: E402
 from harness import datasets  # noqa: E402
 from harness.exporting import export_arm  # noqa: E402
-from harness.rundir import RunDir  # noqa: E402
+from harness.rundir import RunDir, write_json  # noqa: E402
 from larq_noisy import export, to_mapped  # noqa: E402
 
 #: Each model at the shapes of the dataset it is trained on.
@@ -38,9 +36,8 @@ MODELS = {"bnn_small": "fashion_mnist", "resnet20": "cifar10", "birealnet18": "i
 
 def export_untrained(name: str, threads: int, out_dir: str) -> dict:
     spec = datasets.get_spec(MODELS[name])
-    shape, classes = spec.image_shape, spec.num_classes
     tf.keras.utils.set_random_seed(0)
-    model = to_mapped(models.build(name, shape, classes))
+    model = to_mapped(models.build(name, spec.image_shape, spec.num_classes))
     # An untrained model's outputs on random inputs are near ties (1000 classes: ~0.001
     # each), so float rounding flips top-1 classes: report the agreement, don't enforce it.
     return export.export_model(model, os.path.join(out_dir, f"{name}.tflite"), verify_images=16,
@@ -49,8 +46,7 @@ def export_untrained(name: str, threads: int, out_dir: str) -> dict:
 
 
 def row(label: str, threads: int, r: dict) -> str:
-    b = r["benchmark"]
-    agreement = r["agreement"]
+    b, agreement = r["benchmark"], r["agreement"]
     return (f"| {label} | {r['ops'].get(export.BINARY_CONV_OP, 0)}/{r['binarized_convs']} | "
             f"{r['bytes'] / 1024:,.1f} | {r['float_bytes'] / 1024:,.1f} | {r['size_ratio']:.1f}x | "
             f"{threads} | {b['binary']['median_ms']:.2f} | {b['float']['median_ms']:.2f} | "
@@ -92,8 +88,7 @@ def main():
             print(lines[-1], flush=True)
     print("\n".join(lines))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(reports, f, indent=2)
+        write_json(args.json, reports)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,12 @@
 """Is training input-bound? Input-pipeline throughput against model throughput
-(docs/RESULTS.md section 2.2).
-
-1. The training split exactly as train.py reads it (`harness.datasets.load`: decode,
-   augmentation, shuffle, batch, prefetch), iterated alone: images/s it can deliver.
-2. Training-step throughput of the dataset's default model fed from memory (one cached
-   batch), with sign kernels and with each LNS mapper kind: images/s it can consume.
-If (1) is well above (2) the accelerator never waits for data.
+(docs/RESULTS.md section 2.2): the training split as train.py reads it
+(`harness.datasets.load`), iterated alone, against training steps of the dataset's default
+model on one in-memory batch, with sign kernels and each mapper kind. If the first is
+well above the second, the accelerator never waits for data.
 
     .venv/bin/python bench/input_pipeline.py                        # Fashion-MNIST
     .venv/bin/python bench/input_pipeline.py --dataset imagenet2012 --data-dir /data/tfds
-
-Offline only Fashion-MNIST (and MNIST) have real data here; run the ImageNet line on the
-machine that holds the prepared tfds data, where JPEG decoding is what matters.
+        # on the machine holding the prepared data, where JPEG decoding is what matters
 """
 
 from __future__ import annotations
@@ -68,8 +63,6 @@ def main():
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     batch_size = args.batch_size or get_protocol(args.dataset).batch_size
-    datasets.load(args.dataset, "train", batch_size, data_dir=args.data_dir)  # missing data: now
-
     pipeline = pipeline_throughput(args, batch_size)
     kinds = {kind: model_throughput(args, batch_size, None if kind == "sign" else kind)
              for kind in ("sign", *MAPPERS)}

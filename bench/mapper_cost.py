@@ -1,13 +1,11 @@
 """What a mapper costs: training-step time, multiply-adds, parameters and memory per kind
-(docs/RESULTS.md section 2.1: the method and the figures).
-
-For every mapper kind (`larq_noisy.MAPPERS`) and `sign` (the kernels as the model
-builds them):
+(docs/RESULTS.md section 2.1: the method and the figures), for every mapper kind
+(`larq_noisy.MAPPERS`) and `sign` (the kernels as the model builds them):
 
 1. Training-step time as a ratio to the same network with `sign` kernels, per shape set
-   (`SHAPES`): each kind in a fresh process trains alone first (its peak RSS is then its
-   own), then alternates one step with the `sign` model for `--steps` rounds; the ratio
-   is the median over rounds of kind's step / sign's, in wall-clock and CPU time.
+   (`SHAPES`): each kind, in a process of its own, trains alone first (its peak RSS),
+   then alternates one step with the `sign` model for `--steps` rounds; the ratio is the
+   median over rounds, in wall-clock and CPU time.
 2. Multiply-adds of a training step (`TRAINING_PASSES` forward passes) at ResNet-18's
    ImageNet shapes and the paper's batch 256, also as a fraction of the network's.
 3. Mapper parameters at ResNet-18's shapes and their memory with Adam.
@@ -20,9 +18,9 @@ which the times include and the counts report apart (`mapper_passes`).
     .venv/bin/python bench/mapper_cost.py --shapes cifar --kinds sign cnn    # a subset
     .venv/bin/python bench/mapper_cost.py --aux-to-latent --json ...          # the paper's aux loss
 
-Long runs resume: each finished (shape set, kind) measurement is kept in `<json>.partial`
-and skipped when the same command runs again (same batch, steps, --jit and
---aux-to-latent); the final `<json>` is written once everything is measured.
+Each finished (shape set, kind) measurement is kept in `<json>.partial` and skipped when
+the same command (batch, steps, --jit, --aux-to-latent) runs again; the final `<json>` is
+written once everything is measured.
 """
 
 from __future__ import annotations
@@ -43,7 +41,6 @@ from larq_noisy.mappers import MAPPERS  # noqa: E402
 from larq_noisy.quantizers import DEFAULTS  # noqa: E402
 
 KINDS = ("sign", *MAPPERS)  # "sign": the kernels as the model builds them
-#: model, input size, classes, batch, timed rounds, warm-up steps
 SHAPES = {
     "cifar": dict(model="resnet20", image_size=32, classes=10, batch_size=128, steps=20, warmup=5),
     "imagenet": dict(model="birealnet18", image_size=224, classes=1000, batch_size=8, steps=4,
@@ -82,24 +79,23 @@ def resnet18_network_multiply_adds() -> int:
     return network_multiply_adds(models.build("birealnet18", (224, 224, 3), 1000))
 
 
-def resnet18_mapper_cost(kind: str, batch: int = IMAGENET_BATCH, width=None,
-                         aux_to_latent: bool = AUX_TO_LATENT) -> dict:
+def resnet18_mapper_cost(kind: str, aux_to_latent: bool = AUX_TO_LATENT) -> dict:
     """`kind`'s mappers over ResNet-18's 16 binarized layers: parameters and the
-    multiply-adds of a training step, also as a fraction of the network's at `batch`.
-    `train` is one mapper pass's; `train_all_passes` all `mapper_passes` (an upper bound:
-    the auxiliary loss's own pass needs no gradient with respect to W)."""
+    multiply-adds of a training step, also as a fraction of the network's at the paper's
+    batch. `train` is one mapper pass's; `train_all_passes` all `mapper_passes` (an upper
+    bound: the auxiliary loss's own pass needs no gradient with respect to W)."""
     from larq_noisy import NoisyMappedQuantizer
     from larq_noisy.mappers import multiply_adds
 
     params = forward = 0
     passes = 1
     for c_in, c_out, count in RESNET18_CONVS:
-        quantizer = NoisyMappedQuantizer(mapper=kind, width=width, aux_to_latent=aux_to_latent)
+        quantizer = NoisyMappedQuantizer(mapper=kind, aux_to_latent=aux_to_latent)
         quantizer.build((3, 3, c_in, c_out))
         params += count * quantizer.count_params()
         forward += count * multiply_adds(quantizer.mapper, (c_out, 3, 3, c_in))
         passes = 1 if quantizer.aux_to_latent or quantizer.alpha == 0 else 2
-    network = TRAINING_PASSES * batch * resnet18_network_multiply_adds()
+    network = TRAINING_PASSES * IMAGENET_BATCH * resnet18_network_multiply_adds()
     train = TRAINING_PASSES * forward  # once per step, whatever the batch
     return {"params": params, "forward": forward, "train": train, "network_train": network,
             "train_fraction": train / network, "adam_mib": 12 * params / 2**20,
@@ -171,8 +167,9 @@ def _measure_in_subprocess(kind: str, shape_name: str, args) -> dict:
     return last_json_line(out)
 
 
-def step_ratios(shape_name: str, args, progress: dict, save) -> dict:
-    """Part 1 for one shape set: each kind's `measure_pair`, unless `progress` holds it."""
+def step_ratios(shape_name: str, args, progress: dict, partial: str | None) -> dict:
+    """Part 1 for one shape set: each kind's `measure_pair`, unless `progress` (kept in
+    the file `partial`) holds it."""
     shape = _shape(shape_name, args)
     print(f"\nTraining step, {shape['model']} at {shape['image_size']}x{shape['image_size']}x3, "
           f"{shape['classes']} classes, batch {shape['batch_size']} (Adam; one process per kind, "
@@ -186,7 +183,8 @@ def step_ratios(shape_name: str, args, progress: dict, save) -> dict:
                f"/aux_to_latent{args.aux_to_latent}")
         if key not in progress:
             progress[key] = _measure_in_subprocess(kind, shape_name, args)
-            save()
+            if partial:
+                write_json(partial, progress)
         r = results[kind] = progress[key]
         print(f"{kind:<11}{r['ms_per_step']:>10.1f}{r['sign_ms_per_step']:>9.1f}"
               f"{r['ratio_to_sign']:>8.2f}{r['cpu_ratio_to_sign']:>11.2f}{r['params']:>13,}"
@@ -225,14 +223,11 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="default: the shape set's")
     p.add_argument("--steps", type=int, help="timed rounds (default: the shape set's)")
     p.add_argument("--jit", action="store_true")
-    p.add_argument("--aux-to-latent", action=argparse.BooleanOptionalAction,
-                   default=AUX_TO_LATENT,
+    p.add_argument("--aux-to-latent", action=argparse.BooleanOptionalAction, default=AUX_TO_LATENT,
                    help="the mapped kinds' aux_to_latent: the auxiliary loss from the forward "
                    "output's mapper pass (the paper's) or, with --no-aux-to-latent, from a "
-                   "second pass on stop_gradient(W) (default: the quantizer's, "
-                   "%(default)s)")
-    p.add_argument("--json", help="write the figures to this file (and resume from "
-                   "<json>.partial)")
+                   "second pass on stop_gradient(W) (default: the quantizer's, %(default)s)")
+    p.add_argument("--json", help="write the figures to this file (and resume from <json>.partial)")
     p.add_argument("--one", choices=KINDS, help=argparse.SUPPRESS)  # a single measurement
     args = p.parse_args(argv)
     if args.one:
@@ -244,16 +239,10 @@ def main(argv=None):
     if partial and os.path.exists(partial):
         progress = read_json(partial, "delete it (its measurements are then redone)")
         print(f"Resuming: {len(progress)} measurements from {partial}")
-
-
-    def save():
-        if partial:
-            write_json(partial, progress)
-
     report = {"machine": machine(), "aux_to_latent": args.aux_to_latent, "steps": {}}
     print(report["machine"], f"aux_to_latent={args.aux_to_latent}")
     for shape_name in args.shapes:
-        report["steps"][shape_name] = step_ratios(shape_name, args, progress, save)
+        report["steps"][shape_name] = step_ratios(shape_name, args, progress, partial)
     report["resnet18_imagenet"] = imagenet_counts(args.kinds, args.aux_to_latent)
     if args.json:
         write_json(args.json, report)

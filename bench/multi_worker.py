@@ -1,14 +1,10 @@
-"""Training throughput of 1 worker against 2 workers (MultiWorkerMirroredStrategy).
+"""Training throughput of 1 worker against 2 workers (MultiWorkerMirroredStrategy): each
+a process on 127.0.0.1 training bnn_small on random data at the same *global* batch (2
+workers take half of it each); the job's images/s after warm-up, and the ratio. On one
+machine the workers share its cores, so this measures the collectives' cost more than any
+speed-up; on separate machines each worker brings its own.
 
-Each worker is a process on this machine (127.0.0.1) training the offline default
-model (bnn_small, 28x28x1) on random data at the same *global* batch, so 2 workers each
-take half of it. Reported: images/s of the whole job after warm-up, and the ratio.
-
-    .venv/bin/python bench/multi_worker.py
     .venv/bin/python bench/multi_worker.py --steps 60 --batch-size 256
-
-On one machine the workers share its cores, so this measures the cost of the
-collectives more than any speed-up; on separate machines each worker brings its own.
 """
 
 from __future__ import annotations
