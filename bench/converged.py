@@ -74,14 +74,14 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.out, self.state = args.output_dir, args.state
-        os.makedirs(self.state, exist_ok=True)
-        self.rows_path = os.path.join(self.state, "rows.json")
         if args.ship:  # checkpoint 0 must be of this study's length
             epochs = read_json(args.ship[:-3] + ".json", "ship its .json beside it")["epochs"]
             if epochs != args.pretrain_epochs:
                 raise SystemExit(
                     f"converged.py: --ship {args.ship} is a {epochs}-epoch checkpoint, not "
                     f"{args.pretrain_epochs}; give --ship \"\" to keep checkpoint 0 in --state")
+        os.makedirs(self.state, exist_ok=True)
+        self.rows_path = os.path.join(self.state, "rows.json")
         self.rows = read_json(self.rows_path, "delete it to run every sample again") \
             if os.path.exists(self.rows_path) else {"rows": []}
 

@@ -207,3 +207,18 @@ def test_tune_py_fine_tunes_the_shipped_checkpoint_when_given_none(tmp_path, mon
     assert weights == SHIPPED and "shipped" in why
     own, _ = tuning.locate_checkpoint(tuning.TuneConfig(pretrain_epochs=1))
     assert own is None  # a pretraining of its own was asked for
+
+
+def test_converged_py_refuses_a_shipped_checkpoint_of_another_length(tmp_path, capsys):
+    """The shipped checkpoint is the 240-epoch study's checkpoint 0; a study of another
+    length must keep its own in --state, and is told so before any work."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import converged
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    state = tmp_path / "state"
+    with pytest.raises(SystemExit, match=r"is a 240-epoch checkpoint, not 60; give --ship \"\""):
+        converged.main(["--pretrain-epochs", "60", "--state", str(state),
+                        "--output-dir", str(tmp_path / "out"), "--report-only"])
+    assert not state.exists()  # nothing written
