@@ -75,7 +75,18 @@ def rebuild(model, edit_config):
         return layer.__class__.from_config(edit_config(layer, _live_functions(layer)))
 
     clone = tf.keras.models.clone_model(model, clone_function=clone_layer)
-    _copy_weights(model, clone)
+    for source in model.layers:
+        if isinstance(source, tf.keras.Model):
+            continue  # rebuilt, weights included, by clone_layer
+        target = clone.get_layer(source.name)
+        src_weights, dst_weights = _own_weights(source), _own_weights(target)
+        if len(src_weights) != len(dst_weights):
+            raise ValueError(
+                f"Layer {source.name!r}: {len(src_weights)} weights in the source, "
+                f"{len(dst_weights)} in the copy."
+            )
+        for s, d in zip(src_weights, dst_weights):
+            d.assign(tf.cast(s, d.dtype))
     return clone
 
 
@@ -91,22 +102,6 @@ def _live_functions(layer) -> dict:
         if key.endswith("_quantizer") and callable(live) and not isinstance(live, tf.keras.layers.Layer):
             config[key] = live
     return config
-
-
-def _copy_weights(source, target):
-    for src in source.layers:
-        dst = target.get_layer(src.name)
-        if isinstance(src, tf.keras.Model):
-            _copy_weights(src, dst)
-            continue
-        src_weights, dst_weights = _own_weights(src), _own_weights(dst)
-        if len(src_weights) != len(dst_weights):
-            raise ValueError(
-                f"Layer {src.name!r}: {len(src_weights)} weights in the source, "
-                f"{len(dst_weights)} in the copy."
-            )
-        for s, d in zip(src_weights, dst_weights):
-            d.assign(tf.cast(s, d.dtype))
 
 
 def _check_model(model, function: str) -> None:
@@ -152,11 +147,9 @@ def _numpy(tensor) -> np.ndarray:
     return np.asarray(tf.cast(tensor, tf.float64))
 
 
-def _fitted_clip(magnitudes, scale, axes) -> float | None:
+def _fitted_clip(magnitudes, scale, axes) -> float:
     """The `c` with `mean |clip(W, -c, c)| = scale` over `axes` (the median over
-    channels), or `None` if `scale` exceeds `mean |W|`."""
-    if np.any(scale > magnitudes.mean(axis=axes, keepdims=True)):
-        return None
+    channels), for a `scale` at most `mean |W|`."""
     # mean |clip(W, -c, c)| grows with c from 0 to mean |W|: bisect each group's c.
     low = np.zeros_like(scale)
     high = magnitudes.max(axis=axes, keepdims=True)
@@ -228,10 +221,10 @@ def _source_scale(layer) -> tuple[dict, float]:
         options["scale_gradient"] = _scale_passes_gradient(quantizer, spread, scale)
         if np.allclose(observed, mean, rtol=tolerance, atol=0.0):
             candidates = [options]
+        elif np.any(observed > mean):
+            refuse(f"its scale ({observed.max():.4g}) exceeds mean |W| ({mean.max():.4g})")
         else:
             clip = _fitted_clip(magnitudes, observed, axes)
-            if clip is None:
-                refuse(f"its scale ({observed.max():.4g}) exceeds mean |W| ({mean.max():.4g})")
             # The shortest decimal that reproduces the quantizer (1.25, not 1.2500001).
             candidates = [{**options, "scale_clip": float(f"{clip:.{d}g}")} for d in range(1, 9)]
     for options in candidates:
@@ -251,11 +244,10 @@ def _source_scale(layer) -> tuple[dict, float]:
 def _constant_for_one_filter(kernel_shape, kind: str, width) -> bool:
     """Whether the mapper `kind` for a kernel of one filter gives every filter the same
     output (its batch statistics are over one value per channel). Tried on two."""
-    probe = build_mapper(kind, (1, 1, 1), name="batch_statistics_probe")
-    if not any(isinstance(l, BatchStatNormalization) for l in probe.layers):
-        return False
     filter_shape = tuple(kernel_to_filters(tf.zeros(kernel_shape)).shape[1:])
     mapper = build_mapper(kind, filter_shape, width=width, name="one_filter_probe")
+    if not any(isinstance(l, BatchStatNormalization) for l in mapper.layers):
+        return False
     filters = tf.random.stateless_normal((2, 1, *filter_shape), seed=(0, 0))
     return bool(np.array_equal(mapper(filters[0]), mapper(filters[1])))
 
@@ -405,10 +397,11 @@ def bake(model):
         return {**config, "kernel_quantizer": quantizer(dtype=layer.dtype_policy)}
 
     baked = rebuild(model, edit_config)
+    baked_layers = {l.name: l for l in _walk(baked)}
     for layer in layers:
         quantizer = layer.kernel_quantizer
         kernel = tf.cast(layer.kernel, quantizer.compute_dtype)
-        target = _find(baked, layer.name)
+        target = baked_layers[layer.name]
         target.kernel.assign(tf.cast(_baked_latent(quantizer, kernel), target.kernel.dtype))
         expected = quantizer.scaled_signs(kernel)
         got = target.kernel_quantizer(tf.cast(target.kernel, target.compute_dtype))
@@ -435,9 +428,3 @@ def _baked_latent(quantizer, kernel):
     magnitudes = tf.where((magnitudes == 0) & (signs < 0), tiny, magnitudes)
     return signs * magnitudes
 
-
-def _find(model, name):
-    for layer in _walk(model):
-        if layer.name == name:
-            return layer
-    raise KeyError(name)

@@ -155,8 +155,8 @@ def build_mapper(
     name: str = "mapper",
     dtype=None,
 ) -> tf.keras.Sequential:
-    """Build the mapper network for filters of shape `(h, w, c_in)` (docs/METHOD.md
-    section 2.2).
+    """The mapper network: a `tf.keras.Sequential` from filters `(c_out, h, w, c_in)` to
+    the same shape (docs/METHOD.md section 2.2).
 
     # Arguments
         kind: One of `MAPPERS`.
@@ -167,9 +167,6 @@ def build_mapper(
         name: The model's name and its layers' prefix (variable names must be unique
             across a model, for h5 files and optimizer slots).
         dtype: The layers' dtype policy (`None`: the global policy).
-
-    # Returns
-        A `tf.keras.Sequential` mapping `(c_out, h, w, c_in)` to the same shape.
     """
     if kind not in MAPPERS:
         raise ValueError(f"Unknown mapper {kind!r}; choose one of {sorted(MAPPERS)}.")
@@ -209,35 +206,14 @@ def build_mapper(
             tf.keras.layers.Reshape((h, w, c), **named("unflatten")),
         ]
     else:  # separable
-        body = _separable_layers(c, hidden, out_init, named)
+        body = [
+            TapMixing(**named("taps")),
+            tf.keras.layers.Dense(hidden, use_bias=False, **named("down")),
+            BatchStatNormalization(**named("norm")),
+            tf.keras.layers.ReLU(**named("relu")),
+            tf.keras.layers.Dense(c, kernel_initializer=out_init, **named("up")),
+        ]
     return tf.keras.Sequential(body, name=name)
-
-
-def _separable_layers(channels, hidden, out_init, named):
-    r"""The `separable` mapper: taps and channels mixed apart, in time linear in the kernel.
-
-    A layer's filters $x \in \mathbb{R}^{c_{out} \times k^2 \times c}$ (taps $p$,
-    channels $i$) go through
-
-    \\[
-    g(x)_{f,p} = \mathrm{ReLU}\Big(\mathrm{N}\big(\textstyle\sum_q T_{p,q}\, x_{f,q}\, U\big)\Big)\, V + b
-    \\]
-
-    with $T \in \mathbb{R}^{k^2 \times k^2}$ mixing the taps (shared by every channel and
-    filter, identity at start), $U \in \mathbb{R}^{c \times r}$ and
-    $V \in \mathbb{R}^{r \times c}$ a channel bottleneck of $r$ = `width` $\cdot\, c$ units
-    (default 0.25), $\mathrm{N}$ = `BatchStatNormalization` over all filters and taps, and
-    $V$ zero at start for `start="identity"` (then $f(x) = x + g(x) = x$ exactly). It
-    costs $(k^2 + 2r)$ multiply-adds per binary weight, and no parameter grows with
-    $c_{out}$ (docs/METHOD.md section 2.2).
-    """
-    return [
-        TapMixing(**named("taps")),
-        tf.keras.layers.Dense(hidden, use_bias=False, **named("down")),
-        BatchStatNormalization(**named("norm")),
-        tf.keras.layers.ReLU(**named("relu")),
-        tf.keras.layers.Dense(channels, kernel_initializer=out_init, **named("up")),
-    ]
 
 
 def _toom_cook_3x3():
@@ -246,14 +222,11 @@ def _toom_cook_3x3():
     In 1-D, the "same" cross-correlation $y_i = \sum_a k_a x_{i+a-1}$ of 3 samples with
     3 taps is the middle three coefficients of the product of the polynomials
     $x(z) = \sum_j x_j z^j$ and $\bar k(z) = \sum_b k_{2-b} z^b$: evaluated at
-    $0, 1, -1, 2, \infty$ (Toom-Cook), that is 5 products instead of 9 (7 without the
-    padding's zeros), $y = A^\top[(G k) \odot (B^\top x)]$. In 2-D the Kronecker
-    products give 25 products instead of 81 (49), the same algorithm as Winograd's
-    minimal filtering $F(3 \times 3, 3 \times 3)$, exact up to float rounding.
-
-    # Returns
-        `(B, G, A)`: `B` (25, 9) transforms an image's 9 pixels, `G` (25, 9) a kernel's
-        9 taps, `A` (9, 25) the 25 products into the 9 outputs (row-major pixels/taps).
+    $0, 1, -1, 2, \infty$ (Toom-Cook), that is 5 products instead of 9,
+    $y = A^\top[(G k) \odot (B^\top x)]$. In 2-D the Kronecker products give 25
+    instead of 81 (Winograd's $F(3 \times 3, 3 \times 3)$), exact up to float rounding.
+    Returns `(B, G, A)`: `B` (25, 9) for an image's 9 pixels, `G` (25, 9) for a kernel's
+    9 taps, `A` (9, 25) from the 25 products to the 9 outputs (all row-major).
     """
     points = (0.0, 1.0, -1.0, 2.0, None)  # None: the point at infinity
     evaluate_3 = np.array([[1, z, z * z] if z is not None else [0, 0, 1] for z in points])
@@ -328,8 +301,7 @@ def map_kernel(kind: str, mapper: tf.keras.Sequential, kernel):
     (`_toom_cook_3x3`), and `separable` on any kernel, as matrix products.
     `multiply_adds` counts what the stock layers compute.
     """
-    dense = kernel.dtype == tf.float32 and mapper.compute_dtype == "float32"
-    if not dense:
+    if kernel.dtype != tf.float32 or mapper.compute_dtype != "float32":
         return None
     if kind == "cnn" and tuple(kernel.shape[:-2]) == (3, 3):
         return _cnn_in_kernel_layout(mapper, kernel)

@@ -34,14 +34,9 @@ DEFAULTS = {**PAPER, "aux_to_latent": False}
 
 
 def check_options(**options) -> dict:
-    """Raise `ValueError` naming any bad `NoisyMappedQuantizer` option.
-
-    Options not given take the quantizer's defaults. Pure Python, so settings can be
-    checked before TensorFlow starts (multi-worker training needs that).
-
-    # Returns
-        Every option (`OPTIONS`), the defaults filled in.
-    """
+    """Every `NoisyMappedQuantizer` option (`OPTIONS`), the defaults filled in;
+    `ValueError` naming any bad one. Pure Python: settings are checked before
+    TensorFlow starts (multi-worker training needs that)."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"Unknown NoisyMappedQuantizer options {unknown}; valid: {list(OPTIONS)}.")
@@ -146,9 +141,8 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
     straight-through estimator of the sign, and the quantizer adds $\alpha\, l_i$ to the
     model's loss with `add_loss` ($\tilde l$: `unbiased_loss`; the labels carry no
     gradient). The stages $f(W) \to t \to \mathrm{sign}(t) \to \hat Q$ are
-    `mapper_output`, `clipped_output`, `output_signs` and `scaled_signs`. See
-    docs/METHOD.md: the mapper (section 2), the loss (3), the forward pass, the clip and
-    `aux_to_latent` (4), the start (5), the dead zone of the clip (9).
+    `mapper_output`, `clipped_output`, `output_signs` and `scaled_signs`
+    (docs/METHOD.md sections 2-5 and 9).
 
     !!! example
         ```python
