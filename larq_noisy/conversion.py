@@ -60,8 +60,8 @@ def _own_weights(layer):
 def rebuild(model, edit_config):
     """A clone of `model` whose layers are rebuilt from `edit_config(layer, config)`.
 
-    `config` is `layer.get_config()`; nested models are entered. Every weight but
-    the quantizers' (a mapper's, say) is copied to the rebuilt layer, shape-checked.
+    `config` is `layer.get_config()`, plain-function quantizers live; nested models are
+    entered. Every weight but the quantizers' (a mapper's, say) is copied, shape-checked.
     """
     if not (isinstance(model, tf.keras.Sequential) or getattr(model, "_is_graph_network", False)):
         raise ValueError(
@@ -72,7 +72,15 @@ def rebuild(model, edit_config):
     def clone_layer(layer):
         if isinstance(layer, tf.keras.Model):
             return rebuild(layer, edit_config)
-        return layer.__class__.from_config(edit_config(layer, _live_functions(layer)))
+        # Keras serializes a function by its name only, and deserializes the name of an
+        # unregistered one to a string: plain-function quantizers are passed live.
+        config = layer.get_config()
+        for key in config:
+            live = getattr(layer, key, None)
+            function = callable(live) and not isinstance(live, tf.keras.layers.Layer)
+            if key.endswith("_quantizer") and function:
+                config[key] = live
+        return layer.__class__.from_config(edit_config(layer, config))
 
     clone = tf.keras.models.clone_model(model, clone_function=clone_layer)
     for source in model.layers:
@@ -88,20 +96,6 @@ def rebuild(model, edit_config):
         for s, d in zip(src_weights, dst_weights):
             d.assign(tf.cast(s, d.dtype))
     return clone
-
-
-def _live_functions(layer) -> dict:
-    """`layer.get_config()`, with its plain-function quantizers as the functions.
-
-    Keras serializes a function by its name only, and deserializes the name of an
-    unregistered one to a string: the copy would lose its quantizer.
-    """
-    config = layer.get_config()
-    for key in config:
-        live = getattr(layer, key, None)
-        if key.endswith("_quantizer") and callable(live) and not isinstance(live, tf.keras.layers.Layer):
-            config[key] = live
-    return config
 
 
 def _check_model(model, function: str) -> None:
@@ -313,7 +307,8 @@ def _scale_options(layer, quantizer_options) -> dict:
 
 
 def to_mapped(model, **quantizer_options):
-    """A copy of `model` in which every binarized layer has its own mapper.
+    """A copy of `model` (a new functional or Sequential model; `model` is not changed)
+    in which every binarized layer has its own mapper.
 
     Every layer whose kernel quantizer binarizes (precision 1) gets a new
     `NoisyMappedQuantizer(**quantizer_options)`; all weights are copied. With
@@ -332,9 +327,6 @@ def to_mapped(model, **quantizer_options):
         mapped = larq_noisy.to_mapped(model, mapper="cnn", alpha=1.0, rho_pos=0.005,
                                       rho_neg=0.005)
         ```
-
-    # Returns
-        A new functional or Sequential `tf.keras.Model`; `model` is not changed.
     """
     _check_model(model, "to_mapped")
     options = check_options(**quantizer_options)  # bad options fail before any work
@@ -387,10 +379,10 @@ def bake(model):
     _check_has(layers, model, "mapped layer (NoisyMappedQuantizer) to bake")
     baked_quantizers = {None: lq.quantizers.SteSign, "channel": lq.quantizers.MagnitudeAwareSign,
                         "layer": DoReFaSign}
-    by_id = {id(l): l for l in layers}
+    mapped = {id(l) for l in layers}
 
     def edit_config(layer, config):
-        if id(layer) not in by_id:
+        if id(layer) not in mapped:
             return config
         quantizer = baked_quantizers[layer.kernel_quantizer.scale]
         # The layer's policy, as in to_mapped.

@@ -129,17 +129,15 @@ def multiply_adds(layer: tf.keras.layers.Layer, input_shape) -> int:
         return int(layer.multiply_adds(shape))
     dims = shape.as_list()
     out = tf.TensorShape(layer.compute_output_shape(shape)).as_list()
+    taps = int(np.prod(getattr(layer, "kernel_size", ())))
     transposed = (tf.keras.layers.Conv1DTranspose, tf.keras.layers.Conv2DTranspose,
                   tf.keras.layers.Conv3DTranspose)
     if isinstance(layer, transposed):  # each input position meets every tap
-        taps = int(np.prod(layer.kernel_size))
         return int(np.prod(dims[:-1])) * taps * dims[-1] * out[-1]
     if isinstance(layer, tf.keras.layers.DepthwiseConv2D):
-        taps = int(np.prod(layer.kernel_size))
         return int(np.prod(out[:-1])) * taps * dims[-1] * layer.depth_multiplier
     convs = (tf.keras.layers.Conv1D, tf.keras.layers.Conv2D, tf.keras.layers.Conv3D)
     if isinstance(layer, convs):  # and larq's QuantConv1D/2D/3D
-        taps = int(np.prod(layer.kernel_size))
         groups = getattr(layer, "groups", 1) or 1
         return int(np.prod(out[:-1])) * taps * (dims[-1] // groups) * out[-1]
     if isinstance(layer, tf.keras.layers.Dense):
@@ -206,14 +204,29 @@ def build_mapper(
             tf.keras.layers.Reshape((h, w, c), **named("unflatten")),
         ]
     else:  # separable
-        body = [
-            TapMixing(**named("taps")),
-            tf.keras.layers.Dense(hidden, use_bias=False, **named("down")),
-            BatchStatNormalization(**named("norm")),
-            tf.keras.layers.ReLU(**named("relu")),
-            tf.keras.layers.Dense(c, kernel_initializer=out_init, **named("up")),
-        ]
+        body = _separable_layers(c, hidden, out_init, named)
     return tf.keras.Sequential(body, name=name)
+
+
+def _separable_layers(channels, hidden, out_init, named):
+    r"""The `separable` mapper: taps and channels mixed apart, in time linear in the kernel.
+
+    \\[
+    g(x)_{f,p} = \mathrm{ReLU}\Big(\mathrm{N}\big(\textstyle\sum_q T_{p,q}\, x_{f,q}\, U\big)\Big)\, V + b
+    \\]
+
+    for filter $f$ and tap $p$: $T$ ($k^2 \times k^2$) mixes the taps, shared by every
+    channel and filter, identity at start; $U$ ($c \times r$) and $V$ ($r \times c$,
+    zero at start for `start="identity"`) are a channel bottleneck of $r$ = `width`
+    $\cdot\, c$ units; $\mathrm{N}$ is `BatchStatNormalization` over all filters and taps.
+    """
+    return [
+        TapMixing(**named("taps")),
+        tf.keras.layers.Dense(hidden, use_bias=False, **named("down")),
+        BatchStatNormalization(**named("norm")),
+        tf.keras.layers.ReLU(**named("relu")),
+        tf.keras.layers.Dense(channels, kernel_initializer=out_init, **named("up")),
+    ]
 
 
 def _toom_cook_3x3():
@@ -295,11 +308,9 @@ def map_kernel(kind: str, mapper: tf.keras.Sequential, kernel):
 
     Equal, up to float rounding, to
     `filters_to_kernel(mapper(kernel_to_filters(kernel)), kernel.shape)`, but computed
-    without transposing the kernel or the output, in float32; `None` where no such path
-    exists (the caller then maps the filters). Two exist: the paper's `cnn` on 3x3
-    kernels, its three "same" 3x3 convolutions as Toom-Cook products
-    (`_toom_cook_3x3`), and `separable` on any kernel, as matrix products.
-    `multiply_adds` counts what the stock layers compute.
+    in float32 without transposing the kernel or the output: the paper's `cnn` on 3x3
+    kernels as Toom-Cook products (`_toom_cook_3x3`), `separable` on any kernel as
+    matrix products; `None` for the others (the caller then maps the filters).
     """
     if kernel.dtype != tf.float32 or mapper.compute_dtype != "float32":
         return None

@@ -119,11 +119,6 @@ def apply_scale(signs, kernel, scale=None, scale_clip=None, scale_gradient=False
     return binary_scale(kernel, scale, scale_clip, scale_gradient) * signs
 
 
-def _ste_sign(x):
-    """`sign(x)` (with sign(0) = +1, as larq) whose gradient is the identity."""
-    return x + tf.stop_gradient(lq.math.sign(x) - x)
-
-
 @lq.utils.register_keras_custom_object
 class NoisyMappedQuantizer(lq.quantizers.Quantizer):
     r"""Binarizes a kernel through a learned mapper, supervised by its noisy signs.
@@ -300,7 +295,8 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
         # (then the loss and all its gradients are 0 anyway).
         shared = self.aux_to_latent or self.alpha == 0
         self.add_loss(self.auxiliary_loss(inputs, clipped if shared else None))
-        return self._apply_scale(_ste_sign(clipped), inputs)
+        # The identity gradient: the hardtanh (if any) already masks |f(W)| > 1.
+        return self._apply_scale(lq.quantizers.ste_sign(clipped, clip_value=None), inputs)
 
     def get_config(self):
         options = {name: getattr(self, name) for name in OPTIONS if name != "mapper"}
@@ -313,7 +309,7 @@ OPTIONS = tuple(inspect.signature(NoisyMappedQuantizer.__init__).parameters)[1:-
 
 @lq.utils.register_alias("dorefa")
 @lq.utils.register_keras_custom_object
-class DoReFaSign(lq.quantizers.Quantizer):
+class DoReFaSign(lq.quantizers.SteSign):
     r"""DoReFa-Net's binary weights: the sign scaled by the layer's mean absolute weight.
 
     \\[ q(W) = \mathrm{mean}(|W|) \cdot \mathrm{sign}(W) \\]
@@ -334,15 +330,5 @@ class DoReFaSign(lq.quantizers.Quantizer):
         clip_value: Threshold for clipping gradients (`None`: not clipped).
     """
 
-    precision = 1
-
-    def __init__(self, clip_value: float | None = 1.0, **kwargs):
-        self.clip_value = clip_value
-        super().__init__(**kwargs)
-
     def call(self, inputs):
-        sign = lq.quantizers.ste_sign(inputs, clip_value=self.clip_value)
-        return binary_scale(inputs, "layer") * sign
-
-    def get_config(self):
-        return {**super().get_config(), "clip_value": self.clip_value}
+        return binary_scale(inputs, "layer") * super().call(inputs)
