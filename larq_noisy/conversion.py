@@ -60,8 +60,8 @@ def _own_weights(layer):
 def rebuild(model, edit_config):
     """A clone of `model` whose layers are rebuilt from `edit_config(layer, config)`.
 
-    `config` is `layer.get_config()`; nested models are entered. Every weight but
-    the quantizers' (a mapper's, say) is copied to the rebuilt layer, shape-checked.
+    `config` is `layer.get_config()`, plain-function quantizers live; nested models are
+    entered. Every weight but the quantizers' (a mapper's, say) is copied, shape-checked.
     """
     if not (isinstance(model, tf.keras.Sequential) or getattr(model, "_is_graph_network", False)):
         raise ValueError(
@@ -72,41 +72,30 @@ def rebuild(model, edit_config):
     def clone_layer(layer):
         if isinstance(layer, tf.keras.Model):
             return rebuild(layer, edit_config)
-        return layer.__class__.from_config(edit_config(layer, _live_functions(layer)))
+        # Keras serializes a function by its name only, and deserializes the name of an
+        # unregistered one to a string: plain-function quantizers are passed live.
+        config = layer.get_config()
+        for key in config:
+            live = getattr(layer, key, None)
+            function = callable(live) and not isinstance(live, tf.keras.layers.Layer)
+            if key.endswith("_quantizer") and function:
+                config[key] = live
+        return layer.__class__.from_config(edit_config(layer, config))
 
     clone = tf.keras.models.clone_model(model, clone_function=clone_layer)
-    _copy_weights(model, clone)
-    return clone
-
-
-def _live_functions(layer) -> dict:
-    """`layer.get_config()`, with its plain-function quantizers as the functions.
-
-    Keras serializes a function by its name only, and deserializes the name of an
-    unregistered one to a string: the copy would lose its quantizer.
-    """
-    config = layer.get_config()
-    for key in config:
-        live = getattr(layer, key, None)
-        if key.endswith("_quantizer") and callable(live) and not isinstance(live, tf.keras.layers.Layer):
-            config[key] = live
-    return config
-
-
-def _copy_weights(source, target):
-    for src in source.layers:
-        dst = target.get_layer(src.name)
-        if isinstance(src, tf.keras.Model):
-            _copy_weights(src, dst)
-            continue
-        src_weights, dst_weights = _own_weights(src), _own_weights(dst)
+    for source in model.layers:
+        if isinstance(source, tf.keras.Model):
+            continue  # rebuilt, weights included, by clone_layer
+        target = clone.get_layer(source.name)
+        src_weights, dst_weights = _own_weights(source), _own_weights(target)
         if len(src_weights) != len(dst_weights):
             raise ValueError(
-                f"Layer {src.name!r}: {len(src_weights)} weights in the source, "
+                f"Layer {source.name!r}: {len(src_weights)} weights in the source, "
                 f"{len(dst_weights)} in the copy."
             )
         for s, d in zip(src_weights, dst_weights):
             d.assign(tf.cast(s, d.dtype))
+    return clone
 
 
 def _check_model(model, function: str) -> None:
@@ -152,11 +141,9 @@ def _numpy(tensor) -> np.ndarray:
     return np.asarray(tf.cast(tensor, tf.float64))
 
 
-def _fitted_clip(magnitudes, scale, axes) -> float | None:
+def _fitted_clip(magnitudes, scale, axes) -> float:
     """The `c` with `mean |clip(W, -c, c)| = scale` over `axes` (the median over
-    channels), or `None` if `scale` exceeds `mean |W|`."""
-    if np.any(scale > magnitudes.mean(axis=axes, keepdims=True)):
-        return None
+    channels), for a `scale` at most `mean |W|`."""
     # mean |clip(W, -c, c)| grows with c from 0 to mean |W|: bisect each group's c.
     low = np.zeros_like(scale)
     high = magnitudes.max(axis=axes, keepdims=True)
@@ -228,10 +215,10 @@ def _source_scale(layer) -> tuple[dict, float]:
         options["scale_gradient"] = _scale_passes_gradient(quantizer, spread, scale)
         if np.allclose(observed, mean, rtol=tolerance, atol=0.0):
             candidates = [options]
+        elif np.any(observed > mean):
+            refuse(f"its scale ({observed.max():.4g}) exceeds mean |W| ({mean.max():.4g})")
         else:
             clip = _fitted_clip(magnitudes, observed, axes)
-            if clip is None:
-                refuse(f"its scale ({observed.max():.4g}) exceeds mean |W| ({mean.max():.4g})")
             # The shortest decimal that reproduces the quantizer (1.25, not 1.2500001).
             candidates = [{**options, "scale_clip": float(f"{clip:.{d}g}")} for d in range(1, 9)]
     for options in candidates:
@@ -251,11 +238,10 @@ def _source_scale(layer) -> tuple[dict, float]:
 def _constant_for_one_filter(kernel_shape, kind: str, width) -> bool:
     """Whether the mapper `kind` for a kernel of one filter gives every filter the same
     output (its batch statistics are over one value per channel). Tried on two."""
-    probe = build_mapper(kind, (1, 1, 1), name="batch_statistics_probe")
-    if not any(isinstance(l, BatchStatNormalization) for l in probe.layers):
-        return False
     filter_shape = tuple(kernel_to_filters(tf.zeros(kernel_shape)).shape[1:])
     mapper = build_mapper(kind, filter_shape, width=width, name="one_filter_probe")
+    if not any(isinstance(l, BatchStatNormalization) for l in mapper.layers):
+        return False
     filters = tf.random.stateless_normal((2, 1, *filter_shape), seed=(0, 0))
     return bool(np.array_equal(mapper(filters[0]), mapper(filters[1])))
 
@@ -321,7 +307,8 @@ def _scale_options(layer, quantizer_options) -> dict:
 
 
 def to_mapped(model, **quantizer_options):
-    """A copy of `model` in which every binarized layer has its own mapper.
+    """A copy of `model` (a new functional or Sequential model; `model` is not changed)
+    in which every binarized layer has its own mapper.
 
     Every layer whose kernel quantizer binarizes (precision 1) gets a new
     `NoisyMappedQuantizer(**quantizer_options)`; all weights are copied. With
@@ -340,9 +327,6 @@ def to_mapped(model, **quantizer_options):
         mapped = larq_noisy.to_mapped(model, mapper="cnn", alpha=1.0, rho_pos=0.005,
                                       rho_neg=0.005)
         ```
-
-    # Returns
-        A new functional or Sequential `tf.keras.Model`; `model` is not changed.
     """
     _check_model(model, "to_mapped")
     options = check_options(**quantizer_options)  # bad options fail before any work
@@ -395,20 +379,21 @@ def bake(model):
     _check_has(layers, model, "mapped layer (NoisyMappedQuantizer) to bake")
     baked_quantizers = {None: lq.quantizers.SteSign, "channel": lq.quantizers.MagnitudeAwareSign,
                         "layer": DoReFaSign}
-    by_id = {id(l): l for l in layers}
+    mapped = {id(l) for l in layers}
 
     def edit_config(layer, config):
-        if id(layer) not in by_id:
+        if id(layer) not in mapped:
             return config
         quantizer = baked_quantizers[layer.kernel_quantizer.scale]
         # The layer's policy, as in to_mapped.
         return {**config, "kernel_quantizer": quantizer(dtype=layer.dtype_policy)}
 
     baked = rebuild(model, edit_config)
+    baked_layers = {l.name: l for l in _walk(baked)}
     for layer in layers:
         quantizer = layer.kernel_quantizer
         kernel = tf.cast(layer.kernel, quantizer.compute_dtype)
-        target = _find(baked, layer.name)
+        target = baked_layers[layer.name]
         target.kernel.assign(tf.cast(_baked_latent(quantizer, kernel), target.kernel.dtype))
         expected = quantizer.scaled_signs(kernel)
         got = target.kernel_quantizer(tf.cast(target.kernel, target.compute_dtype))
@@ -435,9 +420,3 @@ def _baked_latent(quantizer, kernel):
     magnitudes = tf.where((magnitudes == 0) & (signs < 0), tiny, magnitudes)
     return signs * magnitudes
 
-
-def _find(model, name):
-    for layer in _walk(model):
-        if layer.name == name:
-            return layer
-    raise KeyError(name)

@@ -6,33 +6,24 @@ from larq_noisy.export import export_model
 report = export_model(model, "model.tflite", verify_images=x_test[:256])
 ```
 
-`export_model` takes four steps (docs/METHOD.md section 7):
-
-1. **Bake** a model that still has mapped layers (`larq_noisy.bake`): every binary kernel
-   becomes a constant that LCE packs into bits.
-2. **Float32**: rebuild a `mixed_float16` model in float32 (LCE, like the TFLite
-   converter, does not convert mixed precision), after baking in the model's own policy,
-   so that the binary kernels are those it was trained with.
-3. **Convert** with Larq Compute Engine and check, else `VerificationError` and nothing
-   written: that every binarized conv (`QuantConv2D`, precision-1 kernel quantizer)
-   became an `LceBconv2d` op (LCE silently emits float convolutions otherwise), and that
-   LCE's interpreter agrees with Keras on the verification images (top-1 agreement
-   >= `min_agreement`; the max absolute difference and `threshold_hits` are reported).
-4. **Report** the size against the float twin (the binarized layers' quantizers
-   removed), op counts, agreement and, on request, latency through LCE's interpreter
-   (its optimized binary kernels target ARM: measure there with `lce_benchmark_model`).
-   Printed, returned, and written as JSON next to the `.tflite`.
+`export_model` bakes a mapped model (`larq_noisy.bake`), rebuilds a `mixed_float16` one
+in float32 (LCE does not convert mixed precision), converts it with LCE and checks that
+every binarized `QuantConv2D` became an `LceBconv2d` op and that LCE's interpreter agrees
+with Keras, else `VerificationError` and nothing written (docs/METHOD.md section 7). Its
+report (size against the float twin, op counts, agreement, optional latency) is printed,
+returned, and written as JSON next to the `.tflite`.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import platform
 import statistics
 import tempfile
-import time
+import timeit
 
 import larq as lq
 import numpy as np
@@ -41,7 +32,9 @@ from larq_compute_engine import convert_keras_model
 from larq_compute_engine.tflite.python.interpreter import Interpreter
 from tensorflow.lite.python import schema_py_generated as tflite_schema
 
-from larq_noisy.conversion import is_binary, bake, binarized_layers, mapped_layers, rebuild
+from larq_noisy.conversion import (
+    _check_has, bake, binarized_layers, is_binary, mapped_layers, rebuild,
+)
 
 __all__ = [
     "BINARY_CONV_OP", "VerificationError", "binarized_convs", "check_agreement",
@@ -66,12 +59,7 @@ class VerificationError(RuntimeError):
 def check_exportable(model) -> tuple:
     """`model`'s input shape (without the batch) if it is a BNN that LCE can export:
     a binarized layer, one input of static shape, one output; else `ValueError`."""
-    if not binarized_layers(model):
-        kinds = sorted({type(layer).__name__ for layer in model.layers})
-        raise ValueError(
-            f"Model {model.name!r} has no binarized layer (a larq layer whose "
-            f"kernel_quantizer has precision 1, e.g. 'ste_sign'), so there is no binary "
-            f"model to export; its layer types are {kinds}.")
+    _check_has(binarized_layers(model), model, "binarized layer to export")
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError(
             f"Model {model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} "
@@ -121,13 +109,9 @@ def _clone(model, edit_config):
 
 
 def prepare_for_export(model) -> tuple[tf.keras.Model, list[str]]:
-    """The model to convert: baked if it has mappers, rebuilt in float32 if mixed.
-
-    # Returns
-        `(model, steps)`, `steps` naming what was done (`"baked"`, `"float32"`).
-    # Raises
-        ValueError: If `model` has no binarized layer, or cannot be converted.
-    """
+    """`(model, steps)`: the model to convert, baked if it has mappers and rebuilt in
+    float32 if mixed, and what was done (`"baked"`, `"float32"`); `ValueError` (as
+    `check_exportable`) if it cannot be exported."""
     check_exportable(model)
     steps = []
     if mapped_layers(model):
@@ -196,18 +180,9 @@ def _check_binary_convs(model, op_counts: dict[str, int]) -> None:
 
 
 def threshold_hits(model, images) -> dict:
-    """How many inputs of the binarized layers sit exactly on the sign threshold (0).
-
-    larq's `ste_sign` maps 0 (and -0.0) to +1. LCE binarizes a fused
-    BatchNorm-then-sign output by comparing the integer accumulator with a threshold,
-    and a value exactly on it can come out -1: the only place a converted model can
-    disagree with Keras. Trained BatchNorm statistics make exact ties rare; an
-    untrained BatchNorm after a binary layer passes integer sums on, and makes many.
-
-    # Returns
-        `{"threshold_hits", "binary_inputs"}` over the top-level binarized layers that
-        binarize their input.
-    """
+    """`{"threshold_hits", "binary_inputs"}`: how many inputs of the top-level binarized
+    layers that binarize their input are exactly 0, where larq's sign gives +1 and LCE's
+    fused BatchNorm threshold may give -1 (docs/METHOD.md section 7)."""
     layers = [l for l in binarized_layers(model)
               if l in model.layers and is_binary(getattr(l, "input_quantizer", None))]
     if not layers:
@@ -243,14 +218,10 @@ def _latency(flatbuffer: bytes, threads: int) -> dict:
     """Median latency (ms) of one batch-1 inference through LCE's interpreter."""
     interpreter = Interpreter(flatbuffer, num_threads=threads)
     shape = interpreter.input_shapes[0]
-    image = np.random.default_rng(0).standard_normal(shape).astype("float32")
-    for _ in range(BENCHMARK_WARMUP_RUNS):
-        interpreter.predict(image)
-    times = []
-    for _ in range(BENCHMARK_RUNS):
-        start = time.perf_counter()
-        interpreter.predict(image)
-        times.append((time.perf_counter() - start) * 1000)
+    run = functools.partial(interpreter.predict,
+                            np.random.default_rng(0).standard_normal(shape).astype("float32"))
+    timeit.repeat(run, number=1, repeat=BENCHMARK_WARMUP_RUNS)
+    times = [t * 1000 for t in timeit.repeat(run, number=1, repeat=BENCHMARK_RUNS)]
     return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": BENCHMARK_RUNS}
 
 
@@ -290,13 +261,9 @@ def export_model(model, out_path, *, verify_images=None, threads: int = 2,
             they were given or random).
         verbose: Print the model summary and the report.
 
-    # Returns
-        The report: sizes, op counts, agreement, latency (see the module docstring).
-
     # Raises
         ValueError: No binarized layer, unwritable `out_path`, unsupported model.
-        VerificationError: A binarized conv is not an `LceBconv2d`, or LCE disagrees
-            with Keras. Nothing is written then.
+        VerificationError: A check of the export failed; nothing is written then.
     """
     out_path = check_writable(out_path)
     if not 0 <= min_agreement <= 1:
@@ -355,7 +322,7 @@ def export_model(model, out_path, *, verify_images=None, threads: int = 2,
 
 def _verification_inputs(model, verify_images, verify_source):
     """`(images or None, description)` from `export_model`'s `verify_images`."""
-    shape = check_exportable(model)
+    shape = tuple(model.inputs[0].shape[1:])  # static: checked by prepare_for_export
     if verify_images is None:
         verify_images = DEFAULT_RANDOM_INPUTS
     if isinstance(verify_images, (int, np.integer)):

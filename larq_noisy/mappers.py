@@ -129,17 +129,15 @@ def multiply_adds(layer: tf.keras.layers.Layer, input_shape) -> int:
         return int(layer.multiply_adds(shape))
     dims = shape.as_list()
     out = tf.TensorShape(layer.compute_output_shape(shape)).as_list()
+    taps = int(np.prod(getattr(layer, "kernel_size", ())))
     transposed = (tf.keras.layers.Conv1DTranspose, tf.keras.layers.Conv2DTranspose,
                   tf.keras.layers.Conv3DTranspose)
     if isinstance(layer, transposed):  # each input position meets every tap
-        taps = int(np.prod(layer.kernel_size))
         return int(np.prod(dims[:-1])) * taps * dims[-1] * out[-1]
     if isinstance(layer, tf.keras.layers.DepthwiseConv2D):
-        taps = int(np.prod(layer.kernel_size))
         return int(np.prod(out[:-1])) * taps * dims[-1] * layer.depth_multiplier
     convs = (tf.keras.layers.Conv1D, tf.keras.layers.Conv2D, tf.keras.layers.Conv3D)
     if isinstance(layer, convs):  # and larq's QuantConv1D/2D/3D
-        taps = int(np.prod(layer.kernel_size))
         groups = getattr(layer, "groups", 1) or 1
         return int(np.prod(out[:-1])) * taps * (dims[-1] // groups) * out[-1]
     if isinstance(layer, tf.keras.layers.Dense):
@@ -155,8 +153,8 @@ def build_mapper(
     name: str = "mapper",
     dtype=None,
 ) -> tf.keras.Sequential:
-    """Build the mapper network for filters of shape `(h, w, c_in)` (docs/METHOD.md
-    section 2.2).
+    """The mapper network: a `tf.keras.Sequential` from filters `(c_out, h, w, c_in)` to
+    the same shape (docs/METHOD.md section 2.2).
 
     # Arguments
         kind: One of `MAPPERS`.
@@ -167,9 +165,6 @@ def build_mapper(
         name: The model's name and its layers' prefix (variable names must be unique
             across a model, for h5 files and optimizer slots).
         dtype: The layers' dtype policy (`None`: the global policy).
-
-    # Returns
-        A `tf.keras.Sequential` mapping `(c_out, h, w, c_in)` to the same shape.
     """
     if kind not in MAPPERS:
         raise ValueError(f"Unknown mapper {kind!r}; choose one of {sorted(MAPPERS)}.")
@@ -216,20 +211,14 @@ def build_mapper(
 def _separable_layers(channels, hidden, out_init, named):
     r"""The `separable` mapper: taps and channels mixed apart, in time linear in the kernel.
 
-    A layer's filters $x \in \mathbb{R}^{c_{out} \times k^2 \times c}$ (taps $p$,
-    channels $i$) go through
-
     \\[
     g(x)_{f,p} = \mathrm{ReLU}\Big(\mathrm{N}\big(\textstyle\sum_q T_{p,q}\, x_{f,q}\, U\big)\Big)\, V + b
     \\]
 
-    with $T \in \mathbb{R}^{k^2 \times k^2}$ mixing the taps (shared by every channel and
-    filter, identity at start), $U \in \mathbb{R}^{c \times r}$ and
-    $V \in \mathbb{R}^{r \times c}$ a channel bottleneck of $r$ = `width` $\cdot\, c$ units
-    (default 0.25), $\mathrm{N}$ = `BatchStatNormalization` over all filters and taps, and
-    $V$ zero at start for `start="identity"` (then $f(x) = x + g(x) = x$ exactly). It
-    costs $(k^2 + 2r)$ multiply-adds per binary weight, and no parameter grows with
-    $c_{out}$ (docs/METHOD.md section 2.2).
+    for filter $f$ and tap $p$: $T$ ($k^2 \times k^2$) mixes the taps, shared by every
+    channel and filter, identity at start; $U$ ($c \times r$) and $V$ ($r \times c$,
+    zero at start for `start="identity"`) are a channel bottleneck of $r$ = `width`
+    $\cdot\, c$ units; $\mathrm{N}$ is `BatchStatNormalization` over all filters and taps.
     """
     return [
         TapMixing(**named("taps")),
@@ -246,14 +235,11 @@ def _toom_cook_3x3():
     In 1-D, the "same" cross-correlation $y_i = \sum_a k_a x_{i+a-1}$ of 3 samples with
     3 taps is the middle three coefficients of the product of the polynomials
     $x(z) = \sum_j x_j z^j$ and $\bar k(z) = \sum_b k_{2-b} z^b$: evaluated at
-    $0, 1, -1, 2, \infty$ (Toom-Cook), that is 5 products instead of 9 (7 without the
-    padding's zeros), $y = A^\top[(G k) \odot (B^\top x)]$. In 2-D the Kronecker
-    products give 25 products instead of 81 (49), the same algorithm as Winograd's
-    minimal filtering $F(3 \times 3, 3 \times 3)$, exact up to float rounding.
-
-    # Returns
-        `(B, G, A)`: `B` (25, 9) transforms an image's 9 pixels, `G` (25, 9) a kernel's
-        9 taps, `A` (9, 25) the 25 products into the 9 outputs (row-major pixels/taps).
+    $0, 1, -1, 2, \infty$ (Toom-Cook), that is 5 products instead of 9,
+    $y = A^\top[(G k) \odot (B^\top x)]$. In 2-D the Kronecker products give 25
+    instead of 81 (Winograd's $F(3 \times 3, 3 \times 3)$), exact up to float rounding.
+    Returns `(B, G, A)`: `B` (25, 9) for an image's 9 pixels, `G` (25, 9) for a kernel's
+    9 taps, `A` (9, 25) from the 25 products to the 9 outputs (all row-major).
     """
     points = (0.0, 1.0, -1.0, 2.0, None)  # None: the point at infinity
     evaluate_3 = np.array([[1, z, z * z] if z is not None else [0, 0, 1] for z in points])
@@ -322,14 +308,11 @@ def map_kernel(kind: str, mapper: tf.keras.Sequential, kernel):
 
     Equal, up to float rounding, to
     `filters_to_kernel(mapper(kernel_to_filters(kernel)), kernel.shape)`, but computed
-    without transposing the kernel or the output, in float32; `None` where no such path
-    exists (the caller then maps the filters). Two exist: the paper's `cnn` on 3x3
-    kernels, its three "same" 3x3 convolutions as Toom-Cook products
-    (`_toom_cook_3x3`), and `separable` on any kernel, as matrix products.
-    `multiply_adds` counts what the stock layers compute.
+    in float32 without transposing the kernel or the output: the paper's `cnn` on 3x3
+    kernels as Toom-Cook products (`_toom_cook_3x3`), `separable` on any kernel as
+    matrix products; `None` for the others (the caller then maps the filters).
     """
-    dense = kernel.dtype == tf.float32 and mapper.compute_dtype == "float32"
-    if not dense:
+    if kernel.dtype != tf.float32 or mapper.compute_dtype != "float32":
         return None
     if kind == "cnn" and tuple(kernel.shape[:-2]) == (3, 3):
         return _cnn_in_kernel_layout(mapper, kernel)

@@ -40,26 +40,23 @@ def flip_rates(model, reference=None) -> dict[str, float]:
     """
     layers = binarized_layers(model)
     _check_has(layers, model, "binarized layer")
-    references = [None] * len(layers) if reference is None else binarized_layers(reference)
-    if reference is not None:
-        shapes = [tuple(l.kernel.shape) for l in layers]
-        if [tuple(l.kernel.shape) for l in references] != shapes:
-            raise ValueError(
-                f"Reference model {reference.name!r} does not match {model.name!r}: "
-                "their binarized kernels differ in number or shape."
-            )
-    rates = {}
-    for layer, ref in zip(layers, references):
-        base = _latent_signs(layer) if ref is None else _binary_signs(ref)
-        rates[layer.name] = float(np.mean(_binary_signs(layer) != base))
-    return rates
+    if reference is None:
+        return {l.name: float(np.mean(_binary_signs(l) != _latent_signs(l))) for l in layers}
+    references = binarized_layers(reference)
+    if [tuple(l.kernel.shape) for l in references] != [tuple(l.kernel.shape) for l in layers]:
+        raise ValueError(
+            f"Reference model {reference.name!r} does not match {model.name!r}: "
+            "their binarized kernels differ in number or shape."
+        )
+    return {layer.name: float(np.mean(_binary_signs(layer) != _binary_signs(ref)))
+            for layer, ref in zip(layers, references)}
 
 
 def size_weighted_mean(model, per_layer: dict[str, float]) -> float:
     """A per-layer fraction (`flip_rates`, `saturation`) over all the binary weights of
     the layers of `model` that `per_layer` names."""
-    layers = [l for l in binarized_layers(model) if l.name in per_layer]
-    sizes = {l.name: int(np.prod(l.kernel.shape)) for l in layers}
+    sizes = {l.name: l.kernel.shape.num_elements()
+             for l in binarized_layers(model) if l.name in per_layer}
     return sum(per_layer[name] * size for name, size in sizes.items()) / sum(sizes.values())
 
 

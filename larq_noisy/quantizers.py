@@ -34,14 +34,9 @@ DEFAULTS = {**PAPER, "aux_to_latent": False}
 
 
 def check_options(**options) -> dict:
-    """Raise `ValueError` naming any bad `NoisyMappedQuantizer` option.
-
-    Options not given take the quantizer's defaults. Pure Python, so settings can be
-    checked before TensorFlow starts (multi-worker training needs that).
-
-    # Returns
-        Every option (`OPTIONS`), the defaults filled in.
-    """
+    """Every `NoisyMappedQuantizer` option (`OPTIONS`), the defaults filled in;
+    `ValueError` naming any bad one. Pure Python: settings are checked before
+    TensorFlow starts (multi-worker training needs that)."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"Unknown NoisyMappedQuantizer options {unknown}; valid: {list(OPTIONS)}.")
@@ -124,11 +119,6 @@ def apply_scale(signs, kernel, scale=None, scale_clip=None, scale_gradient=False
     return binary_scale(kernel, scale, scale_clip, scale_gradient) * signs
 
 
-def _ste_sign(x):
-    """`sign(x)` (with sign(0) = +1, as larq) whose gradient is the identity."""
-    return x + tf.stop_gradient(lq.math.sign(x) - x)
-
-
 @lq.utils.register_keras_custom_object
 class NoisyMappedQuantizer(lq.quantizers.Quantizer):
     r"""Binarizes a kernel through a learned mapper, supervised by its noisy signs.
@@ -146,9 +136,8 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
     straight-through estimator of the sign, and the quantizer adds $\alpha\, l_i$ to the
     model's loss with `add_loss` ($\tilde l$: `unbiased_loss`; the labels carry no
     gradient). The stages $f(W) \to t \to \mathrm{sign}(t) \to \hat Q$ are
-    `mapper_output`, `clipped_output`, `output_signs` and `scaled_signs`. See
-    docs/METHOD.md: the mapper (section 2), the loss (3), the forward pass, the clip and
-    `aux_to_latent` (4), the start (5), the dead zone of the clip (9).
+    `mapper_output`, `clipped_output`, `output_signs` and `scaled_signs`
+    (docs/METHOD.md sections 2-5 and 9).
 
     !!! example
         ```python
@@ -306,7 +295,8 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
         # (then the loss and all its gradients are 0 anyway).
         shared = self.aux_to_latent or self.alpha == 0
         self.add_loss(self.auxiliary_loss(inputs, clipped if shared else None))
-        return self._apply_scale(_ste_sign(clipped), inputs)
+        # The identity gradient: the hardtanh (if any) already masks |f(W)| > 1.
+        return self._apply_scale(lq.quantizers.ste_sign(clipped, clip_value=None), inputs)
 
     def get_config(self):
         options = {name: getattr(self, name) for name in OPTIONS if name != "mapper"}
@@ -319,7 +309,7 @@ OPTIONS = tuple(inspect.signature(NoisyMappedQuantizer.__init__).parameters)[1:-
 
 @lq.utils.register_alias("dorefa")
 @lq.utils.register_keras_custom_object
-class DoReFaSign(lq.quantizers.Quantizer):
+class DoReFaSign(lq.quantizers.SteSign):
     r"""DoReFa-Net's binary weights: the sign scaled by the layer's mean absolute weight.
 
     \\[ q(W) = \mathrm{mean}(|W|) \cdot \mathrm{sign}(W) \\]
@@ -340,15 +330,5 @@ class DoReFaSign(lq.quantizers.Quantizer):
         clip_value: Threshold for clipping gradients (`None`: not clipped).
     """
 
-    precision = 1
-
-    def __init__(self, clip_value: float | None = 1.0, **kwargs):
-        self.clip_value = clip_value
-        super().__init__(**kwargs)
-
     def call(self, inputs):
-        sign = lq.quantizers.ste_sign(inputs, clip_value=self.clip_value)
-        return binary_scale(inputs, "layer") * sign
-
-    def get_config(self):
-        return {**super().get_config(), "clip_value": self.clip_value}
+        return binary_scale(inputs, "layer") * super().call(inputs)

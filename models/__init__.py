@@ -13,13 +13,8 @@ mapped = larq_noisy.to_mapped(model)
 | `birealnet18` | larq-zoo Bi-Real Net 18                        | 16              | `magnitude_aware_sign`   |
 | `resnet_e18`  | larq-zoo BinaryResNetE18                       | 16              | `SteSign(clip 1.25)`     |
 
-All: binary activations and binary weights in the binarized convs; stem conv,
-downsampling 1x1 shortcut convs and the dense classifier in full precision; softmax
-output computed in float32 (works under `mixed_float16`). Functional Keras models.
-`kernel_quantizer` replaces the default with any of `WEIGHT_QUANTIZERS`: `ste_sign`,
-`magnitude_aware_sign` (scaled per output channel by the mean absolute latent weight,
-XNOR-Net / Bi-Real Net) or `dorefa` (`DoReFaSign`, scaled per layer: the LNS paper's
-CIFAR-10 baseline), each with `kernel_constraint="weight_clip"`.
+All: binary activations and weights in the binarized convs; stem, downsampling 1x1
+shortcuts and classifier in full precision; softmax in float32 (`mixed_float16` works).
 """
 
 import os
@@ -71,8 +66,8 @@ def build(name: str, input_shape: Tuple[int, int, int], num_classes: int, *,
             (Keras `.h5` or TF checkpoint prefix). Nothing is ever downloaded.
 
     # Raises
-        ValueError: unknown `name` or `kernel_quantizer` (the message lists the
-            choices), `weights="imagenet"`, or a weights path that does not exist.
+        ValueError: unknown `name` or `kernel_quantizer`, `weights="imagenet"`, or a
+            weights path that does not exist.
     """
     _check_choice("model name", name, MODELS)
     overrides = {}

@@ -8,11 +8,8 @@ ECCV 2018), so a ResNet basic block of two binary convolutions reads
 
 where `shortcut` is the identity, or `AvgPool2D(2) -> Conv1x1 -> BN` with a
 *full-precision* 1x1 conv when the block downsamples (as Bi-Real Net and BinaryResNetE18
-in larq-zoo; not binarized layers, docs/METHOD.md 6.2). The binary convs binarize their
-inputs with `ste_sign` and their weights with the chosen kernel quantizer (latent weights
-clipped to [-1, 1]). The stem conv and the dense classifier stay full precision; a ReLU
-on the real-valued stream before global average pooling (as BinaryResNetE18) gives the
-classifier a non-linear feature; the softmax runs in float32 (`mixed_float16` works).
+in larq-zoo; docs/METHOD.md 6.2). A ReLU on the real-valued stream before global average
+pooling (as BinaryResNetE18) gives the full-precision classifier a non-linear feature.
 """
 
 from typing import Optional, Sequence, Union
@@ -81,11 +78,6 @@ class BiRealResNetFactory(ModelFactory):
         x = self.batch_norm(x)
         return tf.keras.layers.add([x, shortcut])
 
-    def basic_block(self, x, filters: int, strides: int = 1):
-        """A ResNet basic block: two binary convs, each with its own shortcut."""
-        x = self.binary_conv(x, filters, strides)
-        return self.binary_conv(x, filters)
-
     def build(self) -> tf.keras.Model:
         # Full-precision stem.
         x = tf.keras.layers.Conv2D(
@@ -96,11 +88,11 @@ class BiRealResNetFactory(ModelFactory):
         if self.stem_pool:
             x = tf.keras.layers.MaxPool2D(3, strides=2, padding="same")(x)
 
-        # Binary stages.
+        # Binary stages of basic blocks: two binary convs, each with its own shortcut.
         for stage, filters in enumerate(self.stage_filters):
             for block in range(self.blocks_per_stage):
-                strides = 2 if stage > 0 and block == 0 else 1
-                x = self.basic_block(x, filters, strides)
+                x = self.binary_conv(x, filters, strides=2 if stage > 0 and block == 0 else 1)
+                x = self.binary_conv(x, filters)
 
         # Full-precision classifier.
         if self.final_activation:
@@ -118,23 +110,17 @@ class BiRealResNetFactory(ModelFactory):
 
 @factory
 class ResNet20Factory(BiRealResNetFactory):
-    """CIFAR ResNet-20 (He et al. 2016): 3 stages x 3 basic blocks, 16/32/64 channels.
-
-    Stem conv (FP) -> 18 binary convs -> ReLU -> global pool -> dense (FP); the two
-    downsampling shortcuts are full-precision 1x1 convs.
-    """
+    """CIFAR ResNet-20 (He et al. 2016): 3 stages x 3 basic blocks, 16/32/64 channels,
+    18 binary convs."""
 
     model_name: str = Field("resnet20")  # the rest: BiRealResNetFactory's defaults
 
 
 @factory
 class BNNSmallFactory(BiRealResNetFactory):
-    """A small, fast binary ResNet for 28x28 images (Fashion-MNIST on a CPU).
-
-    Stem conv (FP, 16 ch) + 3x3/2 max pool (28 -> 14), then 3 stages of one basic
-    block at 16/32/64 channels (14 -> 7 -> 4): 6 binary convs -> ReLU -> global pool
-    -> dense (FP).
-    """
+    """A small, fast binary ResNet for 28x28 images (Fashion-MNIST on a CPU): a stem
+    with a 3x3/2 max pool (28 -> 14), then one basic block at each of 16/32/64 channels
+    (14 -> 7 -> 4), 6 binary convs."""
 
     model_name: str = Field("bnn_small")  # the rest: BiRealResNetFactory's defaults
     stem_pool: bool = Field(True)
