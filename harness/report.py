@@ -246,12 +246,11 @@ def plot_trials(rows, space, path, title: str = "", references: dict | None = No
     ranges = {c["name"]: (c["min_value"], c["max_value"], c["sampling"] == "log")
               for c in (hp.get_config() for hp in space.space) if "min_value" in c}
     columns = list(rows[0]["values"])
-    # Hyperband trains some values in several trials: plot each values' best score.
+    # Hyperband trains some values in several trials: plot each values' best score, the
+    # first (`rows` are best first).
     best = {}
     for row in rows:
-        key = tuple(row["values"].values())
-        if key not in best or row["val_accuracy"] > best[key]["val_accuracy"]:
-            best[key] = row
+        best.setdefault(tuple(row["values"].values()), row)
     numbers = [c for c in columns if c in ranges]
     choices = [c for c in columns if c not in numbers]
     groups: dict[str, list] = {}
