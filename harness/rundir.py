@@ -54,10 +54,8 @@ class RunInUse(ValueError):
 
 @contextlib.contextmanager
 def atomic_path(path: str):
-    """Yield a temporary path to write; it replaces `path` only if the block succeeds.
-
-    The temporary file keeps `path`'s extension (Keras picks the format from it).
-    """
+    """Yield a temporary path to write, with `path`'s extension (Keras picks the format
+    from it); it replaces `path` only if the block succeeds."""
     directory = os.path.dirname(path) or "."
     extension = os.path.splitext(path)[1]
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
