@@ -49,25 +49,22 @@ def main(argv=None) -> int:
 def export_source(args) -> dict:
     """Export `args.source`: an arm of a train.py run, or a saved Keras model."""
     # TensorFlow and LCE after the arguments are checked.
-    from harness.exporting import dataset_images, export_arm, load_model
+    from harness.exporting import export_arm, export_file
     from harness.rundir import RunDir
-    from larq_noisy.export import check_writable, export_model
 
-    source, options = args.source, dict(threads=args.threads, benchmark=args.benchmark,
-                                        min_agreement=args.min_agreement)
+    source = args.source
+    options = dict(verify=args.verify, dataset=args.dataset, data_dir=args.data_dir,
+                   threads=args.threads, benchmark=args.benchmark, min_agreement=args.min_agreement)
     if not os.path.exists(source):
         raise FileNotFoundError(
             f"Source {source!r} does not exist (give a train.py run directory or a model file).")
     if RunDir(source).is_run():
-        return export_arm(source, args.arm, args.out, verify=args.verify, dataset=args.dataset,
-                          data_dir=args.data_dir, **options)
+        return export_arm(source, args.arm, args.out, **options)
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "saved_model.pb")):
         raise ValueError(f"Source {source!r} is a directory but neither a train.py run "
                          "(config.json, arms/) nor a SavedModel (saved_model.pb).")
-    out_path = check_writable(args.out or os.path.splitext(source.rstrip(os.sep))[0] + ".tflite")
-    model = load_model(source)
-    images, what = dataset_images(model, args.dataset, args.verify, data_dir=args.data_dir)
-    return export_model(model, out_path, verify_images=images, verify_source=what, **options)
+    out_path = args.out or os.path.splitext(source.rstrip(os.sep))[0] + ".tflite"
+    return export_file(source, out_path, **options)
 
 
 if __name__ == "__main__":

@@ -1,48 +1,36 @@
 """The datasets: where they come from, their splits and their preprocessing.
 
-Every dataset fact lives here, in one `DatasetSpec` per dataset (`DATASETS`); `load()`
-turns a spec into a batched `tf.data.Dataset` of `(float32 NHWC image, int32 label)`.
+Every dataset fact lives in one `DatasetSpec` per dataset (`DATASETS`); `load()` turns a
+spec into a batched `tf.data.Dataset` of `(float32 NHWC image, int32 label)`.
 
-# Splits
+Splits: `"train"` is the official train split but its last `validation_size` examples,
+shuffled with the seed and augmented; `"validation"` is those last examples (tfds
+`train[-N:]`, already shuffled by tfds, or the last N of the IDX files, another order);
+`"test"` is the official test split (tfds `validation` for ImageNet and Imagenette, which
+publish no labelled test set). Validation and test are the same for every seed, in the
+same order, with the evaluation transform only.
 
-* `"train"`: the official train split but its last `validation_size` examples,
-  shuffled with the seed and augmented.
-* `"validation"`: those last examples (tfds `train[-N:]`, already shuffled by tfds, or
-  the last N of the IDX files, another order), the same for every seed.
-* `"test"`: the official test split (tfds `validation` for ImageNet and Imagenette,
-  which publish no labelled test set).
-
-Validation and test are deterministic: same order, evaluation transform only.
-
-# Transforms
-
-* Small images (cifar10, mnist, fashion_mnist): train = zero-pad `spec.pad`, random crop
-  back to size (+ random horizontal flip where `spec.flip`: not for digits); both = scale
-  to [0, 1], then `(x - spec.mean) / spec.std` per channel (the train set's statistics).
-* JPEG datasets (`spec.jpeg`: imagenet2012, imagenette): larq-zoo's ImageNet
-  preprocessing (`larq_zoo.training.data`), the inputs its pretrained weights were
-  trained on: train = random resized crop, fused with JPEG decoding, + random horizontal
-  flip; eval = center crop; both = ImageNet mean/std of 0-255 pixels.
-
+Transforms: small images (cifar10, mnist, fashion_mnist) are scaled to [0, 1], then
+`(x - spec.mean) / spec.std` per channel (the train set's statistics); for training,
+first zero-padded by `spec.pad` and randomly cropped back (+ a random horizontal flip
+where `spec.flip`: not for digits). JPEG datasets (`spec.jpeg`) get larq-zoo's ImageNet
+preprocessing (`larq_zoo.training.data`), the inputs its pretrained weights were trained
+on: a random resized crop fused with JPEG decoding + a random horizontal flip for
+training, a center crop for evaluation, then ImageNet's mean/std of 0-255 pixels.
 `image_size` overrides the spatial size: JPEG data is cropped to it, the fixed-size
 datasets resized (bilinear) after augmentation.
 
-# Reproducible epochs
+Reproducible epochs: epoch `e` of the training split is a function of `(seed, e)` alone:
+its shuffle is seeded with `epoch_key(seed, e)`, each example's augmentation by stateless
+random ops seeded from that key and the example's position, and tfds reads its files in
+one order per seed. So a run resumed at epoch `first` (`load(..., epochs=(first, stop),
+skip=n)`) reads exactly the batches an uninterrupted run reads.
 
-Epoch `e` of the training split is a function of `(seed, e)` alone: its shuffle is
-seeded with `epoch_key(seed, e)`, each example's augmentation by stateless random ops
-seeded from that key and the example's position, and tfds reads its files in one order
-per seed. So a run resumed at epoch `first` (`load(..., epochs=(first, stop), skip=n)`)
-reads exactly the batches an uninterrupted run reads, whatever ran before it.
-
-# Where the data comes from
-
-`load()` never downloads (offline, a tfds download fails only after minutes of retries):
-unless the dataset is prepared in the tfds data dir it raises `FileNotFoundError` saying
-what to do. `prepare()` downloads and prepares it on a machine with internet. mnist and
-fashion_mnist also read the four `IDX_FILES`: from `data_dir` (or `data_dir/mnist`,
-`data_dir/fashion-mnist`) when it is given, else fashion_mnist from
-`/usr/share/datasets/fashion-mnist/` (Debian `dataset-fashion-mnist`).
+The data: `load()` never downloads (offline, a tfds download fails only after minutes of
+retries); `prepare()` does, on a machine with internet. mnist and fashion_mnist also read
+the four `IDX_FILES`: from `data_dir` (or `data_dir/mnist`, `data_dir/fashion-mnist`)
+when it is given, else fashion_mnist from `/usr/share/datasets/fashion-mnist/` (Debian
+`dataset-fashion-mnist`).
 """
 
 from __future__ import annotations
@@ -378,9 +366,14 @@ def _read_idx(path: str) -> np.ndarray:
 
 def _eval_example(spec, size):
     """The evaluation transform of one `(image, label)` example."""
-    if spec.jpeg:
-        return functools.partial(_imagenet_eval, size=size)
-    return functools.partial(_normalize_small_image, spec, size=size)
+    if not spec.jpeg:
+        return functools.partial(_normalize_small_image, spec, size=size)
+
+    def center_crop(image_bytes, label):  # larq-zoo's ImageNet evaluation preprocessing
+        image = zoo_data.preprocess_image_bytes(image_bytes, is_training=False, image_size=size)
+        return image, tf.cast(label, tf.int32)
+
+    return center_crop
 
 
 def _train_example(spec, key, size):
@@ -392,12 +385,6 @@ def _train_example(spec, key, size):
         return _normalize_small_image(spec, *_augment_small_image(spec, example, seed), size=size)
 
     return transform
-
-
-def _imagenet_eval(image_bytes, label, *, size: int):
-    """larq-zoo's ImageNet evaluation preprocessing of one JPEG (a center crop)."""
-    image = zoo_data.preprocess_image_bytes(image_bytes, is_training=False, image_size=size)
-    return image, tf.cast(label, tf.int32)
 
 
 def _imagenet_train(image_bytes, label, seed, *, size: int):
@@ -446,12 +433,9 @@ def _normalize_small_image(spec: DatasetSpec, image, label, *, size: int):
     return image, tf.cast(label, tf.int32)
 
 
-# ------------------------------------------------------------------------------
-# ImageNet's manual download, where tfds 4.8.3 looks for it.
-
-
 def _manual_download(spec, builder) -> tuple[bool, str]:
-    """`(whether all spec.manual_files are there, what to do next)`."""
+    """`(whether all spec.manual_files are in tfds 4.8.3's manual download dir, what to do
+    next)`."""
     # The tfds data dir holds the builder's `<name>[/<config>]/<version>` folder.
     root = pathlib.Path(builder.data_path).parents[2 if builder.builder_config else 1]
     manual_dir = root / "downloads" / "manual"

@@ -1,5 +1,5 @@
-"""Export an arm of a train.py run with `larq_noisy.export`, verified on the run's test
-images; loading a saved model and a dataset's test images for it."""
+"""Export a saved model, or an arm of a train.py run, with `larq_noisy.export`, verified
+on test images; loading a saved model and a dataset's test images for it."""
 
 from __future__ import annotations
 
@@ -9,28 +9,33 @@ import numpy as np
 import tensorflow as tf
 
 from harness import datasets
+from harness.errors import first_line
 from harness.rundir import RunDir, RunFileError, is_arm_model
 from larq_noisy import export
 
-__all__ = ["dataset_images", "export_arm", "load_model"]
+__all__ = ["dataset_images", "export_arm", "export_file", "load_model"]
 
 
-def export_arm(run_dir, arm: str, out_path=None, *, verify: int = 256,
-               dataset: str | None = None, data_dir: str | None = None, **options) -> dict:
-    """Export the model train.py saved for `arm` in `run_dir`; `export_model`'s report.
-
-    Verified on `verify` images of the run's test split (dataset and data dir from its
-    config.json; `dataset`, `data_dir` override them), or random inputs if the data is
-    not on this machine. `out_path` defaults to `<run_dir>/arms/<arm>/model.tflite`;
-    `options` go to `larq_noisy.export.export_model`.
-    """
+def export_arm(run_dir, arm: str, out_path=None, *, dataset: str | None = None,
+               data_dir: str | None = None, **options) -> dict:
+    """`export_file` of the model train.py saved for `arm` in `run_dir`, verified on the
+    run's test split (dataset and data dir from its config.json; `dataset`, `data_dir`
+    override them); `out_path` defaults to `<run_dir>/arms/<arm>/model.tflite`."""
     run = RunDir(os.fspath(run_dir))
     model_path = run.arm_model(arm)
     config = run.read_config()
-    out_path = export.check_writable(out_path or os.path.join(run.arm(arm), "model.tflite"))
+    return export_file(model_path, out_path or os.path.join(run.arm(arm), "model.tflite"),
+                       dataset=dataset or config.get("dataset"),
+                       data_dir=data_dir or config.get("data_dir"), **options)
+
+
+def export_file(model_path: str, out_path: str, *, verify: int = 256,
+                dataset: str | None = None, data_dir: str | None = None, **options) -> dict:
+    """Export the Keras model saved at `model_path` to `out_path`, verified on `verify` test
+    images of `dataset` (`dataset_images`); `larq_noisy.export.export_model`'s report."""
+    out_path = export.check_writable(out_path)
     model = load_model(model_path)
-    images, source = dataset_images(model, dataset or config.get("dataset"), verify,
-                                    data_dir=data_dir or config.get("data_dir"))
+    images, source = dataset_images(model, dataset, verify, data_dir=data_dir)
     return export.export_model(model, out_path, verify_images=images, verify_source=source,
                                **options)
 
@@ -41,11 +46,11 @@ def load_model(path: str) -> tf.keras.Model:
     try:
         return tf.keras.models.load_model(path, compile=False)
     except (OSError, ValueError, KeyError) as error:  # truncated, not a model, not Keras'
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         fix = (f"train.py writes it again if you delete {os.path.dirname(path)} and rerun "
                "that run's train.py command") if is_arm_model(path) else (
             "give the path of a model saved by `model.save` (.h5, .keras or a SavedModel "
             "directory), or a train.py run directory")
+        reason = first_line(error)
         raise RunFileError(f"{path} is not a readable Keras model ({reason}): {fix}.") from None
 
 

@@ -78,25 +78,17 @@ def write_results_md(results: dict, path: str) -> None:
     head = "| arm | val acc % | test acc % |" + (" test top-5 % |" if top5 else "")
     head += " flipped since pretraining % | saturated % | epochs | wall s |"
     rule = "|" + "---|" * (head.count("|") - 1)
+    arms = results.get("arms", {})
+    titled = [("baseline (pretrained, sign)", results["baseline"])] if "baseline" in results else []
+    titled += [(f"{ARM_TITLES.get(arm, arm)} (`{arm}`)", r) for arm, r in arms.items()]
     rows = []
-
-    def row(title, r, flip="-", epochs="-", wall="-"):
+    for title, r in titled:  # the baseline has no flip rate, epochs or wall time: "-"
         cells = [title, _pct(r.get("val_accuracy")), _pct(r.get("test_accuracy"))]
         if top5:
             cells.append(_pct(r.get("test_top5")))
-        cells += [flip, _pct(r.get("saturation")), str(epochs), wall]
+        cells += [_pct(r.get("flip_rate")), _pct(r.get("saturation")), str(r.get("epochs", "-"))]
+        cells.append(f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "-")
         rows.append("| " + " | ".join(cells) + " |")
-
-    if "baseline" in results:
-        row("baseline (pretrained, sign)", results["baseline"])
-    for arm, r in results.get("arms", {}).items():
-        row(
-            ARM_TITLES.get(arm, arm) + f" (`{arm}`)",
-            r,
-            flip=_pct(r.get("flip_rate")),
-            epochs=r.get("epochs", "-"),
-            wall=f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "-",
-        )
     config = results.get("config", {})
     lines = [
         f"# Results: {results.get('model')} on {results.get('dataset')}",
@@ -104,17 +96,11 @@ def write_results_md(results: dict, path: str) -> None:
         f"Seed {config.get('seed')}; {_pretraining(results)}, "
         f"fine-tuning {_epochs(config.get('finetune_epochs'))} per arm. Validation is held out "
         "of the training set; test is the official test split.",
-        "",
-        head,
-        rule,
-        *rows,
-        "",
+        "", head, rule, *rows, "",
     ]
-    settings = [f"- `{arm}`: {_settings(r)}" for arm, r in results.get("arms", {}).items()
-                if "finetune_lr" in r]
+    settings = [f"- `{arm}`: {_settings(r)}" for arm, r in arms.items() if "finetune_lr" in r]
     if settings:
-        lines += ["Each arm's fine-tuning settings:", "",
-                  *settings, ""]
+        lines += ["Each arm's fine-tuning settings:", "", *settings, ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
@@ -260,12 +246,11 @@ def plot_trials(rows, space, path, title: str = "", references: dict | None = No
     ranges = {c["name"]: (c["min_value"], c["max_value"], c["sampling"] == "log")
               for c in (hp.get_config() for hp in space.space) if "min_value" in c}
     columns = list(rows[0]["values"])
-    # Hyperband trains some values in several trials: plot each values' best score.
+    # Hyperband trains some values in several trials: plot each values' best score, the
+    # first (`rows` are best first).
     best = {}
     for row in rows:
-        key = tuple(row["values"].values())
-        if key not in best or row["val_accuracy"] > best[key]["val_accuracy"]:
-            best[key] = row
+        best.setdefault(tuple(row["values"].values()), row)
     numbers = [c for c in columns if c in ranges]
     choices = [c for c in columns if c not in numbers]
     groups: dict[str, list] = {}

@@ -54,10 +54,8 @@ class RunInUse(ValueError):
 
 @contextlib.contextmanager
 def atomic_path(path: str):
-    """Yield a temporary path to write; it replaces `path` only if the block succeeds.
-
-    The temporary file keeps `path`'s extension (Keras picks the format from it).
-    """
+    """Yield a temporary path to write, with `path`'s extension (Keras picks the format
+    from it); it replaces `path` only if the block succeeds."""
     directory = os.path.dirname(path) or "."
     extension = os.path.splitext(path)[1]
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
@@ -161,39 +159,35 @@ def backup_position(backup_dir: str) -> int:
         ) from None
 
 
+def _phase_file(name: str):
+    """A `RunDir` accessor: the file `name` of a phase directory (pretrain/ or arms/<arm>/)."""
+    return staticmethod(lambda phase_dir: os.path.join(phase_dir, name))
+
+
 class RunDir:
     """The output directory of a train.py run: every path in it, and its checks."""
 
-    #: Settings that may change between a run and its resumption without changing results.
-    # Settings a resumed run may change; `machine` too (a preempted run may resume on
-    # another CPU: each arm's result.json says where it finished).
+    #: Settings a resumed run may change without changing results; `machine` too (a
+    #: preempted run may resume on another CPU: each arm's result.json says where it finished).
     RESUMABLE = ("arms", "strategy", "verbose", "output_dir", "backup_every", "export", "machine")
+
+    result = _phase_file("result.json")
+    model = _phase_file("model.h5")  # an arm's baked, deployable model
+    checkpoint = _phase_file("checkpoint.h5")
+    backup = _phase_file("backup")
+    history = _phase_file("history.csv")
+    wall = _phase_file("wall.json")
 
     def __init__(self, root: str):
         self.root = root
+        self.config = self.path("config.json")
+        self.lock = self.path("lock")
+        self.pretrain = self.path("pretrain")
+        self.pretrained_weights = self.path("pretrain", "weights.h5")
+        self.baseline = self.path("baseline.json")
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
-
-    @property
-    def config(self) -> str:
-        return self.path("config.json")
-
-    @property
-    def lock(self) -> str:
-        return self.path("lock")
-
-    @property
-    def pretrain(self) -> str:
-        return self.path("pretrain")
-
-    @property
-    def pretrained_weights(self) -> str:
-        return self.path("pretrain", "weights.h5")
-
-    @property
-    def baseline(self) -> str:
-        return self.path("baseline.json")
 
     def arm(self, arm: str) -> str:
         return self.path("arms", arm)
@@ -204,31 +198,6 @@ class RunDir:
 
     def tensorboard(self, name: str) -> str:
         return self.path("tensorboard", name)
-
-    @staticmethod
-    def result(phase_dir: str) -> str:
-        return os.path.join(phase_dir, "result.json")
-
-    @staticmethod
-    def model(arm_dir: str) -> str:
-        """The arm's baked, deployable model."""
-        return os.path.join(arm_dir, "model.h5")
-
-    @staticmethod
-    def checkpoint(phase_dir: str) -> str:
-        return os.path.join(phase_dir, "checkpoint.h5")
-
-    @staticmethod
-    def backup(phase_dir: str) -> str:
-        return os.path.join(phase_dir, "backup")
-
-    @staticmethod
-    def history(phase_dir: str) -> str:
-        return os.path.join(phase_dir, "history.csv")
-
-    @staticmethod
-    def wall(phase_dir: str) -> str:
-        return os.path.join(phase_dir, "wall.json")
 
     # ------------------------------------------------------------------ lock
 
@@ -241,50 +210,43 @@ class RunDir:
         process of this host that no longer runs (killed with SIGKILL, say) is taken
         over.
         """
-        self._take_lock()
+        while True:
+            try:  # O_EXCL: only if there is none
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                self._remove_stale_lock()
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
         try:
             yield
         finally:
-            self._release_lock()
-
-    def _take_lock(self) -> None:
-        """Create the lock (`O_EXCL`: only if there is none) with this process' pid and
-        host, after removing a stale one."""
-        while True:
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._remove_stale_lock()
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
-            return
+            with contextlib.suppress(RunInUse):  # unreadable: not known to be ours
+                holder = self._lock_holder()
+                if holder is not None and holder[:2] == (os.getpid(), socket.gethostname()):
+                    os.remove(self.lock)
 
     def _remove_stale_lock(self) -> None:
         """Remove the lock if its process, of this host, no longer runs; `RunInUse`
-        naming the process if it runs (or may: another host's)."""
+        naming the process if it runs (or may: another host's or another user's)."""
         holder = self._lock_holder()
         if holder is None:
             return  # released meanwhile
         pid, host, started = holder
-        if host == socket.gethostname() and not _process_runs(pid):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.lock)
-            return
+        if host == socket.gethostname():
+            try:
+                os.kill(pid, 0)  # signal 0: nothing is sent, the process is only looked up
+            except ProcessLookupError:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.lock)
+                return
+            except PermissionError:  # another user's process
+                pass
         raise RunInUse(
             f"{self.root} is in use by process {pid} on host {host} (started {started}); "
             f"wait for it, or delete {self.lock} if no such process runs."
         )
-
-    def _release_lock(self) -> None:
-        """Remove the lock if it is still this process' own."""
-        try:
-            holder = self._lock_holder()
-        except RunInUse:
-            return
-        if holder is not None and holder[:2] == (os.getpid(), socket.gethostname()):
-            os.remove(self.lock)
 
     def _lock_holder(self) -> tuple[int, str, str] | None:
         """`(pid, host, started)` of the lock's holder, `None` without a lock;
@@ -416,17 +378,6 @@ def ensure_writable_dir(path: str) -> None:
         raise ValueError(f"Output directory {path!r} is not writable: {error.strerror}.") from error
 
 
-def _process_runs(pid: int) -> bool:
-    """Whether process `pid` of this host runs (or may: another user's)."""
-    try:
-        os.kill(pid, 0)  # signal 0: nothing is sent, the process is only looked up
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def pretrained_run(weights: str) -> RunDir | None:
     """The train.py run whose pretrain/weights.h5 `weights` is; `None` for a weights
     file of no run."""
@@ -446,18 +397,13 @@ def is_arm_model(path: str) -> bool:
 def pretrained_weights_path(path: str) -> str:
     """A `--pretrained` value (a train.py output directory or a weights file) as a file;
     `ValueError` unless it is an HDF5 file (whether its weights fit: `load_weights`)."""
-    if os.path.isdir(path):
-        path = RunDir(path).pretrained_weights
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"No pretrained weights at {path!r}: give a train.py output directory whose "
-            "pretraining finished, or its pretrain/weights.h5."
-        )
     import h5py
 
+    if os.path.isdir(path):
+        path = RunDir(path).pretrained_weights
+    fix = "give a train.py output directory whose pretraining finished, or its pretrain/weights.h5"
+    if not os.path.isfile(path):
+        raise ValueError(f"No pretrained weights at {path!r}: {fix}.")
     if not h5py.is_hdf5(path):
-        raise ValueError(
-            f"{path!r} is not an HDF5 weights file: give a train.py output directory whose "
-            "pretraining finished, or its pretrain/weights.h5."
-        )
+        raise ValueError(f"{path!r} is not an HDF5 weights file: {fix}.")
     return path
