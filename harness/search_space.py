@@ -20,10 +20,8 @@ from larq_noisy.quantizers import CLIPS, PAPER
 if typing.TYPE_CHECKING:
     from harness.tuning import TuneConfig
 
-__all__ = [
-    "DEFAULT_ALPHA_RANGE", "DEFAULT_BOP_GAMMA_RANGE", "DEFAULT_BOP_THRESHOLD_RANGE",
-    "DEFAULT_RHO_RANGE", "REFERENCES", "FineTuningHyperModel",
-]
+__all__ = ["DEFAULT_ALPHA_RANGE", "DEFAULT_BOP_GAMMA_RANGE", "DEFAULT_BOP_THRESHOLD_RANGE",
+           "DEFAULT_RHO_RANGE", "REFERENCES", "FineTuningHyperModel"]
 
 DEFAULT_ALPHA_RANGE = (1e-3, 10.0)
 DEFAULT_RHO_RANGE = (0.0, 0.2)
