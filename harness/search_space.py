@@ -62,8 +62,6 @@ def _float(hp, name: str, bounds, default: float, sampling: str = "linear") -> f
 class FineTuningHyperModel(kt.HyperModel):
     """The arm `config.arm` fine-tuned from `weights`; `build(hp)` is the search space.
 
-    Each hyperparameter is named after the `TrainConfig` field it sets (`settings`).
-
     ```python
     hypermodel = FineTuningHyperModel(TuneConfig(arm="bop").resolved(), weights)
     kt.RandomSearch(hypermodel, objective="val_accuracy", max_trials=10).search(...)

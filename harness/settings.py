@@ -376,8 +376,7 @@ def read_hparams(specs) -> tuple[dict, dict[str, dict]]:
     for a setting given both ways."""
     common, tuned = {}, {}
     for spec in specs or ():
-        arm, sep, path = spec.partition("=")
-        arm, path = (arm, path) if sep else (None, spec)
+        arm, path = spec.split("=", 1) if "=" in spec else (None, spec)
         if arm is not None and arm not in TUNED_ARMS:
             raise ValueError(f"--hparams {spec!r}: {arm!r} is not a tuned arm; give ARM=FILE "
                              f"with ARM one of {list(TUNED_ARMS)}, or a bare FILE for every arm.")
