@@ -74,10 +74,8 @@ def build_baseline(config: TrainConfig, weights: str | None = None):
     """The sign-binarized model, with `weights` (an .h5 file) loaded if given."""
     # The same layer names in every build, so that logs line up across phases and arms.
     tf.keras.backend.reset_uids()
-    model = models.build(
-        config.model, config.input_shape, config.spec.num_classes,
-        kernel_quantizer=config.kernel_quantizer,
-    )
+    model = models.build(config.model, config.input_shape, config.spec.num_classes,
+                         kernel_quantizer=config.kernel_quantizer)
     if weights:
         try:
             model.load_weights(weights)
