@@ -314,11 +314,9 @@ def check_lineage(run_dir: RunDir, fingerprint: str) -> None:
     arms_dir = run_dir.path("arms")
     stale = []
     for arm in sorted(os.listdir(arms_dir)) if os.path.isdir(arms_dir) else []:
-        path = run_dir.lineage(arm)
-        if os.path.exists(path):
-            fix = f"delete {run_dir.arm(arm)} to redo the arm"
-            if read_json(path, fix).get("sha256") != fingerprint:
-                stale.append(arm)
+        path, fix = run_dir.lineage(arm), f"delete {run_dir.arm(arm)} to redo the arm"
+        if os.path.exists(path) and read_json(path, fix).get("sha256") != fingerprint:
+            stale.append(arm)
     if stale:
         raise ValueError(
             f"Arms {stale} in {arms_dir} were fine-tuned from other pretrained weights than "
