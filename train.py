@@ -33,9 +33,8 @@ OPTIONS = {
 
 
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, TrainConfig, after=OPTIONS)
     values = vars(p.parse_args(argv))
     rho, hparams, quiet = (values.pop(name) for name in ("rho", "hparams", "quiet"))

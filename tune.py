@@ -33,16 +33,10 @@ OPTIONS = {"pretrain_epochs": ("--pretrain-only", dict(
     action="store_true", help="find or make the pretrained checkpoint, print its path and exit"))}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_flags(p, tuning.TuneConfig, after=OPTIONS).add_argument("--quiet", action="store_true")
-    return p
-
-
 def parse_args(argv=None) -> tuple[tuning.TuneConfig, argparse.Namespace]:
-    p = build_parser()
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(p, tuning.TuneConfig, after=OPTIONS).add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     fields = {f.name for f in dataclasses.fields(tuning.TuneConfig)}
     config = tuning.TuneConfig(**{k: v for k, v in vars(args).items() if k in fields},

@@ -20,10 +20,8 @@ from larq_noisy.quantizers import CLIPS, PAPER
 if typing.TYPE_CHECKING:
     from harness.tuning import TuneConfig
 
-__all__ = [
-    "DEFAULT_ALPHA_RANGE", "DEFAULT_BOP_GAMMA_RANGE", "DEFAULT_BOP_THRESHOLD_RANGE",
-    "DEFAULT_RHO_RANGE", "REFERENCES", "FineTuningHyperModel",
-]
+__all__ = ["DEFAULT_ALPHA_RANGE", "DEFAULT_BOP_GAMMA_RANGE", "DEFAULT_BOP_THRESHOLD_RANGE",
+           "DEFAULT_RHO_RANGE", "REFERENCES", "FineTuningHyperModel"]
 
 DEFAULT_ALPHA_RANGE = (1e-3, 10.0)
 DEFAULT_RHO_RANGE = (0.0, 0.2)
@@ -63,8 +61,6 @@ def _float(hp, name: str, bounds, default: float, sampling: str = "linear") -> f
 
 class FineTuningHyperModel(kt.HyperModel):
     """The arm `config.arm` fine-tuned from `weights`; `build(hp)` is the search space.
-
-    Each hyperparameter is named after the `TrainConfig` field it sets (`settings`).
 
     ```python
     hypermodel = FineTuningHyperModel(TuneConfig(arm="bop").resolved(), weights)

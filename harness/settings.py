@@ -1,10 +1,9 @@
 """Every setting of a run, each stated once: `TrainConfig`.
 
-A setting is a dataclass field made by `setting`: its type (the annotation), default,
-help, scope and choices live there, and the rest is derived from it: the command-line
-flags (`add_flags`), the settings an arm may have its own value of (`ARM_FIELDS`: scope
-"arm" or "quantizer") and the checks (`check_types`, `check_fields`). The quantizer's
-options are checked by the quantizer (`larq_noisy.quantizers.check_options`), not here.
+A setting is a dataclass field made by `setting` (its type, default, help, scope, choices
+and bound); the flags (`add_flags`), the settings an arm may have its own value of
+(`ARM_FIELDS`) and the checks (`check_types`, `check_fields`) derive from it. The quantizer
+checks its own options (`larq_noisy.quantizers.check_options`).
 """
 
 from __future__ import annotations
@@ -25,10 +24,8 @@ from harness.rundir import machine, pretrained_run, read_json
 from larq_noisy.mappers import MAPPERS
 from larq_noisy.quantizers import CLIPS, LABELS, OPTIONS, REDUCTIONS, STARTS, check_options
 
-__all__ = [
-    "ARM_FIELDS", "TrainConfig", "add_flags", "checkpoint_mismatch", "flag", "read_hparams",
-    "setting",
-]
+__all__ = ["ARM_FIELDS", "TrainConfig", "add_flags", "checkpoint_mismatch", "flag",
+           "read_hparams", "setting"]
 
 
 def setting(default=None, help=None, *, group: str | None = None, scope: str = "run",
@@ -80,7 +77,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, after: dict | None = None):
             options["action"] = ("store_false" if meta["flag"] and field.default
                                  else argparse.BooleanOptionalAction if optional or field.default
                                  else "store_true")
-        elif kinds[0] is tuple and _items(hint) == (float, float):
+        elif hint in (tuple[float, float], tuple[float, float] | None):
             options.update(nargs=2, type=float, metavar=("LOW", "HIGH"))
         elif kinds[0] is tuple:
             options.update(nargs="*", choices=meta["choices"], metavar=meta["metavar"])
@@ -91,12 +88,6 @@ def add_flags(parser: argparse.ArgumentParser, cls, after: dict | None = None):
             own_flag, options = after[field.name]
             group.add_argument(own_flag, **options)
     return group
-
-
-def _items(hint) -> tuple:
-    """The item types of the tuple in `hint` (`tuple[str, ...] | None`: `(str, ...)`)."""
-    return next(typing.get_args(h) for h in (*typing.get_args(hint), hint)
-                if typing.get_origin(h) is tuple)
 
 
 # What each type of setting takes from JSON, and how a message names it.
@@ -134,10 +125,10 @@ def check_fields(config, scopes=("run", "arm")) -> None:
         if value is None:
             continue
         if meta["choices"] is not None:
-            unknown = [v for v in (value if isinstance(value, tuple) else (value,))
-                       if v not in meta["choices"]]
+            many = isinstance(value, (list, tuple))
+            unknown = [v for v in (value if many else (value,)) if v not in meta["choices"]]
             if unknown:
-                shown = unknown if isinstance(value, tuple) else repr(value)
+                shown = unknown if many else repr(value)
                 raise ValueError(f"Unknown {name.replace('_', ' ')} {shown}; "
                                  f"choose one of {list(meta['choices'])}.")
         if meta["check"]:
@@ -263,10 +254,8 @@ class TrainConfig:
         return filled
 
     def for_arm(self, arm: str) -> TrainConfig:
-        """This config with `arm`'s fine-tuning settings (`ARM_FIELDS`) filled in: the
-        values given here win over the arm's `tuned` settings, which win over the
-        protocol's for the arm (the preset's instead, if one is set) and then its
-        `finetune_lr`. Options still `None` take the quantizer's or Bop's defaults."""
+        """This config with `arm`'s fine-tuning settings (`ARM_FIELDS`) filled in, in the
+        order the class says; options still `None` take the quantizer's or Bop's defaults."""
         source = ARMS[arm].tuned_as or arm
         protocol = get_protocol(self.dataset)
         defaults = {"finetune_lr": protocol.finetune_lr}
@@ -330,23 +319,20 @@ class TrainConfig:
     def load_split(self, split: str):
         """The batched dataset of `split` ("validation" or "test"; "train": one epoch
         per iteration, see `train_stream` for a run's reproducible epochs)."""
-        dataset, _ = datasets.load(
-            self.dataset, split, self.batch_size, seed=self.seed, data_dir=self.data_dir,
-            image_size=self.image_size, limit=self.limit,
-        )
-        return dataset
+        return datasets.load(self.dataset, split, self.batch_size, seed=self.seed,
+                             data_dir=self.data_dir, image_size=self.image_size,
+                             limit=self.limit)[0]
 
     def train_stream(self, stream: str, epochs: int, position: int = 0):
         """Epochs `0 .. epochs - 1` of `stream` (one of `STREAMS`) from global step
         `position` on: the batches are a function of (seed, stream, epoch) alone."""
         first, skip = divmod(position, self.steps_per_epoch_run)
-        dataset, _ = datasets.load(
+        return datasets.load(
             self.dataset, "train", self.batch_size, data_dir=self.data_dir,
             seed=self.seed * len(STREAMS) + STREAMS.index(stream), image_size=self.image_size,
             limit=self.limit, epochs=(first, epochs), skip=skip,
             steps_per_epoch=self.steps_per_epoch,
-        )
-        return dataset
+        )[0]
 
     def to_json(self) -> dict:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
@@ -390,8 +376,7 @@ def read_hparams(specs) -> tuple[dict, dict[str, dict]]:
     for a setting given both ways."""
     common, tuned = {}, {}
     for spec in specs or ():
-        arm, sep, path = spec.partition("=")
-        arm, path = (arm, path) if sep else (None, spec)
+        arm, path = spec.split("=", 1) if "=" in spec else (None, spec)
         if arm is not None and arm not in TUNED_ARMS:
             raise ValueError(f"--hparams {spec!r}: {arm!r} is not a tuned arm; give ARM=FILE "
                              f"with ARM one of {list(TUNED_ARMS)}, or a bare FILE for every arm.")

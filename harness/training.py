@@ -38,58 +38,44 @@ from harness.rundir import (
     CheckpointError, RunDir, atomic_path, backup_position, machine, pretrained_run,
     pretrained_weights_path, read_json, save_weights, weights_fingerprint, write_json,
 )
-from harness.settings import (
-    TrainConfig, checkpoint_mismatch, settings_note, shipped_checkpoint,
-)
+from harness.settings import TrainConfig, checkpoint_mismatch, settings_note, shipped_checkpoint
 from larq_noisy.conversion import bake, mapped_layers, to_mapped
 from larq_noisy.monitoring import (
     FlipRateCallback, auxiliary_losses, flip_rates, mean_saturation, size_weighted_mean,
 )
 
-__all__ = [
-    "BOP_GAMMA", "CheckpointError", "TrainingDiverged", "build_arm", "build_baseline",
-    "lr_schedule", "run", "run_environment",
-]
+__all__ = ["BOP_GAMMA", "CheckpointError", "TrainingDiverged", "build_arm", "build_baseline",
+           "lr_schedule", "run", "run_environment"]
 
 #: larq's Bop's default gamma (the bop arm's when none is given).
 BOP_GAMMA = inspect.signature(lq.optimizers.Bop).parameters["gamma"].default
 
 
-# --------------------------------------------------------------------------- models
-
-
-def _optimizer(config: TrainConfig, lr: float, bop: bool = False):
-    """The run's optimizer; with `bop`, larq's Bop for the binary kernels and the run's
-    optimizer for every other variable (larq's `CaseOptimizer`, which takes Keras'
-    legacy optimizers)."""
+def _compile(model, config: TrainConfig, lr: float, bop: bool = False) -> None:
+    """Compile `model` with the run's optimizer; with `bop`, larq's Bop for the binary
+    kernels and the run's optimizer for every other variable (larq's `CaseOptimizer`,
+    which takes Keras' legacy optimizers)."""
     optimizers = tf.keras.optimizers.legacy if bop else tf.keras.optimizers
     sgd = config.optimizer == "sgd"
     optimizer = optimizers.SGD(lr, momentum=0.9) if sgd else optimizers.Adam(lr)
-    if not bop:
-        return optimizer
-    options = {"threshold": config.bop_threshold, "gamma": config.bop_gamma}
-    flips = lq.optimizers.Bop(**{k: v for k, v in options.items() if v is not None})
-    return lq.optimizers.CaseOptimizer(
-        (lq.optimizers.Bop.is_binary_variable, flips), default_optimizer=optimizer
-    )
-
-
-def _compile(model, config: TrainConfig, lr: float, bop: bool = False) -> None:
+    if bop:
+        options = {"threshold": config.bop_threshold, "gamma": config.bop_gamma}
+        flips = lq.optimizers.Bop(**{k: v for k, v in options.items() if v is not None})
+        optimizer = lq.optimizers.CaseOptimizer(
+            (lq.optimizers.Bop.is_binary_variable, flips), default_optimizer=optimizer)
     metrics = ["accuracy"]
     if config.spec.num_classes >= 100:
         metrics.append(tf.keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5"))
-    model.compile(_optimizer(config, lr, bop), tf.keras.losses.SparseCategoricalCrossentropy(),
-                  metrics=metrics, jit_compile=config.jit)
+    model.compile(optimizer, tf.keras.losses.SparseCategoricalCrossentropy(), metrics=metrics,
+                  jit_compile=config.jit)
 
 
 def build_baseline(config: TrainConfig, weights: str | None = None):
     """The sign-binarized model, with `weights` (an .h5 file) loaded if given."""
     # The same layer names in every build, so that logs line up across phases and arms.
     tf.keras.backend.reset_uids()
-    model = models.build(
-        config.model, config.input_shape, config.spec.num_classes,
-        kernel_quantizer=config.kernel_quantizer,
-    )
+    model = models.build(config.model, config.input_shape, config.spec.num_classes,
+                         kernel_quantizer=config.kernel_quantizer)
     if weights:
         try:
             model.load_weights(weights)
@@ -100,10 +86,8 @@ def build_baseline(config: TrainConfig, weights: str | None = None):
 
 def build_arm(config: TrainConfig, arm: str, weights: str):
     """The compiled model of `arm`, fine-tuning from the pretrained `weights`, with the
-    global RNG reset to the run's seed (the same mapper initialisation in every arm).
-
-    Call it inside the strategy's scope.
-    """
+    global RNG reset to the run's seed (the same mapper initialisation in every arm). Call
+    it inside the strategy's scope."""
     tf.keras.utils.set_random_seed(config.seed)
     model = build_baseline(config, weights)
     options = config.quantizer_options(arm)
@@ -125,9 +109,6 @@ class _MapperWarmup(tf.keras.Model):
             loss = self.compute_loss(x, y, y_pred)
         self.optimizer.minimize(loss, variables, tape=tape)
         return self.compute_metrics(x, y, y_pred, None)
-
-
-# --------------------------------------------------------------------------- phases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,9 +139,8 @@ class Session:
         scores = {}
         for split, data in (("val", self.validation), ("test", self.test)):
             logs = model.evaluate(data, verbose=0, return_dict=True)
-            scores[f"{split}_accuracy"] = float(logs["accuracy"])
-            if "top5" in logs:
-                scores[f"{split}_top5"] = float(logs["top5"])
+            scores.update({f"{split}_{k}": float(v) for k, v in logs.items()
+                           if k in ("accuracy", "top5")})
         return scores
 
 
@@ -181,14 +161,11 @@ def lr_schedule(c: TrainConfig, stream: str, lr: float, epochs: int):
 def fit_phase(session: Session, model, phase_dir: str, name: str, stream: str, lr: float,
               epochs: int, extra=(), config: TrainConfig | None = None) -> tuple[float, bool]:
     """Train `model` for `epochs` epochs of `stream` (resuming a backup in `phase_dir`),
-    its learning rate scheduled from `lr` as `config` (an arm's; default: the run's) says.
-
-    Returns the phase's wall time (sessions before a resumption included) and whether
-    it resumed a backup."""
+    its learning rate scheduled from `lr` as `config` (an arm's; default: the run's) says;
+    the phase's wall time (sessions before a resumption included) and whether it resumed."""
     c = session.config
     os.makedirs(phase_dir, exist_ok=True)
-    backup = RunDir.backup(phase_dir)
-    position = backup_position(backup)
+    position = backup_position(RunDir.backup(phase_dir))
     steps = c.steps_per_epoch_run
     save_freq = c.backup_every or "epoch"
     clock = WallClock(RunDir.wall(phase_dir), position, save_freq, session.chief)
@@ -204,7 +181,7 @@ def fit_phase(session: Session, model, phase_dir: str, name: str, stream: str, l
         clock,
         # BackupAndRestore and TensorBoard know multi-worker training: the chief writes
         # the files, the other workers temporary copies.
-        tf.keras.callbacks.BackupAndRestore(backup, save_freq=save_freq),
+        tf.keras.callbacks.BackupAndRestore(RunDir.backup(phase_dir), save_freq=save_freq),
         AtomicCheckpoint(RunDir.checkpoint(phase_dir), session.chief),
         tf.keras.callbacks.TensorBoard(session.run_dir.tensorboard(name)),
     ]
@@ -332,19 +309,14 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
     return result
 
 
-# --------------------------------------------------------------------------- run
-
-
 def check_lineage(run_dir: RunDir, fingerprint: str) -> None:
     """Refuse arms that were started from other pretrained weights than these."""
     arms_dir = run_dir.path("arms")
     stale = []
     for arm in sorted(os.listdir(arms_dir)) if os.path.isdir(arms_dir) else []:
-        path = run_dir.lineage(arm)
-        if os.path.exists(path):
-            fix = f"delete {run_dir.arm(arm)} to redo the arm"
-            if read_json(path, fix).get("sha256") != fingerprint:
-                stale.append(arm)
+        path, fix = run_dir.lineage(arm), f"delete {run_dir.arm(arm)} to redo the arm"
+        if os.path.exists(path) and read_json(path, fix).get("sha256") != fingerprint:
+            stale.append(arm)
     if stale:
         raise ValueError(
             f"Arms {stale} in {arms_dir} were fine-tuned from other pretrained weights than "
@@ -425,14 +397,12 @@ def run_environment(config: TrainConfig):
 
 
 def run(config: TrainConfig) -> dict:
-    """Run the protocol described by `config`; returns the content of results.json.
-
-    Bad settings raise `ValueError` before any work, and so does an output directory
-    another process runs in (`rundir.RunInUse`: the directory is locked while the run
-    runs); an unreadable file raises `rundir.RunFileError` naming it; a diverging loss
-    raises `TrainingDiverged` and keeps the last good checkpoint; Ctrl-C raises
-    `errors.Interrupted` saying what the run was doing.
-    """
+    """Run the protocol described by `config`; returns the content of results.json. Bad
+    settings raise `ValueError` before any work, and so does an output directory another
+    process runs in (`rundir.RunInUse`: it is locked while the run runs); an unreadable
+    file raises `rundir.RunFileError` naming it; a diverging loss raises `TrainingDiverged`
+    and keeps the last good checkpoint; Ctrl-C raises `errors.Interrupted` saying what the
+    run was doing."""
     config = config.resolved()
     run_dir = RunDir(config.output_dir)
     run_dir.ensure_writable()

@@ -4,7 +4,7 @@ Every trial fine-tunes one arm (`training.build_arm`: `lns`, `sign` or `bop`) fr
 pretrained sign checkpoint and is scored by its best validation accuracy (the test split
 is never used here); every arm with the same tuner, trials and epochs, so that the arms
 are compared equally tuned. The search space is `FineTuningHyperModel.build(hp)`.
-`search(config)` writes into `config.output_dir` (default `tune_runs/<dataset>/<arm>`):
+`search(config)` writes into `config.output_dir`:
 
     best_hparams.json   the best trial's values as `TrainConfig` fields (train.py --hparams)
     trials.md           the top trials
@@ -12,11 +12,9 @@ are compared equally tuned. The search space is `FineTuningHyperModel.build(hp)`
     search/             keras-tuner's project (oracle, trials): re-running resumes it
     tune_config.json    the settings, checked when a search is resumed
 
-Without a checkpoint, `prepare_checkpoint` pretrains once into `config.pretrain_dir`
-(by default shared by the arms' searches). Distributed tuning is keras-tuner's: with
-`KERASTUNER_TUNER_ID`, `KERASTUNER_ORACLE_IP` and `KERASTUNER_ORACLE_PORT` set, the
-process whose tuner id contains "chief" serves the oracle and writes the files above;
-the others (workers) run trials.
+Without a checkpoint, `prepare_checkpoint` pretrains once into `config.pretrain_dir`.
+Distributed tuning is keras-tuner's (`KERASTUNER_*` variables): the process whose tuner
+id contains "chief" serves the oracle and writes the files above; the workers run trials.
 """
 
 from __future__ import annotations
@@ -42,25 +40,20 @@ from harness.search_space import (
     DEFAULT_ALPHA_RANGE, DEFAULT_BOP_GAMMA_RANGE, DEFAULT_BOP_THRESHOLD_RANGE, DEFAULT_RHO_RANGE,
     REFERENCES, FineTuningHyperModel,
 )
-from harness.settings import setting
+from harness.settings import check_fields, setting
 from larq_noisy.mappers import MAPPERS
 from larq_noisy.quantizers import CLIPS, OPTIONS, check_options
 
-__all__ = [
-    "DEFAULT_ALPHA_RANGE", "DEFAULT_BOP_GAMMA_RANGE", "DEFAULT_BOP_THRESHOLD_RANGE",
-    "DEFAULT_RHO_RANGE", "TUNED_ARMS", "TUNERS", "FineTuningHyperModel", "SearchFailed",
-    "TuneConfig", "locate_checkpoint", "prepare_checkpoint", "search",
-]
+__all__ = ["TUNERS", "SearchFailed", "TuneConfig", "locate_checkpoint", "prepare_checkpoint",
+           "search"]
 
 TUNERS = {"hyperband": kt.Hyperband, "bayesian": kt.BayesianOptimization, "random": kt.RandomSearch}
-OBJECTIVE = "val_accuracy"
 PROJECT = "search"  # keras-tuner's project directory, inside the output directory
-# Search budgets per dataset when --epochs / --steps-per-epoch / --max-trials are not
-# given: the offline default is quick on a CPU (the README). Elsewhere a trial fine-tunes
-# for the protocol's whole schedule, Hyperband one full iteration. [project decision]
-SMALL_BUDGET = {"epochs": 3, "steps_per_epoch": 50, "max_trials": None}
+# Search budgets per dataset when --epochs / --steps-per-epoch are not given: the offline
+# default is quick on a CPU (the README); elsewhere a trial takes the protocol's schedule.
+SMALL_BUDGET = {"epochs": 3, "steps_per_epoch": 50}
 BUDGETS = {"fashion_mnist": SMALL_BUDGET, "mnist": SMALL_BUDGET}
-DEFAULT_MAX_TRIALS = 10  # bayesian and random, when the budget does not say
+DEFAULT_MAX_TRIALS = 10  # bayesian and random
 
 # Settings that may change when a search is resumed without changing its results.
 _RESUMABLE = ("max_trials", "strategy", "verbose", "pretrained", "pretrain_epochs", "data_dir",
@@ -102,19 +95,19 @@ class TuneConfig:
     pretrain_dir: str | None = None
     seed: int = setting(0, "the trials' batches and mapper initialisation, as train.py's "
                         "(default: %(default)s)")
-    # >= 1, as keras-tuner takes 0 for "draw one at random" (a search would not repeat).
     search_seed: int = setting(1, "keras-tuner's oracle seed: which settings the trials try, "
                                ">= 1 (default: %(default)s)")
 
     tuner: str = setting("hyperband", group="search (every arm)", choices=TUNERS)
     max_trials: int | None = setting(
         None, f"bayesian/random: default {DEFAULT_MAX_TRIALS}; hyperband: a cap (default: one "
-        "full Hyperband iteration)")
+        "full Hyperband iteration)", check=">= 1")
     epochs: int | None = setting(
         None, "fine-tuning epochs per trial (hyperband: the most); default "
-        f"{SMALL_BUDGET['epochs']} on (fashion_)mnist, else the protocol's")
+        f"{SMALL_BUDGET['epochs']} on (fashion_)mnist, else the protocol's", check=">= 1")
     steps_per_epoch: int | None = setting(
-        None, f"default {SMALL_BUDGET['steps_per_epoch']} on (fashion_)mnist, else full epochs")
+        None, f"default {SMALL_BUDGET['steps_per_epoch']} on (fashion_)mnist, else full epochs",
+        check=">= 1")
     search_lr: bool = setting(
         True, "search the fine-tuning learning rate (default: yes), log-uniform over a decade "
         "either side of the protocol's; for bop, the rate of the variables Bop does not flip")
@@ -168,11 +161,8 @@ class TuneConfig:
             return self
         c = dataclasses.replace(self)
         datasets.get_spec(c.dataset)
+        check_fields(c)  # the choices (arm, tuner, ...) and bounds (max_trials, epochs, ...)
         budget = BUDGETS.get(c.dataset, {"epochs": get_protocol(c.dataset).finetune_epochs})
-        if c.arm not in TUNED_ARMS:
-            raise ValueError(f"Unknown arm {c.arm!r} to tune; choose one of {list(TUNED_ARMS)}.")
-        if c.tuner not in TUNERS:
-            raise ValueError(f"Unknown tuner {c.tuner!r}; choose one of {list(TUNERS)}.")
         if not isinstance(c.search_seed, int) or c.search_seed < 1:
             raise ValueError(f"search_seed={c.search_seed!r} must be an integer >= 1 (keras-tuner "
                              "draws a random seed for 0, and the search would not repeat).")
@@ -183,19 +173,14 @@ class TuneConfig:
                 f"process), not installed here: `pip install {' '.join(missing)}`, or choose "
                 f"one of {[t for t in TUNERS if t != 'bayesian']}."
             )
-        c.epochs = c.epochs if c.epochs is not None else budget["epochs"]
-        if c.steps_per_epoch is None:
-            c.steps_per_epoch = budget.get("steps_per_epoch")
+        c.epochs = budget["epochs"] if c.epochs is None else c.epochs
+        c.steps_per_epoch = c.steps_per_epoch or budget.get("steps_per_epoch")
         if c.max_trials is None and c.tuner != "hyperband":
-            c.max_trials = budget.get("max_trials") or DEFAULT_MAX_TRIALS
+            c.max_trials = DEFAULT_MAX_TRIALS
         if c.output_dir is None:
             c.output_dir = os.path.join("tune_runs", c.dataset, c.arm)
             c.pretrain_dir = c.pretrain_dir or os.path.join("tune_runs", c.dataset, "pretrain_run")
         c.pretrain_dir = c.pretrain_dir or os.path.join(c.output_dir, "pretrain_run")
-        for name in ("max_trials", "epochs", "steps_per_epoch"):
-            value = getattr(c, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}={value} must be >= 1.")
         for field in dataclasses.fields(c):
             value, arm = getattr(c, field.name), ARM_SETTINGS.get(field.name, c.arm)
             if arm != c.arm and value != field.default:
@@ -300,11 +285,11 @@ def _check_resume(config: TuneConfig, weights: str) -> None:
     )
 
 
-def prepare_checkpoint(config: TuneConfig, log=None) -> str:
+def prepare_checkpoint(config: TuneConfig) -> str:
     """The checkpoint to fine-tune from: found (`locate_checkpoint`) or pretrained now,
     once, into `config.pretrain_dir`. `ValueError` for a bad setting or checkpoint path,
     and when a distributed search has none (its processes must not all pretrain)."""
-    log = log or (print if config.verbose else lambda *args, **kwargs: None)
+    log = print if config.verbose else lambda *args, **kwargs: None
     config = config.resolved()
     ensure_writable_dir(config.output_dir)
     weights, decision = locate_checkpoint(config)
@@ -331,7 +316,7 @@ def prepare_checkpoint(config: TuneConfig, log=None) -> str:
 
 def make_tuner(config: TuneConfig, hypermodel: FineTuningHyperModel, strategy):
     """`config.tuner`, resuming the search in `output_dir`; `ran`: this process's trials."""
-    common = dict(hypermodel=hypermodel, objective=kt.Objective(OBJECTIVE, "max"),
+    common = dict(hypermodel=hypermodel, objective=kt.Objective("val_accuracy", "max"),
                   seed=config.search_seed, directory=config.output_dir, project_name=PROJECT,
                   overwrite=False, distribution_strategy=strategy)
     if config.tuner == "hyperband":
@@ -349,15 +334,15 @@ def make_tuner(config: TuneConfig, hypermodel: FineTuningHyperModel, strategy):
     return tuner
 
 
-def search(config: TuneConfig, log=None) -> dict:
+def search(config: TuneConfig) -> dict:
     """Run (or resume) the search of `config`; returns a summary of it. Bad settings,
     data or checkpoints raise `ValueError` (`FileNotFoundError`: missing data) before any
     trial. A keras-tuner worker only runs trials (its summary lists them); the chief, or
     a standalone search, writes best_hparams.json, trials.md and trials.png."""
     role = _role()
-    log = log or (print if config.verbose else lambda *args, **kwargs: None)
+    log = print if config.verbose else lambda *args, **kwargs: None
     config = config.resolved()
-    weights = prepare_checkpoint(config, log)
+    weights = prepare_checkpoint(config)
     _check_resume(config, weights)
     strategy = make_strategy(config.strategy)
     hypermodel = FineTuningHyperModel(config, weights)
