@@ -154,7 +154,8 @@ def convergence(curves: dict, epochs: int, margin: float) -> dict | None:
 
 def plot_pretraining(curves: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, curve in sorted(curves.items()):
+    # Longest first: the shorter runs are drawn over it, and the legend reads by length.
+    for name, curve in sorted(curves.items(), key=lambda kv: (kv[1]["seed"], -kv[1]["epochs"])):
         values = 100 * np.array(curve["val_accuracy_by_epoch"])
         ax.plot(np.arange(1, len(values) + 1), values, label=name.replace("_", ", "))
     ax.set_xlabel("pretraining epoch (cosine decay over the run)")
