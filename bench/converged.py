@@ -58,6 +58,10 @@ def sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def pretraining_name(seed: int, epochs: int) -> str:
+    return f"seed{seed}_{epochs}ep"
+
+
 def call(script: str, args: list, log: str) -> None:
     """Run `script` (train.py or tune.py) with `args`; its output goes to `log`."""
     os.makedirs(os.path.dirname(log), exist_ok=True)
@@ -90,24 +94,28 @@ class Bench:
 
     # 1. Pretraining -------------------------------------------------------------
 
+    def pretrain_run(self, seed: int, epochs: int) -> str:
+        """The train.py run of a pretraining; its name keys its curve in rows.json."""
+        return os.path.join(self.out, "pretrain", pretraining_name(seed, epochs))
+
     def checkpoint(self, seed: int) -> str:
         """Checkpoint `seed`'s weights file in the state folder, pretrained if missing."""
         epochs = self.args.pretrain_epochs
-        kept = os.path.join(self.state, f"bnn_small_seed{seed}_{epochs}ep.h5")
+        kept = os.path.join(self.state, f"bnn_small_{pretraining_name(seed, epochs)}.h5")
         if seed == 0 and self.args.ship:
             kept = self.args.ship
-        run = os.path.join(self.out, "pretrain", f"seed{seed}_{epochs}ep")
+        run = self.pretrain_run(seed, epochs)
         if not os.path.exists(kept):
             self.pretrain(seed, epochs)
             shutil.copyfile(os.path.join(run, "pretrain", "weights.h5"), kept)
             self.record_checkpoint(seed, epochs, run, kept)
         elif (os.path.exists(os.path.join(run, "results.json"))  # its curve, once
-              and f"seed{seed}_{epochs}ep" not in self.rows.get("pretraining", {})):
+              and pretraining_name(seed, epochs) not in self.rows.get("pretraining", {})):
             self.keep_curve(seed, epochs, run)
         return kept
 
     def pretrain(self, seed: int, epochs: int) -> None:
-        run = os.path.join(self.out, "pretrain", f"seed{seed}_{epochs}ep")
+        run = self.pretrain_run(seed, epochs)
         if not os.path.exists(os.path.join(run, "results.json")) or not os.path.exists(
                 os.path.join(run, "pretrain", "weights.h5")):
             self.log(f"pretraining seed {seed}, {epochs} epochs -> {run}")
@@ -120,7 +128,7 @@ class Bench:
         history = read_history(os.path.join(run, "pretrain", "history.csv"))
         curve = [float(r["val_accuracy"]) for r in history]
         baseline = read_json(os.path.join(run, "results.json"), "")["baseline"]
-        self.rows.setdefault("pretraining", {})[f"seed{seed}_{epochs}ep"] = {
+        self.rows.setdefault("pretraining", {})[pretraining_name(seed, epochs)] = {
             "seed": seed, "epochs": epochs, "val_accuracy_by_epoch": curve,
             "val_accuracy": baseline["val_accuracy"], "test_accuracy": baseline["test_accuracy"],
             "machine": machine()}
@@ -233,7 +241,7 @@ class Bench:
                 self.sample(ckpt, seed, checkpoint, hparams)
                 if (ckpt, seed) == (a.checkpoints[0], a.seeds[0]):
                     self.length_check(checkpoint, hparams)
-        if f"seed0_{2 * a.pretrain_epochs}ep" not in self.rows.get("pretraining", {}):
+        if pretraining_name(0, 2 * a.pretrain_epochs) not in self.rows.get("pretraining", {}):
             self.pretrain(0, 2 * a.pretrain_epochs)  # the convergence check: its curve
 
 

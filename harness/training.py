@@ -165,7 +165,8 @@ def fit_phase(session: Session, model, phase_dir: str, name: str, stream: str, l
     the phase's wall time (sessions before a resumption included) and whether it resumed."""
     c = session.config
     os.makedirs(phase_dir, exist_ok=True)
-    position = backup_position(RunDir.backup(phase_dir))
+    backup = RunDir.backup(phase_dir)
+    position = backup_position(backup)
     steps = c.steps_per_epoch_run
     save_freq = c.backup_every or "epoch"
     clock = WallClock(RunDir.wall(phase_dir), position, save_freq, session.chief)
@@ -181,7 +182,7 @@ def fit_phase(session: Session, model, phase_dir: str, name: str, stream: str, l
         clock,
         # BackupAndRestore and TensorBoard know multi-worker training: the chief writes
         # the files, the other workers temporary copies.
-        tf.keras.callbacks.BackupAndRestore(RunDir.backup(phase_dir), save_freq=save_freq),
+        tf.keras.callbacks.BackupAndRestore(backup, save_freq=save_freq),
         AtomicCheckpoint(RunDir.checkpoint(phase_dir), session.chief),
         tf.keras.callbacks.TensorBoard(session.run_dir.tensorboard(name)),
     ]

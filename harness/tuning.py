@@ -174,7 +174,8 @@ class TuneConfig:
                 f"one of {[t for t in TUNERS if t != 'bayesian']}."
             )
         c.epochs = budget["epochs"] if c.epochs is None else c.epochs
-        c.steps_per_epoch = c.steps_per_epoch or budget.get("steps_per_epoch")
+        if c.steps_per_epoch is None:
+            c.steps_per_epoch = budget.get("steps_per_epoch")
         if c.max_trials is None and c.tuner != "hyperband":
             c.max_trials = DEFAULT_MAX_TRIALS
         if c.output_dir is None:
@@ -226,6 +227,11 @@ class TuneConfig:
         data["space"] = {hp.name: [hp.min_value, hp.max_value, hp.sampling]
                          if hasattr(hp, "min_value") else list(hp.values) for hp in space}
         return json.loads(json.dumps(data))  # tuples as lists
+
+
+def _log(config: TuneConfig):
+    """`print`, or nothing with `--quiet`."""
+    return print if config.verbose else lambda *args, **kwargs: None
 
 
 def _role() -> str:
@@ -289,7 +295,7 @@ def prepare_checkpoint(config: TuneConfig) -> str:
     """The checkpoint to fine-tune from: found (`locate_checkpoint`) or pretrained now,
     once, into `config.pretrain_dir`. `ValueError` for a bad setting or checkpoint path,
     and when a distributed search has none (its processes must not all pretrain)."""
-    log = print if config.verbose else lambda *args, **kwargs: None
+    log = _log(config)
     config = config.resolved()
     ensure_writable_dir(config.output_dir)
     weights, decision = locate_checkpoint(config)
@@ -340,7 +346,7 @@ def search(config: TuneConfig) -> dict:
     trial. A keras-tuner worker only runs trials (its summary lists them); the chief, or
     a standalone search, writes best_hparams.json, trials.md and trials.png."""
     role = _role()
-    log = print if config.verbose else lambda *args, **kwargs: None
+    log = _log(config)
     config = config.resolved()
     weights = prepare_checkpoint(config)
     _check_resume(config, weights)
