@@ -1,24 +1,16 @@
 """Accuracy on real data, offline: every fine-tuning arm, each with its own tuned settings,
-over seeds paired on one pretrained checkpoint per seed (docs/RESULTS.md section 1).
+over seeds paired on one pretrained checkpoint per seed (docs/RESULTS.md section 1: the
+method, the figures and the commands that redo them).
 
 Per seed, the sign BNN is pretrained once (`seed<N>/pretrain`), then each row of `ROWS`
-fine-tunes one arm from it (`seed<N>/<row>`), each a train.py run: the tuned arms, lns'
-settings with alpha = 0 (`mapped`) or rho = 0 (`lns_rho0`), lns with each `clip` and
-`aux_to_latent` (aux-latent: the auxiliary loss trains W; aux-mapper: only the mapper;
-the tuned lns' own combination is not run twice) and, with --studies, the `ABLATIONS`.
-Each arm takes `--hparams ARM=FILE` as train.py does, else the dataset protocol's tuned
-settings; on Fashion-MNIST, the short-pretraining study's schedule and settings
-(`SHORT_PRETRAINING`, `SHORT_PRETRAINING_TUNED`).
+(`--studies`) fine-tunes one arm from it (`seed<N>/<row>`): a train.py run with the arm's
+`--hparams ARM=FILE`, else the dataset protocol's tuned settings (on Fashion-MNIST the
+short-pretraining study's, `SHORT_PRETRAINING`). Writes `summary.{md,json}` and
+`wall.json` (the time of every session) in `--output-dir`, the plots in `--plots`.
 
-    .venv/bin/python bench/accuracy.py --hparams sign=tune_runs/fashion_mnist/sign/best_hparams.json \
-        bop=tune_runs/fashion_mnist/bop/best_hparams.json lns=tune_runs/fashion_mnist/lns/best_hparams.json
-    .venv/bin/python bench/accuracy.py --seeds 0 1 --studies sign lns     # a subset
-    .venv/bin/python bench/accuracy.py --dataset cifar10 --data-dir /data/tfds \
-        --strategy mirrored --mixed-precision       # the paper's table, GPUs
+    .venv/bin/python bench/accuracy.py --hparams sign=FILE bop=FILE lns=FILE
 
-The same command resumes (finished runs are skipped, an interrupted one continues from its
-last backup); `<output-dir>/wall.json` keeps the time of every session. `--report-only`
-redoes the tables and plots from what is there.
+The same command resumes; `--report-only` redoes the tables and plots from what is there.
 """
 
 from __future__ import annotations
@@ -75,9 +67,8 @@ COMPARISONS = [("lns", "sign"), ("lns", "bop"), ("bop", "sign"), ("sign", "basel
                ("mapped", "sign"), ("lns", "mapped"), ("lns", "lns_rho0"),
                *[(name, "lns") for name in (*VARIANTS, *ABLATIONS)]]
 
-#: The short-pretraining study of docs/RESULTS.md section 1 (Fashion-MNIST): a 3-epoch
-#: checkpoint, 3 fine-tuning epochs at a constant rate, and the settings tune.py found
-#: for each arm from such a checkpoint.
+#: The short-pretraining study of docs/RESULTS.md section 1 (Fashion-MNIST): its schedule,
+#: and the settings tune.py found for each arm from its 3-epoch checkpoint.
 SHORT_PRETRAINING = {"pretrain_epochs": 3, "finetune_epochs": 3, "finetune_cosine": False}
 SHORT_PRETRAINING_TUNED = {
     "sign": {"finetune_lr": 9.73787212128146e-05},

@@ -1,30 +1,19 @@
 """Does LNS improve a *converged* BNN? Fashion-MNIST, bnn_small, every arm tuned alike,
-paired samples over several converged checkpoints (docs/RESULTS.md section 0).
+paired samples over converged checkpoints (docs/RESULTS.md section 0: the method, the
+figures and the commands of both studies).
 
-Stages, each a train.py or tune.py run under `--output-dir` that the same command resumes:
-
-1. **Pretraining** (`pretrain/seed<S>_<E>ep`): the sign BNN for `--pretrain-epochs` E once
-   per checkpoint seed S in `--checkpoints`, and once for 2E epochs at seed 0: E is
-   converged if its final validation accuracy is within `CONVERGENCE_MARGIN` of the best
-   of the run twice as long (docs/METHOD.md 6.3). Each checkpoint is copied with its
-   SHA-256 into `--state` (checkpoint 0 is the one train.py ships).
-2. **Tuning** (`tune/<arm>`): `tune.py --arm sign|bop|lns` from checkpoint 0, the same
-   random search for each arm, scored on the validation split.
-3. **Samples** (`samples/ckpt<S>_seed<T>`, the first checkpoint's first: `python
-   train.py` is its seed 0): from checkpoint S with fine-tuning seed T (batch order,
-   mapper initialisation), one train.py run of `SAMPLE_ARMS` with their tuned settings
-   (every arm reads the same batches from the same weights: a paired sample), and lns
-   with `--preset paper` (`.../paper`). After the first sample, the tuned arms for twice
-   as many epochs (`samples/ckpt0_seed0_<2F>ep`): is fine-tuning long enough?
-4. **Report** (converged_report.py): tables, paired differences, one verdict each against
-   `EQUIVALENCE_MARGIN` (declared before running), the variance split, plots, in `--docs`.
+Stages under `--output-dir`, each a train.py or tune.py run that the same command resumes:
+1. pretraining (`pretrain/seed<S>_<E>ep`): each checkpoint S of `--checkpoints`, kept with
+   its SHA-256 in `--state`, and seed 0 for 2E epochs (is E converged?);
+2. tuning (`tune/<arm>`): the same random search for sign, bop and lns from checkpoint 0;
+3. samples (`samples/ckpt<S>_seed<T>`): `SAMPLE_ARMS` tuned and lns `--preset paper`, from
+   checkpoint S with seed T; the first sample's tuned arms also twice as long;
+4. the report (converged_report.py) in `--docs`: verdicts against `EQUIVALENCE_MARGIN`.
 
 Every finished run's rows go to `<state>/rows.json` with their machine: commit `--state`
-and a fresh work tree resumes where the last one stopped. The report refuses to pair rows
-from different CPUs (TensorFlow's kernels round differently on AVX2 and AVX-512).
+and a fresh work tree resumes there. Rows from different CPUs are never paired.
 
-    .venv/bin/python bench/converged.py              # everything, resumable
-    .venv/bin/python bench/converged.py --report-only
+    .venv/bin/python bench/converged.py     # --report-only: only the report
 """
 
 from __future__ import annotations
@@ -62,10 +51,13 @@ def pretraining_name(seed: int, epochs: int) -> str:
     return f"seed{seed}_{epochs}ep"
 
 
-def call(script: str, args: list, log: str) -> None:
-    """Run `script` (train.py or tune.py) with `args`; its output goes to `log`."""
-    os.makedirs(os.path.dirname(log), exist_ok=True)
-    command = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+def call(what: str, script: str, run: str, args: list) -> None:
+    """Say `what` runs, then run `script` (train.py or tune.py) with `args` and
+    `--output-dir run`; its output goes to `<run>/log.txt`."""
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", flush=True)
+    os.makedirs(run, exist_ok=True)
+    log = os.path.join(run, "log.txt")
+    command = [sys.executable, os.path.join(ROOT, script), *map(str, args), "--output-dir", run]
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(command)}\n")
         f.flush()
@@ -89,9 +81,6 @@ class Bench:
         self.rows = read_json(self.rows_path, "delete it to run every sample again") \
             if os.path.exists(self.rows_path) else {"rows": []}
 
-    def log(self, text: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
-
     # 1. Pretraining -------------------------------------------------------------
 
     def pretrain_run(self, seed: int, epochs: int) -> str:
@@ -108,7 +97,13 @@ class Bench:
         if not os.path.exists(kept):
             self.pretrain(seed, epochs)
             shutil.copyfile(os.path.join(run, "pretrain", "weights.h5"), kept)
-            self.record_checkpoint(seed, epochs, run, kept)
+            pretraining = self.rows["pretraining"][pretraining_name(seed, epochs)]
+            write_json(kept[:-3] + ".json", {
+                "seed": seed, "epochs": epochs, "file": os.path.relpath(kept, ROOT),
+                "sha256": sha256(kept), "machine": machine(),
+                "command": f".venv/bin/python train.py --pretrain-epochs {epochs} --arms "
+                           f"--seed {seed} --output-dir {os.path.relpath(run, ROOT)}",
+                **{k: pretraining[k] for k in ("val_accuracy", "test_accuracy")}})
         elif (os.path.exists(os.path.join(run, "results.json"))  # its curve, once
               and pretraining_name(seed, epochs) not in self.rows.get("pretraining", {})):
             self.keep_curve(seed, epochs, run)
@@ -118,10 +113,8 @@ class Bench:
         run = self.pretrain_run(seed, epochs)
         if not os.path.exists(os.path.join(run, "results.json")) or not os.path.exists(
                 os.path.join(run, "pretrain", "weights.h5")):
-            self.log(f"pretraining seed {seed}, {epochs} epochs -> {run}")
-            call("train.py", ["--pretrain-epochs", epochs, "--arms", "--seed", seed,
-                              "--output-dir", run, "--verbose", 2],
-                 os.path.join(run, "log.txt"))
+            call(f"pretraining seed {seed}, {epochs} epochs -> {run}", "train.py", run,
+                 ["--pretrain-epochs", epochs, "--arms", "--seed", seed, "--verbose", 2])
         self.keep_curve(seed, epochs, run)
 
     def keep_curve(self, seed: int, epochs: int, run: str) -> None:
@@ -144,15 +137,6 @@ class Bench:
                     and os.path.exists(os.path.join(run, "results.json"))):
                 self.keep_curve(int(seed[4:]), int(epochs[:-2]), run)
 
-    def record_checkpoint(self, seed, epochs, run, kept) -> None:
-        baseline = read_json(os.path.join(run, "results.json"), "")["baseline"]
-        write_json(kept[:-3] + ".json", {
-            "seed": seed, "epochs": epochs, "file": os.path.relpath(kept, ROOT),
-            "sha256": sha256(kept), "machine": machine(),
-            "command": f".venv/bin/python train.py --pretrain-epochs {epochs} --arms "
-                       f"--seed {seed} --output-dir {os.path.relpath(run, ROOT)}",
-            **{k: baseline[k] for k in ("val_accuracy", "test_accuracy")}})
-
     # 2. Tuning ------------------------------------------------------------------
 
     def tuned(self, arm: str, checkpoint: str) -> str:
@@ -161,12 +145,10 @@ class Bench:
             return kept
         a = self.args
         run = os.path.join(self.out, "tune", arm)
-        self.log(f"tuning {arm}: {a.trials} trials x {a.finetune_epochs} epochs -> {run}")
-        call("tune.py", ["--arm", arm, "--pretrained", checkpoint, "--tuner", "random",
-                         "--max-trials", a.trials, "--epochs", a.finetune_epochs,
-                         "--steps-per-epoch", a.steps_per_epoch, "--lr-range", *a.lr_range,
-                         "--output-dir", run, "--quiet"],
-             os.path.join(run, "log.txt"))
+        call(f"tuning {arm}: {a.trials} trials x {a.finetune_epochs} epochs -> {run}", "tune.py",
+             run, ["--arm", arm, "--pretrained", checkpoint, "--tuner", "random", "--max-trials",
+                   a.trials, "--epochs", a.finetune_epochs, "--steps-per-epoch", a.steps_per_epoch,
+                   "--lr-range", *a.lr_range, "--quiet"])
         shutil.copyfile(os.path.join(run, "best_hparams.json"), kept)
         shutil.copyfile(os.path.join(run, "trials.md"), os.path.join(self.state, f"trials_{arm}.md"))
         return kept
@@ -183,20 +165,18 @@ class Bench:
                   self.args.finetune_epochs, "--verbose", 2]
         todo = [arm for arm in SAMPLE_ARMS if not self.done(ckpt, seed, arm)]
         if todo:
-            self.log(f"sample checkpoint {ckpt}, seed {seed}: {' '.join(todo)}")
-            call("train.py", [*common, "--arms", *SAMPLE_ARMS, "--hparams", *hparams,
-                              "--output-dir", run], os.path.join(run, "log.txt"))
-            self.keep(ckpt, seed, checkpoint, read_json(os.path.join(run, "results.json"), ""))
+            call(f"sample checkpoint {ckpt}, seed {seed}: {' '.join(todo)}", "train.py", run,
+                 [*common, "--arms", *SAMPLE_ARMS, "--hparams", *hparams])
+            self.keep(ckpt, seed, checkpoint, run)
         if not self.done(ckpt, seed, "paper"):
             paper = os.path.join(run, "paper")
-            self.log(f"sample checkpoint {ckpt}, seed {seed}: paper")
-            call("train.py", [*common, "--arms", "lns", "--preset", "paper",
-                              "--output-dir", paper], os.path.join(paper, "log.txt"))
-            self.keep(ckpt, seed, checkpoint,
-                      read_json(os.path.join(paper, "results.json"), ""), {"lns": "paper"})
+            call(f"sample checkpoint {ckpt}, seed {seed}: paper", "train.py", paper,
+                 [*common, "--arms", "lns", "--preset", "paper"])
+            self.keep(ckpt, seed, checkpoint, paper, {"lns": "paper"})
 
-    def keep(self, ckpt, seed, checkpoint, results, names=None) -> None:
-        """The rows of a sample's results.json not kept yet, its arms renamed by `names`."""
+    def keep(self, ckpt, seed, checkpoint, run, names=None) -> None:
+        """The rows of `run`'s results.json not kept yet, its arms renamed by `names`."""
+        results = read_json(os.path.join(run, "results.json"), "")
         fingerprint = sha256(checkpoint)
         named = {(names or {}).get(arm, arm): result for arm, result in results["arms"].items()}
         for row, result in {"baseline": results["baseline"], **named}.items():
@@ -215,10 +195,9 @@ class Bench:
         for epochs in (f, 2 * f):
             run = os.path.join(self.out, "samples", "ckpt0_seed0" + ("" if epochs == f else f"_{epochs}ep"))
             if epochs != f and not os.path.exists(os.path.join(run, "arms", "lns", "result.json")):
-                self.log(f"length check: sign bop lns for {epochs} epochs")
-                call("train.py", ["--pretrained", checkpoint, "--seed", 0, "--finetune-epochs",
-                                  epochs, "--arms", "sign", "bop", "lns", "--hparams", *hparams,
-                                  "--output-dir", run, "--verbose", 2], os.path.join(run, "log.txt"))
+                call(f"length check: sign bop lns for {epochs} epochs", "train.py", run,
+                     ["--pretrained", checkpoint, "--seed", 0, "--finetune-epochs", epochs,
+                      "--arms", "sign", "bop", "lns", "--hparams", *hparams, "--verbose", 2])
             results = read_json(os.path.join(run, "results.json"), "")
             for arm in ("sign", "bop", "lns"):
                 history = read_history(os.path.join(run, "arms", arm, "history.csv"))

@@ -1,13 +1,10 @@
-"""Deployment: binary against float TFLite, size and latency, per model.
+"""Deployment: binary against float TFLite, size and latency, per model (docs/RESULTS.md
+section 3). Each model, with LNS mappers, goes through `larq_noisy.export.export_model`,
+which also converts its float twin; untrained models stand in (sizes and op counts do not
+depend on the weights), and `--run` adds the lns arm of a train.py run, verified on its
+test images. Latency: batch-1 medians through LCE's Python interpreter here (on x86, LCE's
+binary kernels fall back to portable code: measure the device with `lce_benchmark_model`).
 
-Each model is built with LNS mappers (`to_mapped`) and exported with
-`larq_noisy.export.export_model`, which also converts its float twin. Sizes and op counts
-do not depend on the weights, so untrained models stand in; `--run` adds the lns arm of a
-train.py run (as train.py --export), verified on its test images. Latency: the median of
-batch-1 inferences through LCE's Python interpreter here (on x86, LCE's binary kernels
-fall back to portable code: measure the device itself with `lce_benchmark_model`).
-
-    .venv/bin/python bench/deployment.py
     .venv/bin/python bench/deployment.py --run bench_runs/accuracy/seed0/lns --threads 1 2
 """
 

@@ -1,26 +1,16 @@
-"""What a mapper costs: training-step time, multiply-adds, parameters and memory per kind
-(docs/RESULTS.md section 2.1: the method and the figures), for every mapper kind
-(`larq_noisy.MAPPERS`) and `sign` (the kernels as the model builds them):
+"""What a mapper costs, for every mapper kind (`larq_noisy.MAPPERS`) and `sign` (the
+kernels as the model builds them); docs/RESULTS.md section 2.1 gives the method and the
+figures:
 
-1. Training-step time as a ratio to the same network with `sign` kernels, per shape set
-   (`SHAPES`): each kind, in a process of its own, trains alone first (its peak RSS),
-   then alternates one step with the `sign` model for `--steps` rounds; the ratio is the
-   median over rounds, in wall-clock and CPU time.
-2. Multiply-adds of a training step (`TRAINING_PASSES` forward passes) at ResNet-18's
-   ImageNet shapes and the paper's batch 256, also as a fraction of the network's.
-3. Mapper parameters at ResNet-18's shapes and their memory with Adam.
+1. training-step time as a ratio to `sign`'s, per shape set (`SHAPES`): each kind in a
+   process of its own, its peak RSS alone, then `--steps` rounds alternating with `sign`;
+   the median ratio over rounds, in wall-clock and CPU time;
+2. the multiply-adds of a training step at ResNet-18's ImageNet shapes and batch 256;
+3. the mapper parameters at ResNet-18's shapes and their memory with Adam.
 
-The mapped kinds take the quantizer's defaults but `--aux-to-latent`: with
-`--no-aux-to-latent` (and alpha > 0) the auxiliary loss takes a second mapper pass,
-which the times include and the counts report apart (`mapper_passes`).
+    .venv/bin/python bench/mapper_cost.py --aux-to-latent --json docs/data/mapper_cost.json
 
-    .venv/bin/python bench/mapper_cost.py --json docs/data/mapper_cost.json
-    .venv/bin/python bench/mapper_cost.py --shapes cifar --kinds sign cnn    # a subset
-    .venv/bin/python bench/mapper_cost.py --aux-to-latent --json ...          # the paper's aux loss
-
-Each finished (shape set, kind) measurement is kept in `<json>.partial` and skipped when
-the same command (batch, steps, --jit, --aux-to-latent) runs again; the final `<json>` is
-written once everything is measured.
+Finished measurements are kept in `<json>.partial`: the same command resumes.
 """
 
 from __future__ import annotations
