@@ -73,14 +73,13 @@ def main():
     ]
     for threads in args.threads:
         for name in args.models:
-            report = export_untrained(name, threads, out_dir)
-            reports[f"{name}/{threads}"] = report
+            report = reports[f"{name}/{threads}"] = export_untrained(name, threads, out_dir)
             lines.append(row(f"{name} (untrained)", threads, report))
             print(lines[-1], flush=True)
         if args.run:
-            report = export_arm(args.run, "lns", os.path.join(out_dir, "run.tflite"),
-                                threads=threads, benchmark=True, verbose=False)
-            reports[f"run/{threads}"] = report
+            report = reports[f"run/{threads}"] = export_arm(
+                args.run, "lns", os.path.join(out_dir, "run.tflite"), threads=threads,
+                benchmark=True, verbose=False)
             lines.append(row(f"{report['model']} (trained, `{args.run}`)", threads, report))
             print(lines[-1], flush=True)
     print("\n".join(lines))
