@@ -33,6 +33,8 @@ import socket
 import tempfile
 import time
 
+from harness.protocols import ARMS
+
 __all__ = [
     "CheckpointError", "RunDir", "RunFileError", "RunInUse", "atomic_path", "backup_position",
     "is_arm_model", "pretrained_run", "read_history_rows", "read_json", "save_weights",
@@ -203,7 +205,7 @@ class RunDir:
 
     @contextlib.contextmanager
     def locked(self):
-        """Hold the directory's lock while the block runs (call `ensure_writable` first).
+        """Hold the directory's lock while the block runs (call `ensure_writable_dir` first).
 
         The lock file is created atomically and holds this process' pid and host; a
         second process is refused with `RunInUse` naming the first. A lock left by a
@@ -271,10 +273,6 @@ class RunDir:
 
     # ------------------------------------------------------------------ checks
 
-    def ensure_writable(self) -> None:
-        """Create the directory if needed; `ValueError` if nothing can be written there."""
-        ensure_writable_dir(self.root)
-
     def check_settings(self, settings: dict, resumable=RESUMABLE, what: str = "a run",
                        config: str | None = None, record: bool = True) -> None:
         """Refuse to resume the run saved here with other settings than `settings`
@@ -286,10 +284,12 @@ class RunDir:
                 path, f"it records the settings of {what} in {self.root}; restore it, or "
                 "choose a new --output-dir",
             )
-            # "<arm>.<field>": an arm's settings, checked once the arm has run with them.
+            # An arm's settings ("<arm>.<field>", `TrainConfig.recorded`) are checked once
+            # the arm has run with them (they are in `saved`).
             changed = {
                 k: (saved.get(k), v) for k, v in settings.items()
-                if k not in resumable and saved.get(k) != v and ("." not in k or k in saved)
+                if k not in resumable and saved.get(k) != v
+                and (k in saved or k.partition(".")[0] not in ARMS)
             }
             if changed:
                 diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
