@@ -284,8 +284,7 @@ class RunDir:
                 path, f"it records the settings of {what} in {self.root}; restore it, or "
                 "choose a new --output-dir",
             )
-            # An arm's settings ("<arm>.<field>", `TrainConfig.recorded`) are checked once
-            # the arm has run with them (they are in `saved`).
+            # An arm's settings ("<arm>.<field>"): checked once the arm has run with them.
             changed = {
                 k: (saved.get(k), v) for k, v in settings.items()
                 if k not in resumable and saved.get(k) != v
