@@ -33,8 +33,6 @@ import socket
 import tempfile
 import time
 
-from harness.protocols import ARMS
-
 __all__ = [
     "CheckpointError", "RunDir", "RunFileError", "RunInUse", "atomic_path", "backup_position",
     "is_arm_model", "pretrained_run", "read_history_rows", "read_json", "save_weights",
@@ -278,6 +276,8 @@ class RunDir:
         """Refuse to resume the run saved here with other settings than `settings`
         (those named in `resumable` may change); then record `settings` (in `config`,
         by default config.json) unless `record` is false."""
+        from harness.protocols import ARMS  # TensorFlow: not when a script only prints --help
+
         path = config or self.config
         if os.path.exists(path):
             saved = read_json(
