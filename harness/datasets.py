@@ -6,17 +6,14 @@ spec into a batched `tf.data.Dataset` of `(float32 NHWC image, int32 label)`.
 Splits: `"train"` is the official train split but its last `validation_size` examples,
 shuffled with the seed and augmented; `"validation"` is those last examples (tfds
 `train[-N:]`, already shuffled by tfds, or the last N of the IDX files, another order);
-`"test"` is the official test split (tfds `validation` for ImageNet and Imagenette, which
-publish no labelled test set). Validation and test are the same for every seed, in the
-same order, with the evaluation transform only.
+`"test"` is the official test split (`spec.test_split`). Validation and test are the same
+for every seed, in the same order, with the evaluation transform only.
 
-Transforms: small images (cifar10, mnist, fashion_mnist) are scaled to [0, 1], then
-`(x - spec.mean) / spec.std` per channel (the train set's statistics); for training,
-first zero-padded by `spec.pad` and randomly cropped back (+ a random horizontal flip
-where `spec.flip`: not for digits). JPEG datasets (`spec.jpeg`) get larq-zoo's ImageNet
-preprocessing (`larq_zoo.training.data`), the inputs its pretrained weights were trained
-on: a random resized crop fused with JPEG decoding + a random horizontal flip for
-training, a center crop for evaluation, then ImageNet's mean/std of 0-255 pixels.
+Transforms: small images are scaled to [0, 1] and normalized per channel with the train
+set's `spec.mean` and `spec.std`; for training, first zero-padded by `spec.pad`, randomly
+cropped back and flipped where `spec.flip`. JPEG datasets (`spec.jpeg`) get larq-zoo's
+ImageNet preprocessing (`larq_zoo.training.data`), the inputs its pretrained weights were
+trained on: a random resized crop and flip for training, a center crop for evaluation.
 `image_size` overrides the spatial size: JPEG data is cropped to it, the fixed-size
 datasets resized (bilinear) after augmentation.
 
@@ -27,10 +24,8 @@ one order per seed. So a run resumed at epoch `first` (`load(..., epochs=(first,
 skip=n)`) reads exactly the batches an uninterrupted run reads.
 
 The data: `load()` never downloads (offline, a tfds download fails only after minutes of
-retries); `prepare()` does, on a machine with internet. mnist and fashion_mnist also read
-the four `IDX_FILES`: from `data_dir` (or `data_dir/mnist`, `data_dir/fashion-mnist`)
-when it is given, else fashion_mnist from `/usr/share/datasets/fashion-mnist/` (Debian
-`dataset-fashion-mnist`).
+retries); `prepare()` does, on a machine with internet. mnist and fashion_mnist can also
+be read from their `IDX_FILES` (`spec.idx_dirs`, or `data_dir` when it is given).
 """
 
 from __future__ import annotations
@@ -71,7 +66,7 @@ class DatasetSpec:
     validation_size: int  # examples held out of the official train split
     train_size: int  # examples in the official train split
     test_size: int  # examples in the official test split
-    test_split: str = "test"  # the tfds split that "test" reads
+    test_split: str = "test"  # the tfds split "test" reads ("validation" if none is labelled)
     mean: tuple[float, ...] = ()  # small images: per channel, after scaling to [0, 1]
     std: tuple[float, ...] = ()  # small images: per channel, after subtracting `mean`
     pad: int = 0  # small images, training: zero-padding before the random crop

@@ -42,7 +42,10 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
                 f"variable, e.g. {_TF_CONFIG_EXAMPLE} (same cluster on every worker, "
                 "its own task index on each)."
             )
-        _check_tf_config(os.environ["TF_CONFIG"])
+        mistake = _tf_config_mistake(os.environ["TF_CONFIG"])
+        if mistake:
+            raise ValueError(f"TF_CONFIG {mistake}: {os.environ['TF_CONFIG']!r}; give e.g. "
+                             f"{_TF_CONFIG_EXAMPLE}.")
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
@@ -60,19 +63,14 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy([first_device])
 
 
-def _check_tf_config(text: str) -> None:
-    """`ValueError` naming what is wrong unless `text` (TF_CONFIG) is a JSON object whose
-    "cluster" is an object of lists of "host:port" strings, and whose "task", if
-    given, is an object (TensorFlow raises a `TypeError`, or ignores it, otherwise)."""
+def _tf_config_mistake(text: str) -> str | None:
+    """What is wrong with `text` (TF_CONFIG), `None` if it is a JSON object whose "cluster"
+    is an object of lists of "host:port" strings, and whose "task", if given, is an object
+    (TensorFlow raises a `TypeError`, or ignores it, otherwise)."""
     try:
-        wrong = _tf_config_mistake(json.loads(text))
+        config = json.loads(text)
     except json.JSONDecodeError as error:
-        wrong = f"is not valid JSON ({error})"
-    if wrong:
-        raise ValueError(f"TF_CONFIG {wrong}: {text!r}; give e.g. {_TF_CONFIG_EXAMPLE}.")
-
-
-def _tf_config_mistake(config) -> str | None:
+        return f"is not valid JSON ({error})"
     if not isinstance(config, dict):
         return "is not a JSON object"
     cluster, task = config.get("cluster"), config.get("task")

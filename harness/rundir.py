@@ -203,7 +203,7 @@ class RunDir:
 
     @contextlib.contextmanager
     def locked(self):
-        """Hold the directory's lock while the block runs (call `ensure_writable` first).
+        """Hold the directory's lock while the block runs (call `ensure_writable_dir` first).
 
         The lock file is created atomically and holds this process' pid and host; a
         second process is refused with `RunInUse` naming the first. A lock left by a
@@ -271,25 +271,24 @@ class RunDir:
 
     # ------------------------------------------------------------------ checks
 
-    def ensure_writable(self) -> None:
-        """Create the directory if needed; `ValueError` if nothing can be written there."""
-        ensure_writable_dir(self.root)
-
     def check_settings(self, settings: dict, resumable=RESUMABLE, what: str = "a run",
                        config: str | None = None, record: bool = True) -> None:
         """Refuse to resume the run saved here with other settings than `settings`
         (those named in `resumable` may change); then record `settings` (in `config`,
         by default config.json) unless `record` is false."""
+        from harness.protocols import ARMS  # TensorFlow: not when a script only prints --help
+
         path = config or self.config
         if os.path.exists(path):
             saved = read_json(
                 path, f"it records the settings of {what} in {self.root}; restore it, or "
                 "choose a new --output-dir",
             )
-            # "<arm>.<field>": an arm's settings, checked once the arm has run with them.
+            # An arm's settings ("<arm>.<field>"): checked once the arm has run with them.
             changed = {
                 k: (saved.get(k), v) for k, v in settings.items()
-                if k not in resumable and saved.get(k) != v and ("." not in k or k in saved)
+                if k not in resumable and saved.get(k) != v
+                and (k in saved or k.partition(".")[0] not in ARMS)
             }
             if changed:
                 diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))

@@ -35,8 +35,9 @@ from harness.distribute import is_chief, make_strategy
 from harness.errors import Progress
 from harness.protocols import ARMS, get_protocol, lr_at_epoch
 from harness.rundir import (
-    CheckpointError, RunDir, atomic_path, backup_position, machine, pretrained_run,
-    pretrained_weights_path, read_json, save_weights, weights_fingerprint, write_json,
+    CheckpointError, RunDir, atomic_path, backup_position, ensure_writable_dir, machine,
+    pretrained_run, pretrained_weights_path, read_json, save_weights, weights_fingerprint,
+    write_json,
 )
 from harness.settings import TrainConfig, checkpoint_mismatch, settings_note, shipped_checkpoint
 from larq_noisy.conversion import bake, mapped_layers, to_mapped
@@ -406,7 +407,7 @@ def run(config: TrainConfig) -> dict:
     run was doing."""
     config = config.resolved()
     run_dir = RunDir(config.output_dir)
-    run_dir.ensure_writable()
+    ensure_writable_dir(run_dir.root)
     # Every worker of a cluster writes to the same directory: only the chief locks it,
     # once it knows it is the chief.
     cluster = config.strategy == "multi_worker"
