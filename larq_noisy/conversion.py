@@ -20,8 +20,8 @@ from larq_noisy.quantizers import (
     DoReFaSign, NoisyMappedQuantizer, apply_scale, check_options, kernel_to_filters,
 )
 
-__all__ = ["bake", "binarized_layers", "freeze_labels", "is_binary", "mapped_layers",
-           "rebuild", "to_mapped"]
+__all__ = ["bake", "binarized_layers", "check_has_layers", "freeze_labels", "is_binary",
+           "mapped_layers", "rebuild", "to_mapped"]
 
 
 def is_binary(quantizer) -> bool:
@@ -111,7 +111,8 @@ def _check_model(model, function: str) -> None:
     )
 
 
-def _check_has(layers, model, what):
+def check_has_layers(layers, model, what: str) -> None:
+    """`ValueError` if `model` has no `what`, i.e. `layers` is empty, naming its layer types."""
     if not layers:
         kinds = sorted({type(l).__name__ for l in _walk(model)})
         raise ValueError(
@@ -121,8 +122,8 @@ def _check_has(layers, model, what):
         )
 
 
-#: The `NoisyMappedQuantizer` options that `to_mapped` reads off each layer's quantizer.
-SCALE_OPTIONS = ("scale", "scale_clip", "scale_gradient")
+# The `NoisyMappedQuantizer` options that `to_mapped` reads off each layer's quantizer,
+# at their values for an unscaled sign.
 _UNSCALED = {"scale": None, "scale_clip": None, "scale_gradient": False}
 
 # How closely two computations of one scale agree in each dtype (float32: 1e-5;
@@ -170,7 +171,7 @@ def _scale_passes_gradient(quantizer, probe, scale) -> bool:
 
 
 def _source_scale(layer) -> tuple[dict, float]:
-    """`(options, miss)`: the `SCALE_OPTIONS` with which `NoisyMappedQuantizer` computes
+    """`(options, miss)`: the scale options with which `NoisyMappedQuantizer` computes
     what `layer`'s kernel quantizer computes (`ValueError` if none does), and how far
     apart (relative) they compute the layer's own binary kernel (0: exactly).
 
@@ -281,9 +282,9 @@ def _plan(model, mapper_kind: str, width):
 
 
 def _scale_options(layer, quantizer_options) -> dict:
-    """The `SCALE_OPTIONS` of `layer`'s mapped quantizer: its own quantizer's, unless given."""
+    """The scale options of `layer`'s mapped quantizer: its own quantizer's, unless given."""
     found, miss = _source_scale(layer)
-    given = {k: quantizer_options[k] for k in SCALE_OPTIONS if k in quantizer_options}
+    given = {k: v for k, v in quantizer_options.items() if k in _UNSCALED}
     if not given:
         if miss:
             warnings.warn(
@@ -339,7 +340,7 @@ def to_mapped(model, **quantizer_options):
             f"to_mapped: layer {layer.name!r} keeps its own binarization, unmapped: {reason}.",
             stacklevel=2,
         )
-    _check_has(targets, model, "binarized layer to map")
+    check_has_layers(targets, model, "binarized layer to map")
     scales = {id(l): _scale_options(l, quantizer_options) for l in targets}
 
     def edit_config(layer, config):
@@ -368,15 +369,14 @@ def freeze_labels(model) -> None:
 def bake(model):
     """A stock Larq model whose binarized kernels are `model`'s mapped binary kernels.
 
-    Each mapped layer gets `ste_sign` and the latent kernel `sign(t)`, or, when scaled,
-    `magnitude_aware_sign` (per channel) or `DoReFaSign` (per layer) and the latent
-    kernel `sign(t) |W|` (`|clip(W)|` with `scale_clip`), whose mean is the mapped
-    layer's scale, op for op (docs/METHOD.md section 7). The baked model computes
-    exactly what `model` computes; a layer for which it does not is named in a warning.
+    Each mapped layer gets `ste_sign`, or `magnitude_aware_sign` (`scale="channel"`) or
+    `DoReFaSign` (`"layer"`), and the latent kernel from which that quantizer computes
+    the mapped binary kernel op for op (`_baked_latent`, docs/METHOD.md section 7): the
+    baked model computes exactly what `model` does; a layer where not is named in a warning.
     """
     _check_model(model, "bake")
     layers = mapped_layers(model)
-    _check_has(layers, model, "mapped layer (NoisyMappedQuantizer) to bake")
+    check_has_layers(layers, model, "mapped layer (NoisyMappedQuantizer) to bake")
     baked_quantizers = {None: lq.quantizers.SteSign, "channel": lq.quantizers.MagnitudeAwareSign,
                         "layer": DoReFaSign}
     mapped = {id(l) for l in layers}

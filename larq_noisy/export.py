@@ -6,12 +6,9 @@ from larq_noisy.export import export_model
 report = export_model(model, "model.tflite", verify_images=x_test[:256])
 ```
 
-`export_model` bakes a mapped model (`larq_noisy.bake`), rebuilds a `mixed_float16` one
-in float32 (LCE does not convert mixed precision), converts it with LCE and checks that
-every binarized `QuantConv2D` became an `LceBconv2d` op and that LCE's interpreter agrees
-with Keras, else `VerificationError` and nothing written (docs/METHOD.md section 7). Its
-report (size against the float twin, op counts, agreement, optional latency) is printed,
-returned, and written as JSON next to the `.tflite`.
+A mapped model is baked, a `mixed_float16` one rebuilt in float32 (LCE does not convert
+mixed precision); a check that fails (docs/METHOD.md section 7) raises `VerificationError`
+and writes nothing. The report is printed, returned and written as JSON beside the file.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ from larq_compute_engine.tflite.python.interpreter import Interpreter
 from tensorflow.lite.python import schema_py_generated as tflite_schema
 
 from larq_noisy.conversion import (
-    _check_has, bake, binarized_layers, is_binary, mapped_layers, rebuild,
+    bake, binarized_layers, check_has_layers, is_binary, mapped_layers, rebuild,
 )
 
 __all__ = [
@@ -59,7 +56,7 @@ class VerificationError(RuntimeError):
 def check_exportable(model) -> tuple:
     """`model`'s input shape (without the batch) if it is a BNN that LCE can export:
     a binarized layer, one input of static shape, one output; else `ValueError`."""
-    _check_has(binarized_layers(model), model, "binarized layer to export")
+    check_has_layers(binarized_layers(model), model, "binarized layer to export")
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError(
             f"Model {model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} "

@@ -7,7 +7,7 @@ import larq as lq
 import numpy as np
 import tensorflow as tf
 
-from larq_noisy.conversion import _check_has, binarized_layers, mapped_layers
+from larq_noisy.conversion import binarized_layers, check_has_layers, mapped_layers
 from larq_noisy.quantizers import NoisyMappedQuantizer
 
 __all__ = ["FlipRateCallback", "auxiliary_losses", "flip_rates", "mean_saturation",
@@ -39,7 +39,7 @@ def flip_rates(model, reference=None) -> dict[str, float]:
     fraction flipped since then; binarized layers are paired in order.
     """
     layers = binarized_layers(model)
-    _check_has(layers, model, "binarized layer")
+    check_has_layers(layers, model, "binarized layer")
     if reference is None:
         return {l.name: float(np.mean(_binary_signs(l) != _latent_signs(l))) for l in layers}
     references = binarized_layers(reference)
@@ -65,7 +65,7 @@ def saturation(model) -> dict[str, float]:
     gradient reaches, `|f(W)| > 1` with `clip="hardtanh"` (`NoisyMappedQuantizer.saturated`),
     0 with `clip="none"`. `ValueError` if `model` has no mapped layer."""
     layers = mapped_layers(model)
-    _check_has(layers, model, "mapped layer (NoisyMappedQuantizer)")
+    check_has_layers(layers, model, "mapped layer (NoisyMappedQuantizer)")
     return {l.name: float(np.mean(l.kernel_quantizer.saturated(l.kernel))) for l in layers}
 
 

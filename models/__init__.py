@@ -6,15 +6,8 @@ model = models.build("resnet20", (32, 32, 3), 10, kernel_quantizer="ste_sign")
 mapped = larq_noisy.to_mapped(model)
 ```
 
-| name          | architecture                                   | binarized convs | default weight quantizer |
-| ------------- | ---------------------------------------------- | --------------- | ------------------------ |
-| `bnn_small`   | small Bi-Real-style binary ResNet (28x28 CPU)  | 6               | `ste_sign`               |
-| `resnet20`    | CIFAR ResNet-20, Bi-Real-style blocks          | 18              | `ste_sign`               |
-| `birealnet18` | larq-zoo Bi-Real Net 18                        | 16              | `magnitude_aware_sign`   |
-| `resnet_e18`  | larq-zoo BinaryResNetE18                       | 16              | `SteSign(clip 1.25)`     |
-
-All: binary activations and weights in the binarized convs; stem, downsampling 1x1
-shortcuts and classifier in full precision; softmax in float32 (`mixed_float16` works).
+Stem, downsampling 1x1 shortcuts and classifier are full precision, the softmax float32
+(`mixed_float16` works); docs/METHOD.md section 6.2 lists each model's binarized convs.
 """
 
 import os
@@ -53,21 +46,15 @@ def _check_choice(what: str, value, choices, note: str = "") -> None:
 
 def build(name: str, input_shape: Tuple[int, int, int], num_classes: int, *,
           kernel_quantizer: Optional[str] = None, weights: Optional[str] = None) -> tf.keras.Model:
-    """Build the registered model `name` (a functional Keras model, softmax output).
+    """The registered model `name` (one of `MODELS`): a functional Keras model whose
+    softmax has `num_classes` outputs, for images of `input_shape` `(height, width, channels)`.
 
     # Arguments
-        name: one of `MODELS`.
-        input_shape: `(height, width, channels)`.
-        num_classes: size of the softmax output.
-        kernel_quantizer: the weight binarization of the binarized layers, one of
-            `WEIGHT_QUANTIZERS` (with `kernel_constraint="weight_clip"`), or `None`
-            for the architecture's own default (the table above).
+        kernel_quantizer: The weight binarization of the binarized layers, one of
+            `WEIGHT_QUANTIZERS` (with `kernel_constraint="weight_clip"`), or `None` for
+            the architecture's own (docs/METHOD.md section 6.2).
         weights: `None` (random initialization) or the path of a local weights file
-            (Keras `.h5` or TF checkpoint prefix). Nothing is ever downloaded.
-
-    # Raises
-        ValueError: unknown `name` or `kernel_quantizer`, `weights="imagenet"`, or a
-            weights path that does not exist.
+            (Keras `.h5` or TF checkpoint prefix); nothing is ever downloaded.
     """
     _check_choice("model name", name, MODELS)
     overrides = {}

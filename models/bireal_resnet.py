@@ -6,9 +6,8 @@ ECCV 2018), so a ResNet basic block of two binary convolutions reads
     x = shortcut(x) + BN(QConv3x3(sign(x)))    # stride 2 and 2x channels when downsampling
     x = x + BN(QConv3x3(sign(x)))
 
-where `shortcut` is the identity, or `AvgPool2D(2) -> Conv1x1 -> BN` with a
-*full-precision* 1x1 conv when the block downsamples (as Bi-Real Net and BinaryResNetE18
-in larq-zoo; docs/METHOD.md 6.2). A ReLU on the real-valued stream before global average
+where `shortcut` is the identity, or a full-precision 1x1 conv when the block
+downsamples (as in larq-zoo; docs/METHOD.md 6.2). A ReLU before the global average
 pooling (as BinaryResNetE18) gives the full-precision classifier a non-linear feature.
 """
 
@@ -29,13 +28,9 @@ ConstraintType = Union[str, dict, tf.keras.constraints.Constraint]
 
 @factory
 class BiRealResNetFactory(ModelFactory):
-    """A binary ResNet of basic blocks whose binary convs each have a real shortcut.
-
-    Stem: full-precision 3x3 conv (`stem_strides`), BN, optional 3x3/2 max pool.
-    Stage `i` has `stage_filters[i]` channels and `blocks_per_stage` basic blocks of two
-    binary convs; every stage after the first starts by halving the resolution. So
-    the network has `2 * blocks_per_stage * len(stage_filters)` binarized layers and
-    `len(stage_filters) - 1` full-precision 1x1 shortcut convs.
+    """A binary ResNet of basic blocks whose binary convs each have a real shortcut:
+    `2 * blocks_per_stage * len(stage_filters)` binarized layers; every stage after the
+    first starts by halving the resolution, with a full-precision 1x1 shortcut conv.
     """
 
     model_name: str = Field("bireal_resnet")

@@ -1,12 +1,7 @@
-"""larq-zoo's ImageNet BNNs with a selectable weight binarization.
-
-larq-zoo models are zookeeper factories; these subclasses make the kernel quantizer and
-its constraint fields (defaults: the architecture's own, the table in `models`), so that
-a sign-binarized baseline can be built for `larq_noisy.to_mapped`. Everything else is
-larq-zoo's: the activations' quantizer (Bi-Real Net 18: `approx_sign`; BinaryResNetE18:
-`SteSign(clip_value=1.25)`), BinaryResNetE18's 3x3 stride-1 stem without pooling below
-50 pixels. Never build them with `weights="imagenet"`: that downloads, and this project
-runs offline.
+"""larq-zoo's ImageNet BNNs with the kernel quantizer and its constraint as fields
+(defaults: larq-zoo's), so that a sign-binarized baseline can be built for
+`larq_noisy.to_mapped`; all else is larq-zoo's. Never build them with
+`weights="imagenet"`: that downloads, and this project runs offline.
 """
 
 from larq_zoo.literature.birealnet import BiRealNetFactory
