@@ -29,7 +29,7 @@ import time
 import keras_tuner as kt
 import tensorflow as tf
 
-from harness import datasets, report, training
+from harness import report, training
 from harness.distribute import make_strategy
 from harness.protocols import TUNED_ARMS, get_protocol
 from harness.rundir import (
@@ -159,7 +159,6 @@ class TuneConfig:
         if self._resolved:
             return self
         c = dataclasses.replace(self)
-        datasets.get_spec(c.dataset)
         check_fields(c)  # the choices (arm, tuner, ...) and bounds (max_trials, epochs, ...)
         budget = BUDGETS.get(c.dataset, {"epochs": get_protocol(c.dataset).finetune_epochs})
         if not isinstance(c.search_seed, int) or c.search_seed < 1:
