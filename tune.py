@@ -17,7 +17,6 @@ and KERASTUNER_ORACLE_PORT and start the same command once per process.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -38,9 +37,8 @@ def parse_args(argv=None) -> tuple[tuning.TuneConfig, argparse.Namespace]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, tuning.TuneConfig, after=OPTIONS).add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    fields = {f.name for f in dataclasses.fields(tuning.TuneConfig)}
-    config = tuning.TuneConfig(**{k: v for k, v in vars(args).items() if k in fields},
-                               verbose=0 if args.quiet else 1)
+    settings = {k: v for k, v in vars(args).items() if k not in ("pretrain_only", "quiet")}
+    config = tuning.TuneConfig(**settings, verbose=0 if args.quiet else 1)
     try:
         config = config.resolved()  # every bad value is reported now, before any work
     except ValueError as error:

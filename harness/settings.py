@@ -25,7 +25,7 @@ from larq_noisy.mappers import MAPPERS
 from larq_noisy.quantizers import CLIPS, LABELS, OPTIONS, REDUCTIONS, STARTS, check_options
 
 __all__ = ["ARM_FIELDS", "TrainConfig", "add_flags", "checkpoint_mismatch", "flag",
-           "read_hparams", "setting"]
+           "read_hparams", "setting", "train_setting"]
 
 
 def setting(default=None, help=None, *, group: str | None = None, scope: str = "run",
@@ -137,9 +137,6 @@ def check_fields(config, scopes=("run", "arm")) -> None:
                 raise ValueError(f"{name}={value} must be {meta['check']}.")
 
 
-OPTIMIZERS = ("sgd", "adam")
-
-
 @dataclasses.dataclass
 class TrainConfig:
     """Every setting of a run. `None` means the default, resolved once (`resolved`,
@@ -176,7 +173,7 @@ class TrainConfig:
     steps_per_epoch: int | None = setting(None, "cap, for smoke runs", check=">= 1")
     limit: int | None = setting(None, "examples per split, for smoke runs", check=">= 1")
     batch_size: int | None = setting(None, "global batch size", check=">= 1")
-    optimizer: str | None = setting(choices=OPTIMIZERS)
+    optimizer: str | None = setting(choices=("sgd", "adam"))
     lr: float | None = setting(None, "pretraining learning rate", check="> 0")
     finetune_lr: float | None = setting(scope="arm", check="> 0")
     finetune_cosine: bool | None = setting(
@@ -360,6 +357,14 @@ class TrainConfig:
             else:
                 record.update({k: v for k, v in (saved or {}).items() if k.startswith(arm + ".")})
         return record
+
+
+def train_setting(name: str, help: str | None = None, group: str | None = None):
+    """`TrainConfig`'s setting `name` in another config (tune.py's), run-wide there: the
+    same default, choices and bound, with its own `help` if given."""
+    field = TrainConfig.__dataclass_fields__[name]
+    return dataclasses.field(default=field.default, metadata={
+        **field.metadata, "help": help or field.metadata["help"], "group": group, "scope": "run"})
 
 
 #: The `TrainConfig` fields an arm may have its own value of (`Protocol.tuned`,

@@ -159,12 +159,11 @@ def lr_schedule(c: TrainConfig, stream: str, lr: float, epochs: int):
     return LearningRateScheduler(lambda epoch: lr_at_epoch(epoch, lr, epochs, milestones, cosine))
 
 
-def fit_phase(session: Session, model, phase_dir: str, name: str, stream: str, lr: float,
-              epochs: int, extra=(), config: TrainConfig | None = None) -> tuple[float, bool]:
+def fit_phase(session: Session, c: TrainConfig, model, phase_dir: str, name: str, stream: str,
+              lr: float, epochs: int, extra=()) -> tuple[float, bool]:
     """Train `model` for `epochs` epochs of `stream` (resuming a backup in `phase_dir`),
-    its learning rate scheduled from `lr` as `config` (an arm's; default: the run's) says;
+    its learning rate scheduled from `lr` as `c` (the run's or an arm's settings) says;
     the phase's wall time (sessions before a resumption included) and whether it resumed."""
-    c = session.config
     os.makedirs(phase_dir, exist_ok=True)
     backup = RunDir.backup(phase_dir)
     position = backup_position(backup)
@@ -176,7 +175,7 @@ def fit_phase(session: Session, model, phase_dir: str, name: str, stream: str, l
     bars = c.verbose == 1 and session.chief
     callbacks = [
         StopOnNaN(name, RunDir.checkpoint(phase_dir)),
-        lr_schedule(config or c, stream, lr, epochs),
+        lr_schedule(c, stream, lr, epochs),
         # Before `extra`: the bar ends its line without the per-layer flip rates.
         *([tf.keras.callbacks.ProgbarLogger(count_mode="steps")] if bars else []),
         *extra,  # before the loggers: they add to the epoch logs
@@ -222,7 +221,7 @@ def run_pretraining(session: Session) -> str:
         model = build_baseline(c)
         _compile(model, c, c.lr)
     session.summary(model, "sign")
-    wall, _ = fit_phase(session, model, run_dir.pretrain, "pretrain", "pretrain", c.lr,
+    wall, _ = fit_phase(session, c, model, run_dir.pretrain, "pretrain", "pretrain", c.lr,
                         c.pretrain_epochs)
     if not session.chief:  # its own copy: the chief may still be writing weights.h5
         weights = os.path.join(tempfile.mkdtemp(), "weights.h5")
@@ -243,8 +242,8 @@ def warmup(session: Session, c: TrainConfig, model, arm_dir: str) -> float:
     with session.strategy.scope():
         warm = _MapperWarmup(model.inputs, model.outputs)
         _compile(warm, c, c.finetune_lr)
-    wall, _ = fit_phase(session, warm, os.path.join(arm_dir, "warmup"), f"{model.name}_warmup",
-                        "warmup", c.finetune_lr, c.warmup_epochs)
+    wall, _ = fit_phase(session, c, warm, os.path.join(arm_dir, "warmup"),
+                        f"{model.name}_warmup", "warmup", c.finetune_lr, c.warmup_epochs)
     for layer in batchnorms:
         layer.trainable = True
     with session.strategy.scope():
@@ -272,8 +271,8 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
     session.summary(model, "sign" if options is None else "mapped")
     warm = warmup(session, c, model, arm_dir) if options is not None and c.warmup_epochs else 0.0
     flips = [FlipRateCallback(reference=reference)]
-    wall, resumed = fit_phase(session, model, arm_dir, arm, "finetune", c.finetune_lr,
-                              c.finetune_epochs, extra=flips, config=c)
+    wall, resumed = fit_phase(session, c, model, arm_dir, arm, "finetune", c.finetune_lr,
+                              c.finetune_epochs, extra=flips)
     fitted = time.time()
     result = {
         **session.evaluate(model),

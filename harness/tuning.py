@@ -29,9 +29,8 @@ import time
 import keras_tuner as kt
 import tensorflow as tf
 
-import models
-from harness import datasets, report, training
-from harness.distribute import STRATEGIES, make_strategy
+from harness import report, training
+from harness.distribute import make_strategy
 from harness.protocols import TUNED_ARMS, get_protocol
 from harness.rundir import (
     RunDir, ensure_writable_dir, pretrained_run, pretrained_weights_path, read_json, write_json,
@@ -40,7 +39,7 @@ from harness.search_space import (
     DEFAULT_ALPHA_RANGE, DEFAULT_BOP_GAMMA_RANGE, DEFAULT_BOP_THRESHOLD_RANGE, DEFAULT_RHO_RANGE,
     REFERENCES, FineTuningHyperModel,
 )
-from harness.settings import check_fields, setting
+from harness.settings import check_fields, setting, train_setting
 from larq_noisy.mappers import MAPPERS
 from larq_noisy.quantizers import CLIPS, OPTIONS, check_options
 
@@ -76,25 +75,25 @@ class SearchFailed(RuntimeError):
 
 @dataclasses.dataclass
 class TuneConfig:
-    """Every setting of a search; those made by `setting` are tune.py's flags. `None`
-    means the default: the dataset's (`BUDGETS`, `protocols.PROTOCOLS`), a
-    `DEFAULT_*_RANGE`, the learning rate a decade either side of the protocol's;
-    `output_dir=None`: `tune_runs/<dataset>/<arm>`. `clip` and `aux_to_latent` are
-    searched unless fixed here."""
+    """Every setting of a search; those made by `setting` or `train_setting` (`TrainConfig`'s
+    of that name) are tune.py's flags. `None` means the default: the dataset's (`BUDGETS`,
+    `protocols.PROTOCOLS`), a `DEFAULT_*_RANGE`, the learning rate a decade either side of
+    the protocol's; `output_dir=None`: `tune_runs/<dataset>/<arm>`. `clip` and
+    `aux_to_latent` are searched unless fixed here."""
 
     arm: str = setting("lns", "the fine-tuning arm to search (default: %(default)s)",
                        group="what to tune", choices=TUNED_ARMS)
-    dataset: str = setting("fashion_mnist", choices=sorted(datasets.DATASETS))
-    model: str | None = setting(None, "default: the dataset's", choices=sorted(models.MODELS))
-    pretrained: str | None = setting(
-        None, "a train.py output dir or its pretrain/weights.h5 (default: runs/<dataset> if "
-        "pretrained, else pretrain once)", metavar="PATH")
-    output_dir: str | None = setting(None, "default: tune_runs/<dataset>/<arm>")
+    dataset: str = train_setting("dataset")
+    model: str | None = train_setting("model")
+    pretrained: str | None = train_setting(
+        "pretrained", "a train.py output dir or its pretrain/weights.h5 (default: "
+        "runs/<dataset> if pretrained, else pretrain once)")
+    output_dir: str | None = train_setting("output_dir", "default: tune_runs/<dataset>/<arm>")
     # Where the one-time pretraining goes; None: tune_runs/<dataset>/pretrain_run with
     # the default output_dir (shared by the arms), else <output_dir>/pretrain_run.
     pretrain_dir: str | None = None
-    seed: int = setting(0, "the trials' batches and mapper initialisation, as train.py's "
-                        "(default: %(default)s)")
+    seed: int = train_setting("seed", "the trials' batches and mapper initialisation, as "
+                              "train.py's (default: %(default)s)")
     search_seed: int = setting(1, "keras-tuner's oracle seed: which settings the trials try, "
                                ">= 1 (default: %(default)s)")
 
@@ -105,15 +104,15 @@ class TuneConfig:
     epochs: int | None = setting(
         None, "fine-tuning epochs per trial (hyperband: the most); default "
         f"{SMALL_BUDGET['epochs']} on (fashion_)mnist, else the protocol's", check=">= 1")
-    steps_per_epoch: int | None = setting(
-        None, f"default {SMALL_BUDGET['steps_per_epoch']} on (fashion_)mnist, else full epochs",
-        check=">= 1")
+    steps_per_epoch: int | None = train_setting(
+        "steps_per_epoch", f"default {SMALL_BUDGET['steps_per_epoch']} on (fashion_)mnist, "
+        "else full epochs")
     search_lr: bool = setting(
         True, "search the fine-tuning learning rate (default: yes), log-uniform over a decade "
         "either side of the protocol's; for bop, the rate of the variables Bop does not flip")
     lr_range: tuple[float, float] | None = setting(None, "the fine-tuning learning rate's range")
-    finetune_cosine: bool | None = setting(
-        None, "the trials' schedule, as train.py's (default: the protocol's)")
+    finetune_cosine: bool | None = train_setting(
+        "finetune_cosine", "the trials' schedule, as train.py's (default: the protocol's)")
 
     alpha_range: tuple[float, float] | None = setting(
         None, f"log-uniform (default: {list(DEFAULT_ALPHA_RANGE)})", group="search (--arm lns)")
@@ -124,13 +123,13 @@ class TuneConfig:
     search_mapper: tuple[str, ...] | None = setting(  # (): all of `MAPPERS`
         None, f"also search the mapper kind among KINDs (default: all of {list(MAPPERS)})",
         choices=list(MAPPERS), metavar="KIND")
-    mapper: str | None = setting(
-        None, "fix the mapper kind (default: the dataset's protocol)", choices=list(MAPPERS))
-    clip: str | None = setting(
-        None, f"fix the quantizer's clip (default: searched among {list(CLIPS)})", choices=CLIPS)
-    aux_to_latent: bool | None = setting(
-        None, "fix whether the noisy-supervision loss trains the latent weights (default: "
-        "searched)")
+    mapper: str | None = train_setting("mapper", "fix the mapper kind (default: the dataset's "
+                                       "protocol)")
+    clip: str | None = train_setting(
+        "clip", f"fix the quantizer's clip (default: searched among {list(CLIPS)})")
+    aux_to_latent: bool | None = train_setting(
+        "aux_to_latent", "fix whether the noisy-supervision loss trains the latent weights "
+        "(default: searched)")
 
     bop_threshold_range: tuple[float, float] | None = setting(
         None, f"log-uniform (default: {list(DEFAULT_BOP_THRESHOLD_RANGE)})",
@@ -138,13 +137,13 @@ class TuneConfig:
     bop_gamma_range: tuple[float, float] | None = setting(
         None, f"log-uniform (default: {list(DEFAULT_BOP_GAMMA_RANGE)})")
 
-    batch_size: int | None = setting(
-        None, "global batch size (default: the protocol's)", group="data and hardware")
-    limit: int | None = setting(None, "examples per split, for smoke runs")
-    data_dir: str | None = setting(None, "tfds data dir (and Fashion-MNIST IDX files)")
-    strategy: str = setting("auto", choices=STRATEGIES)
-    pretrain_epochs: int | None = setting(
-        None, "for the one-time pretraining (default: the protocol's)")
+    batch_size: int | None = train_setting(
+        "batch_size", "global batch size (default: the protocol's)", group="data and hardware")
+    limit: int | None = train_setting("limit")
+    data_dir: str | None = train_setting("data_dir")
+    strategy: str = train_setting("strategy")
+    pretrain_epochs: int | None = train_setting(
+        "pretrain_epochs", "for the one-time pretraining (default: the protocol's)")
     verbose: int = 1
     # Set by `resolved` only; any change (`dataclasses.replace`) clears it.
     _resolved: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
@@ -160,7 +159,6 @@ class TuneConfig:
         if self._resolved:
             return self
         c = dataclasses.replace(self)
-        datasets.get_spec(c.dataset)
         check_fields(c)  # the choices (arm, tuner, ...) and bounds (max_trials, epochs, ...)
         budget = BUDGETS.get(c.dataset, {"epochs": get_protocol(c.dataset).finetune_epochs})
         if not isinstance(c.search_seed, int) or c.search_seed < 1:
@@ -205,18 +203,14 @@ class TuneConfig:
         return c
 
     def train_config(self, weights: str | None = None) -> training.TrainConfig:
-        """The resolved `TrainConfig` every trial starts from: `arms=(arm,)`, with the
-        arm's settings (`TrainConfig.for_arm`)."""
-        settings = dict(
-            dataset=self.dataset, model=self.model, arms=(self.arm,),
-            batch_size=self.batch_size, limit=self.limit, seed=self.seed,
-            strategy=self.strategy, data_dir=self.data_dir, mapper=self.mapper, clip=self.clip,
-            aux_to_latent=self.aux_to_latent, pretrained=weights or self.pretrained,
-            finetune_epochs=self.epochs, steps_per_epoch=self.steps_per_epoch,
-            finetune_cosine=self.finetune_cosine, output_dir=self.output_dir or "", verbose=0,
-        )
-        if not settings["pretrained"] and self.pretrain_epochs is not None:
-            settings["pretrain_epochs"] = self.pretrain_epochs
+        """The resolved `TrainConfig` every trial starts from: the settings of the same
+        name, `arms=(arm,)`, with the arm's settings (`TrainConfig.for_arm`)."""
+        pretrained = weights or self.pretrained
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.init and f.name in training.TrainConfig.__dataclass_fields__}
+        settings.update(arms=(self.arm,), pretrained=pretrained, finetune_epochs=self.epochs,
+                        pretrain_epochs=None if pretrained else self.pretrain_epochs,
+                        output_dir=self.output_dir or "", verbose=0)
         return training.TrainConfig(**settings).resolved().for_arm(self.arm)
 
     def to_json(self) -> dict:
