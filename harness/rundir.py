@@ -276,19 +276,17 @@ class RunDir:
         """Refuse to resume the run saved here with other settings than `settings`
         (those named in `resumable` may change); then record `settings` (in `config`,
         by default config.json) unless `record` is false."""
-        from harness.protocols import ARMS  # TensorFlow: not when a script only prints --help
-
         path = config or self.config
         if os.path.exists(path):
             saved = read_json(
                 path, f"it records the settings of {what} in {self.root}; restore it, or "
                 "choose a new --output-dir",
             )
-            # An arm's settings ("<arm>.<field>"): checked once the arm has run with them.
+            # An arm's settings ("<arm>.<field>", `TrainConfig.recorded`; no other key has
+            # a ".": the others are field names) are checked once the arm has run with them.
             changed = {
                 k: (saved.get(k), v) for k, v in settings.items()
-                if k not in resumable and saved.get(k) != v
-                and (k in saved or k.partition(".")[0] not in ARMS)
+                if k not in resumable and saved.get(k) != v and ("." not in k or k in saved)
             }
             if changed:
                 diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
