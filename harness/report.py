@@ -89,6 +89,10 @@ def write_results_md(results: dict, path: str) -> None:
         cells += [_pct(r.get("flip_rate")), _pct(r.get("saturation")), str(r.get("epochs", "-"))]
         cells.append(f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "-")
         rows.append("| " + " | ".join(cells) + " |")
+    stopped = results.get("stopped", {})
+    for arm in stopped:  # every cell but the title: "stopped", the line below says why
+        cells = ["stopped"] * (head.count("|") - 2)
+        rows.append(f"| {ARM_TITLES.get(arm, arm)} (`{arm}`) | " + " | ".join(cells) + " |")
     config = results.get("config", {})
     lines = [
         f"# Results: {results.get('model')} on {results.get('dataset')}",
@@ -98,6 +102,14 @@ def write_results_md(results: dict, path: str) -> None:
         "of the training set; test is the official test split.",
         "", head, rule, *rows, "",
     ]
+    start = results.get("baseline", {}).get("val_accuracy")
+    below = [f"`{arm}` ({100 * (r['val_accuracy'] - start):+.2f} points)"
+             for arm, r in arms.items() if start is not None
+             and r.get("val_accuracy") is not None and r["val_accuracy"] < start]
+    if below:
+        lines += ["Below their starting point (the baseline's validation accuracy): "
+                  + ", ".join(below) + ".", ""]
+    lines += [f"Stopped: {line}" for line in stopped.values()] + ([""] if stopped else [])
     settings = [f"- `{arm}`: {_settings(r)}" for arm, r in arms.items() if "finetune_lr" in r]
     if settings:
         lines += ["Each arm's fine-tuning settings:", "", *settings, ""]

@@ -169,7 +169,8 @@ class RunDir:
 
     #: Settings a resumed run may change without changing results; `machine` too (a
     #: preempted run may resume on another CPU: each arm's result.json says where it finished).
-    RESUMABLE = ("arms", "strategy", "verbose", "output_dir", "backup_every", "export", "machine")
+    RESUMABLE = ("arms", "strategy", "verbose", "output_dir", "backup_every", "export", "machine",
+                 "guard")
 
     result = _phase_file("result.json")
     model = _phase_file("model.h5")  # an arm's baked, deployable model

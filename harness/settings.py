@@ -180,9 +180,16 @@ class TrainConfig:
         None, "decay the fine-tuning rate (and Bop's gamma) to 0 along a cosine, step by "
         "step; --no-finetune-cosine: the protocol's milestones (constant on Fashion-MNIST)")
 
+    guard: bool = setting(
+        True, "leave the guard off: by default an arm that flips more than 5%% of its binary "
+        "weights in its first 10 steps, or whose loss is not finite, is stopped with one line "
+        "(the other arms go on)", flag="--no-guard")
+
     preset: str | None = setting(
         None, "paper: the paper's LNS options (cnn mapper, alpha 1, rho 0.005, sum, hardtanh, "
-        "aux to W) instead of the dataset's measured ones", choices=sorted(PRESETS),
+        "aux to W); per_weight: the loss averaged per weight, separable mapper (what a model "
+        "without measured settings gets); instead of the dataset's measured ones",
+        choices=sorted(PRESETS),
         group="LNS (default: the dataset's protocol, else larq_noisy.NoisyMappedQuantizer's)")
     alpha: float | None = setting(None, "weight of the noisy-supervision loss", scope="quantizer")
     rho_pos: float | None = setting(scope="quantizer")
@@ -240,7 +247,7 @@ class TrainConfig:
                 and filled.kernel_quantizer is None and filled.image_size is None):
             filled.pretrained = shipped_checkpoint(filled.dataset)
         if protocol.tuned_model not in (None, filled.model) and filled.preset is None:
-            filled.preset = "paper"  # the tuned settings belong to another model
+            filled.preset = "per_weight"  # the tuned settings belong to another model
         for field in ("model", "pretrain_epochs", "finetune_epochs", "batch_size", "optimizer",
                       "lr", "arms", "finetune_cosine"):
             if getattr(filled, field) is None:
@@ -453,13 +460,13 @@ def shipped_checkpoint(dataset: str) -> str | None:
 def settings_note(c: TrainConfig) -> str:
     """Which fine-tuning settings the run's arms take, and why."""
     protocol = get_protocol(c.dataset)
-    if protocol.tuned_model not in (None, c.model) and c.preset == "paper":
-        return (f"Fine-tuning settings: the paper's (--preset paper), as {c.dataset}'s tuned "
-                f"settings belong to {protocol.tuned_model}, not {c.model}: with the sum "
-                "reduction, alpha's scale grows with the size of the layers.")
+    if protocol.tuned_model not in (None, c.model) and c.preset == "per_weight":
+        return (f"Fine-tuning settings: per_weight (--preset per_weight), as {c.dataset}'s "
+                f"tuned settings belong to {protocol.tuned_model}, not {c.model}; per_weight "
+                "holds at every layer size measured (docs/RESULTS.md section 7).")
     if c.preset:
         return f"Fine-tuning settings: the preset {c.preset!r}, one learning rate for every arm."
     if protocol.tuned_model:
-        return (f"Fine-tuning settings: each arm's own, tuned for {c.model} on {c.dataset} "
-                "(docs/RESULTS.md section 0); flags and --hparams win.")
+        return (f"Fine-tuning settings: {c.dataset}'s, measured on {c.model} "
+                f"({protocol.note}); flags and --hparams win.")
     return f"Fine-tuning settings: {c.dataset}'s protocol ({protocol.note})."

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import os
+import shutil
+import sys
 import tempfile
 import time
 import typing
@@ -39,10 +42,13 @@ from harness.rundir import (
     pretrained_run, pretrained_weights_path, read_json, save_weights, weights_fingerprint,
     write_json,
 )
-from harness.settings import TrainConfig, checkpoint_mismatch, settings_note, shipped_checkpoint
+from harness.settings import (
+    ARM_FIELDS, TrainConfig, checkpoint_mismatch, settings_note, shipped_checkpoint,
+)
 from larq_noisy.conversion import bake, mapped_layers, to_mapped
 from larq_noisy.monitoring import (
-    FlipRateCallback, auxiliary_losses, flip_rates, mean_saturation, size_weighted_mean,
+    FlipGuard, FlipRateCallback, GuardStopped, auxiliary_losses, flip_rates, mean_saturation,
+    size_weighted_mean,
 )
 
 __all__ = ["BOP_GAMMA", "CheckpointError", "TrainingDiverged", "build_arm", "build_baseline",
@@ -160,10 +166,11 @@ def lr_schedule(c: TrainConfig, stream: str, lr: float, epochs: int):
 
 
 def fit_phase(session: Session, c: TrainConfig, model, phase_dir: str, name: str, stream: str,
-              lr: float, epochs: int, extra=()) -> tuple[float, bool]:
+              lr: float, epochs: int, extra=(), guard=None) -> tuple[float, bool]:
     """Train `model` for `epochs` epochs of `stream` (resuming a backup in `phase_dir`),
     its learning rate scheduled from `lr` as `c` (the run's or an arm's settings) says;
-    the phase's wall time (sessions before a resumption included) and whether it resumed."""
+    the phase's wall time (sessions before a resumption included) and whether it resumed.
+    `guard(start=steps done)`: a `FlipGuard` to watch the phase's first steps."""
     os.makedirs(phase_dir, exist_ok=True)
     backup = RunDir.backup(phase_dir)
     position = backup_position(backup)
@@ -174,6 +181,7 @@ def fit_phase(session: Session, c: TrainConfig, model, phase_dir: str, name: str
         session.log(f"{name}: resuming at epoch {position // steps + 1}, step {position % steps + 1}")
     bars = c.verbose == 1 and session.chief
     callbacks = [
+        *([guard(start=position)] if guard else []),  # first: it stops before any save
         StopOnNaN(name, RunDir.checkpoint(phase_dir)),
         lr_schedule(c, stream, lr, epochs),
         # Before `extra`: the bar ends its line without the per-layer flip rates.
@@ -271,8 +279,10 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
     session.summary(model, "sign" if options is None else "mapped")
     warm = warmup(session, c, model, arm_dir) if options is not None and c.warmup_epochs else 0.0
     flips = [FlipRateCallback(reference=reference)]
+    guard = functools.partial(FlipGuard, reference, name=f"arm '{arm}'",
+                              advice=guard_advice(options)) if c.guard else None
     wall, resumed = fit_phase(session, c, model, arm_dir, arm, "finetune", c.finetune_lr,
-                              c.finetune_epochs, extra=flips)
+                              c.finetune_epochs, extra=flips, guard=guard)
     fitted = time.time()
     result = {
         **session.evaluate(model),
@@ -308,6 +318,33 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
         f"weights since pretraining, {result['wall_seconds']:.0f} s"
     )
     return result
+
+
+def guard_advice(options: dict | None) -> str:
+    """What to change when `FlipGuard` stops an arm with quantizer `options` (None: sign
+    weights), as measured in docs/RESULTS.md section 7."""
+    if options and options.get("reduction") == "sum":
+        fix = "set --preset per_weight (or --reduction mean)"
+    elif options and options.get("mapper") == "cnn":
+        fix = "set --mapper separable, or a lower --finetune-lr"
+    else:
+        fix = "set a lower --finetune-lr" + (" or --alpha" if options else "")
+    return f"{fix}; the pretrained checkpoint is untouched (--no-guard turns the guard off)"
+
+
+def stop_arm(session: Session, arm: str, stop: GuardStopped) -> str:
+    """An arm the guard stopped: its one line (on stderr, whatever the verbosity), and its
+    directory and recorded settings gone, so that the command, with the setting changed,
+    fine-tunes it again; the run's other files stay as they are."""
+    message = str(stop)
+    print(f"train.py: {message}", file=sys.stderr, flush=True)
+    run_dir = session.run_dir
+    if session.chief:
+        shutil.rmtree(run_dir.arm(arm), ignore_errors=True)
+        saved = run_dir.saved_settings()
+        write_json(run_dir.config, {k: v for k, v in saved.items()
+                                    if not k.startswith(arm + ".")})
+    return message
 
 
 def check_lineage(run_dir: RunDir, fingerprint: str) -> None:
@@ -355,14 +392,17 @@ def pretraining_origin(config: TrainConfig, run_dir: RunDir, weights: str) -> di
     return {"run": source.root, "epochs": source.saved_settings().get("pretrain_epochs")}
 
 
-def write_results(session: Session, baseline_scores: dict, pretrained: dict) -> dict:
-    """results.json: the baseline, how it was `pretrained` (`pretraining_origin`) and every
-    finished arm of the directory; written by the chief, with results.md and the plots."""
+def write_results(session: Session, baseline_scores: dict, pretrained: dict,
+                  stopped: dict | None = None) -> dict:
+    """results.json: the baseline, how it was `pretrained` (`pretraining_origin`), every
+    finished arm of the directory and the arms the guard `stopped` ({arm: its line});
+    written by the chief, with results.md and the plots."""
     config, run_dir = session.config, session.run_dir
     arms = {arm: run_dir.read_result(run_dir.arm(arm)) for arm in ARMS}
     results = {"config": config.to_json(), "dataset": config.dataset, "model": config.model,
                "machine": machine(), "baseline": baseline_scores, "pretraining": pretrained,
-               "arms": {arm: result for arm, result in arms.items() if result is not None}}
+               "arms": {arm: result for arm, result in arms.items() if result is not None},
+               "stopped": dict(stopped or {})}
     if not session.chief:
         return results
     write_json(run_dir.path("results.json"), results)
@@ -414,7 +454,10 @@ def run(config: TrainConfig) -> dict:
         progress = stack.enter_context(Progress(run_dir.root))
         if not cluster:
             stack.enter_context(run_dir.locked())
-        run_dir.check_settings(config.recorded(run_dir.saved_settings()))
+        # The settings an arm may have its own value of are checked in the arm's record
+        # ("<arm>.<field>") once it has run: an arm the guard stopped runs again changed.
+        run_dir.check_settings(config.recorded(run_dir.saved_settings()),
+                               resumable=(*RunDir.RESUMABLE, *ARM_FIELDS, "preset", "tuned"))
         stack.enter_context(run_environment(config))
         # The strategy first: multi-worker needs it before any other TensorFlow op.
         strategy = make_strategy(config.strategy)
@@ -443,6 +486,7 @@ def run(config: TrainConfig) -> dict:
                     f"test accuracy {scores['test_accuracy']:.4f}")
         pretrained = pretraining_origin(config, run_dir, weights)
         results = write_results(session, scores, pretrained)
+        stopped = {}
         for arm in config.arms:
             arm_dir = run_dir.arm(arm)
             if run_dir.read_result(arm_dir) is not None:
@@ -452,7 +496,12 @@ def run(config: TrainConfig) -> dict:
                 if chief:
                     os.makedirs(arm_dir, exist_ok=True)
                     write_json(run_dir.lineage(arm), {"weights": weights, "sha256": fingerprint})
-                finetune(session, arm, weights, reference)
+                try:
+                    finetune(session, arm, weights, reference)
+                except GuardStopped as stop:
+                    stopped[arm] = stop_arm(session, arm, stop)
+                    results = write_results(session, scores, pretrained, stopped)
+                    continue
             if config.export and chief:
                 from harness.exporting import export_arm  # LCE only when exporting
 
@@ -460,7 +509,7 @@ def run(config: TrainConfig) -> dict:
                 tflite = export_arm(run_dir.root, arm, verbose=bool(config.verbose))
                 result = run_dir.read_result(arm_dir)
                 write_json(run_dir.result(arm_dir), {**result, "tflite": tflite["tflite"]})
-            results = write_results(session, scores, pretrained)
+            results = write_results(session, scores, pretrained, stopped)
         session.header(f"Done: {run_dir.path('results.md')}")
         if chief and config.verbose:
             with open(run_dir.path("results.md")) as f:

@@ -10,8 +10,8 @@ import tensorflow as tf
 from larq_noisy.conversion import binarized_layers, check_has_layers, mapped_layers
 from larq_noisy.quantizers import NoisyMappedQuantizer
 
-__all__ = ["FlipRateCallback", "auxiliary_losses", "flip_rates", "mean_saturation",
-           "saturation", "size_weighted_mean"]
+__all__ = ["FlipGuard", "FlipRateCallback", "GuardStopped", "auxiliary_losses", "flip_rates",
+           "mean_saturation", "saturation", "size_weighted_mean"]
 
 
 def _latent_signs(layer) -> np.ndarray:
@@ -113,3 +113,60 @@ class FlipRateCallback(tf.keras.callbacks.Callback):
         logs.update({f"saturation/{name}": fraction for name, fraction in fractions.items()})
         logs["saturation"] = mean_saturation(self.model, fractions)
         logs["aux_loss"] = sum(auxiliary_losses(self.model).values())
+
+
+class GuardStopped(RuntimeError):
+    """`FlipGuard` stopped the training: the model was scrambling its reference."""
+
+
+class FlipGuard(tf.keras.callbacks.Callback):
+    """Stops a fine-tuning that throws its pretrained binary weights away in its first steps.
+
+    After each of the steps `checks` (counted from `start`, the first step this `fit`
+    runs), it measures the fraction of binary weights flipped since `reference`
+    (`flip_rates`, over all binarized layers) and raises `GuardStopped` when it exceeds
+    `max_flip_rate`, or at once when the loss is not finite. Healthy fine-tuning flips
+    well under 5% in 10 steps; the paper's `sum` reduction flips about half of a ResNet's
+    binary weights in one (docs/RESULTS.md section 7). Put it first in the callback
+    list, so that it raises before anything saves the scrambled weights.
+
+    !!! example
+        ```python
+        mapped.fit(data, callbacks=[larq_noisy.FlipGuard(reference=model)])
+        ```
+
+    # Arguments
+        reference: The model whose binary weights count as unflipped (the pretrained one).
+        max_flip_rate: The largest tolerated fraction, in [0, 1].
+        checks: The steps (1-based) after which the flip rate is measured; none later.
+        start: The steps already done (a resumed training), counted in `checks`.
+        name: How the message names what stopped (e.g. an arm).
+        advice: What the message suggests to change.
+    """
+
+    def __init__(self, reference, max_flip_rate: float = 0.05, checks=(1, 2, 3, 5, 10),
+                 start: int = 0, name: str = "training", advice: str = ""):
+        super().__init__()
+        if not 0 <= max_flip_rate <= 1:
+            raise ValueError(f"max_flip_rate={max_flip_rate!r} must be in [0, 1].")
+        self.reference, self.max_flip_rate = reference, max_flip_rate
+        self.checks, self.step = frozenset(checks), start
+        self.last = max(checks, default=0)
+        self.name, self.advice = name, advice
+
+    def _stop(self, what: str):
+        advice = f"; {self.advice}" if self.advice else ""
+        raise GuardStopped(f"{self.name} stopped by the guard at step {self.step}: {what}{advice}.")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step > self.last:
+            return
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            self._stop(f"the loss became {loss}")
+        if self.step in self.checks:
+            rate = size_weighted_mean(self.model, flip_rates(self.model, self.reference))
+            if rate > self.max_flip_rate:
+                self._stop(f"{rate:.1%} of its binary weights flipped since pretraining "
+                           f"(bound {self.max_flip_rate:.0%} in the first {self.last} steps)")

@@ -13,7 +13,7 @@ from larq_noisy.losses import check_noise_rates, reduced_unbiased_loss
 from larq_noisy.mappers import MAPPERS, build_mapper, map_kernel
 
 __all__ = [
-    "DEFAULTS", "OPTIONS", "PAPER", "DoReFaSign", "NoisyMappedQuantizer", "apply_scale",
+    "DEFAULTS", "OPTIONS", "PAPER", "PER_WEIGHT", "DoReFaSign", "NoisyMappedQuantizer", "apply_scale",
     "binary_scale", "check_options", "filters_to_kernel", "kernel_to_filters",
 ]
 
@@ -28,9 +28,14 @@ PAPER = {
     "mapper": "cnn", "alpha": 1.0, "rho_pos": 0.005, "rho_neg": 0.005, "reduction": "sum",
     "clip": "hardtanh", "aux_to_latent": True,
 }
-#: The quantizer's defaults: the paper's, except that the auxiliary loss trains the
-#: mapper only (docs/METHOD.md section 8).
-DEFAULTS = {**PAPER, "aux_to_latent": False}
+#: The setting that holds at every layer size (docs/METHOD.md section 3.6): the loss
+#: averaged per weight, so that alpha means the same on a 2,304-weight and a 2.36 M-weight
+#: layer, and the `separable` mapper, whose step does not grow with the layer under SGD.
+#: Measured on ResNet-20, Bi-Real Net 18 and ResNet-E 18 (docs/RESULTS.md section 7); the
+#: paper's `sum` flips about half of their binary weights in one step.
+PER_WEIGHT = {**PAPER, "mapper": "separable", "reduction": "mean"}
+#: The quantizer's defaults (docs/METHOD.md section 8).
+DEFAULTS = PER_WEIGHT
 
 
 def check_options(**options) -> dict:
@@ -153,7 +158,8 @@ class NoisyMappedQuantizer(lq.quantizers.Quantizer):
         rho_pos: $\rho_{+1}$, the probability that a +1 weight has label -1.
         rho_neg: $\rho_{-1}$, the probability that a -1 weight has label +1.
         width: The mapper's hidden width as a multiple of `c_in` (`None`: the family's).
-        reduction: `"sum"` over the layer's weights (the paper's Eq. 17) or `"mean"`.
+        reduction: `"mean"` over the layer's weights (the default: alpha's meaning does
+            not depend on the layer's size) or `"sum"` (the paper's Eq. 17).
         labels: `"current"` signs of `W`, or `"frozen"`: those captured by
             `freeze_labels` (done by `to_mapped`; until then the current ones).
         start: `"identity"`: a residual mapper $f_\theta(W) = W + g_\theta(W)$, its last

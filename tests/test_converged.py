@@ -59,12 +59,12 @@ def test_tuned_settings_belong_to_their_model_and_the_run_says_so():
     small = training.TrainConfig().resolved()
     tuned = get_protocol("fashion_mnist").tuned["lns"]
     assert small.preset is None and small.arm_settings("lns")["alpha"] == tuned["alpha"]
-    assert "tuned for bnn_small" in training.settings_note(small)
+    assert "measured on bnn_small" in training.settings_note(small)
     other = training.TrainConfig(model="resnet20", arms=("lns",)).resolved()
-    assert other.preset == "paper"
-    assert other.quantizer_options("lns")["alpha"] == 1.0  # the paper's, not bnn_small's
+    assert other.preset == "per_weight"
+    assert other.quantizer_options("lns")["reduction"] == "mean"  # not bnn_small's sum
     note = training.settings_note(other)
-    assert "the paper's" in note and "bnn_small, not resnet20" in note
+    assert "per_weight" in note and "bnn_small, not resnet20" in note
 
 
 def test_the_protocol_fine_tunes_with_what_the_benchmark_tuned_from_its_checkpoint():

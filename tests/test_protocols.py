@@ -86,7 +86,7 @@ def test_each_arm_resolves_its_settings_in_one_order(monkeypatch):
 
 
 def test_preset_paper_is_one_flag_away_and_flags_still_win():
-    from larq_noisy.quantizers import PAPER, NoisyMappedQuantizer
+    from larq_noisy.quantizers import PAPER, PER_WEIGHT, NoisyMappedQuantizer
 
     default = train.parse_args([]).for_arm("lns")
     paper = train.parse_args(["--preset", "paper"]).for_arm("lns")
@@ -94,10 +94,12 @@ def test_preset_paper_is_one_flag_away_and_flags_still_win():
     assert default.mapper != paper.mapper  # Fashion-MNIST's measured options differ
     assert paper.finetune_lr == get_protocol("fashion_mnist").finetune_lr  # one rate for all
     assert train.parse_args(["--preset", "paper", "--alpha", "0.5"]).for_arm("lns").alpha == 0.5
-    # The quantizer's defaults are the paper's but for the measured aux_to_latent; the
-    # paper's own protocols keep the paper's.
+    # The quantizer's defaults are per_weight, measured at every layer size; so are the
+    # protocols' of the larger models, and what a model without measured settings gets.
     assert {k: getattr(NoisyMappedQuantizer(), k if k != "mapper" else "mapper_kind")
-            for k in PAPER} == {**PAPER, "aux_to_latent": False}
-    for dataset in ("cifar10", "imagenet2012", "imagenette"):
-        lns = train.parse_args(["--dataset", dataset]).for_arm("lns")
-        assert {k: getattr(lns, k) for k in PAPER} == PAPER
+            for k in PAPER} == PER_WEIGHT == {**PAPER, "mapper": "separable", "reduction": "mean"}
+    for flags in (["--dataset", "cifar10"], ["--dataset", "imagenet2012"],
+                  ["--dataset", "imagenette"], ["--model", "resnet20"],
+                  ["--dataset", "imagenet2012", "--model", "resnet_e18"]):
+        lns = train.parse_args(flags).for_arm("lns")
+        assert {k: getattr(lns, k) for k in PAPER} == PER_WEIGHT, flags

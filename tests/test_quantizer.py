@@ -106,7 +106,8 @@ def test_mapper_width_sets_hidden_size(mapper):
 
 def test_auxiliary_loss_matches_definition():
     tf.keras.utils.set_random_seed(4)
-    q = NoisyMappedQuantizer(alpha=0.5, rho_pos=0.01, rho_neg=0.02, start="warmup")
+    q = NoisyMappedQuantizer(alpha=0.5, rho_pos=0.01, rho_neg=0.02, start="warmup",
+                             reduction="sum")
     kernel = tf.random.uniform((3, 3, 4, 6), -1, 1)
     q.build(kernel.shape)
     t = q.clipped_output(kernel)
