@@ -14,9 +14,9 @@ import pytest
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
+TINY = [  # --no-guard: a 1-epoch checkpoint is no pretrained model to guard
     "--dataset", "fashion_mnist", "--pretrain-epochs", "1", "--finetune-epochs", "1",
-    "--limit", "256", "--batch-size", "32", "--quiet",
+    "--limit", "256", "--batch-size", "32", "--quiet", "--no-guard",
 ]
 
 

@@ -186,3 +186,28 @@ def test_check_options_uses_the_quantizer_defaults_and_names_unknown_options():
         check_options(rho_pos=0.996)
     with pytest.raises(ValueError, match=r"\['temperature'\]"):
         check_options(temperature=2.0)
+
+
+@pytest.mark.parametrize("reduction, ratio", [("mean", 1.0), ("sum", 64.0)])
+def test_alpha_means_the_same_at_every_layer_size_with_the_mean_reduction(reduction, ratio):
+    """ResNet-20's largest binary conv (3x3x64x64: 36,864 weights) and ResNet-18's
+    (3x3x512x512: 2,359,296) holding the same per-weight values: with `mean` the auxiliary
+    loss, and the step it gives a parameter shared by the whole layer (a gain on the
+    kernel: a step of it moves every weight's t alike), are the same; with the paper's
+    `sum` they are 64 times as large on the larger layer."""
+    small = np.random.default_rng(0).uniform(-0.05, 0.05, (3, 3, 64, 64)).astype("float32")
+    large = np.tile(small, (1, 1, 8, 8))  # the same values, 64 times
+
+    def loss_and_step(kernel):
+        quantizer = NoisyMappedQuantizer(mapper="separable", reduction=reduction,
+                                         aux_to_latent=True)
+        quantizer.build(kernel.shape)
+        gain = tf.Variable(1.0)
+        with tf.GradientTape() as tape:
+            loss = quantizer.auxiliary_loss(gain * tf.constant(kernel))
+        return float(loss), float(tape.gradient(loss, gain))
+
+    (small_loss, small_step), (large_loss, large_step) = map(loss_and_step, (small, large))
+    assert abs(small_step) > 0
+    np.testing.assert_allclose([large_loss / small_loss, large_step / small_step],
+                               [ratio, ratio], rtol=1e-3)
