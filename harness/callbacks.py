@@ -102,9 +102,10 @@ class CosineDecayPerStep(tf.keras.callbacks.Callback):
 
 class WallClock(tf.keras.callbacks.Callback):
     """Adds `wall_seconds` to the epoch logs: the phase's time so far, the sessions
-    before a resumption included. The chief records it in `path` whenever
-    `BackupAndRestore` backs up (`save_freq`), so a resumed phase starts from the time
-    of the backup it resumes."""
+    before a resumption included; and `train_seconds`: the epoch's training steps alone,
+    its validation excluded (what steps/s are measured by: bench/gpu_check.py). The
+    chief records the wall time in `path` whenever `BackupAndRestore` backs up
+    (`save_freq`), so a resumed phase starts from the time of the backup it resumes."""
 
     def __init__(self, path: str, position: int, save_freq, chief: bool):
         super().__init__()
@@ -122,14 +123,21 @@ class WallClock(tf.keras.callbacks.Callback):
         if self.chief:
             write_json(self.path, {"position": self.position, "wall_seconds": self.total})
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start, self.trained = time.time(), None
+
     def on_train_batch_end(self, batch, logs=None):
         self.position += 1
         if isinstance(self.save_freq, int) and self.position % self.save_freq == 0:
             self._record()
 
+    def on_test_begin(self, logs=None):  # within `fit`: the epoch's validation starts
+        self.trained = time.time() - self.epoch_start
+
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["wall_seconds"] = self.total
+            logs["train_seconds"] = self.trained or time.time() - self.epoch_start
         self._record()
 
 

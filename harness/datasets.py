@@ -13,7 +13,8 @@ Transforms: small images are scaled to [0, 1] and normalized per channel with th
 set's `spec.mean` and `spec.std`; for training, first zero-padded by `spec.pad`, randomly
 cropped back and flipped where `spec.flip`. JPEG datasets (`spec.jpeg`) get larq-zoo's
 ImageNet preprocessing (`larq_zoo.training.data`), the inputs its pretrained weights were
-trained on: a random resized crop and flip for training, a center crop for evaluation.
+trained on: a random resized crop and flip for training, a center crop for evaluation,
+the same images bit for bit (the training crop and flip drawn by stateless ops).
 `image_size` overrides the spatial size: JPEG data is cropped to it, the fixed-size
 datasets resized (bilinear) after augmentation.
 
@@ -382,6 +383,11 @@ def _train_example(spec, key, size):
     return transform
 
 
+#: larq-zoo's training crop (`_decode_and_random_crop`): the options of its bounding box.
+_IMAGENET_CROP = dict(min_object_covered=0.1, aspect_ratio_range=(3.0 / 4, 4.0 / 3.0),
+                     area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+
+
 def _imagenet_train(image_bytes, label, seed, *, size: int):
     """larq-zoo's ImageNet training preprocessing of one JPEG, its random crop and flip
     drawn from `seed` (shape [2]) with stateless ops, so that it is reproducible."""
@@ -389,8 +395,7 @@ def _imagenet_train(image_bytes, label, seed, *, size: int):
     shape = tf.image.extract_jpeg_shape(image_bytes)
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape, tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=crop_seed,
-        min_object_covered=0.1, aspect_ratio_range=(3.0 / 4, 4.0 / 3.0),
-        area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True,
+        **_IMAGENET_CROP,
     )
     window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
     image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)

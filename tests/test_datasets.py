@@ -14,6 +14,8 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
+from larq_zoo.training import data as zoo_data
 
 from conftest import mocked_tfds
 
@@ -305,3 +307,48 @@ def test_mocked_imagenet_style_pipeline(tmp_path, name):
             # ImageNet mean/std of 0-255 pixels: [-2.12, 2.64], plus bicubic overshoot.
             assert np.isfinite(x).all() and -3.5 < x.min() and x.max() < 3.5
             assert np.mean((-2.12 <= x) & (x <= 2.64)) > 0.95
+
+
+def test_imagenet_evaluation_is_larq_zoos_preprocessing_of_the_same_jpegs(tmp_path):
+    with mocked_tfds("imagenet2012", tmp_path, num_examples=6):
+        images, labels = batches(load("imagenet2012", "test", 4, data_dir=str(tmp_path),
+                                      image_size=32)[0])
+        raw = tfds.builder("imagenet2012", data_dir=str(tmp_path)).as_dataset(
+            split=get_spec("imagenet2012").test_split, as_supervised=True,
+            decoders={"image": tfds.decode.SkipDecoding()})
+        for image, label, (jpeg, raw_label) in zip(images, labels, raw, strict=True):
+            expected = zoo_data.preprocess_image_bytes(jpeg, is_training=False, image_size=32)
+            np.testing.assert_array_equal(image, expected)
+            assert label == raw_label
+
+
+def test_imagenet_training_is_larq_zoos_preprocessing_given_the_same_draws(monkeypatch):
+    """larq-zoo's training crop and flip with its two stateful random draws made the
+    stateless draws ours makes from the seed, with larq-zoo's own crop options: if our
+    options, crop, resize, flip or normalisation differed, so would the images."""
+    box, flip = (tf.image.stateless_sample_distorted_bounding_box,
+                 tf.image.stateless_random_flip_left_right)
+    rng = np.random.default_rng(0)
+    # ImageNet-like shapes, a small one, and one too thin for any crop of aspect 3:4 to
+    # 4:3 (larq-zoo then falls back to the evaluation's center crop).
+    for h, w in [(375, 500), (500, 333), (64, 64), (300, 20)]:
+        jpeg = tf.io.encode_jpeg(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        outputs = []
+        for seed in range(4):
+            seed = tf.constant([seed, h], tf.int64)
+            ours, label = datasets._imagenet_train(jpeg, tf.constant(7, tf.int64), seed, size=48)
+            crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+            monkeypatch.setattr(tf.image, "sample_distorted_bounding_box",
+                                lambda shape, bounding_boxes, **kw: box(
+                                    shape, bounding_boxes, seed=crop_seed, **kw))
+            monkeypatch.setattr(tf.image, "random_flip_left_right",
+                                lambda image: flip(image, seed=flip_seed))
+            zoo = zoo_data.preprocess_image_bytes(jpeg, is_training=True, image_size=48)
+            monkeypatch.undo()
+            np.testing.assert_array_equal(ours, zoo)
+            assert label.dtype == tf.int32 and label == 7
+            outputs.append(ours.numpy())
+        center = zoo_data.preprocess_image_bytes(jpeg, image_size=48).numpy()
+        center_or_flipped = [np.array_equal(x, center) or np.array_equal(x, center[:, ::-1])
+                             for x in outputs]
+        assert all(center_or_flipped) == (w == 20)  # the fallback there, random crops else
