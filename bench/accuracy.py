@@ -295,7 +295,7 @@ def report(runs, args, tuned: dict) -> dict:
     return summary
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist", choices=sorted(datasets.DATASETS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -318,6 +318,11 @@ def main(argv=None):
     p.add_argument("--steps-per-epoch", type=int, help="for smoke runs")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--verbose", type=int, default=0)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.finetune_epochs is not None and args.finetune_epochs < 1:
         p.error(f"--finetune-epochs {args.finetune_epochs} must be >= 1.")
