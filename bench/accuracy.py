@@ -280,17 +280,19 @@ def report(runs, args, tuned: dict) -> dict:
 
     if args.plots:
         os.makedirs(args.plots, exist_ok=True)
-        on = f"{_resolved(next(iter(runs.values()))).model} on {args.dataset}"
+        pretrain = _resolved(next(iter(runs.values())))
+        on = (f"bench/accuracy.py, {args.output_dir}: {pretrain.model} on {args.dataset}, a "
+              f"{pretrain.pretrain_epochs}-epoch checkpoint per seed, {epochs} fine-tuning epochs")
         for names, kind, what in ((main_rows, "arms", "arms over seeds, each tuned"),
                                   (variants, "ablations", "LNS variants over seeds")):
             series = {title(n).replace("`", ""): [100 * r["test_accuracy"] for r in rows[n].values()]
                       for n in names if n in rows}
             strip_plot(series, os.path.join(args.plots, f"accuracy_{kind}_{args.dataset}.png"),
-                       f"{on}: {what}", "test accuracy %")
+                       f"{on}\n{what}", "test accuracy %")
         # Per-seed differences: the seed-to-seed spread of pretraining cancels out.
         strip_plot({f"{c['a']} - {c['b']}": c["diff"] for c in comparisons},
                    os.path.join(args.plots, f"accuracy_paired_{args.dataset}.png"),
-                   f"{on}: paired differences, same seed and checkpoint",
+                   f"{on}\npaired differences, same seed and checkpoint",
                    "test accuracy difference, points", zero_line=True)
     return summary
 
