@@ -1,5 +1,5 @@
 """Accuracy on real data, offline: every fine-tuning arm, each with its own tuned settings,
-over seeds paired on one pretrained checkpoint per seed (docs/RESULTS.md section 1: the
+over seeds paired on one pretrained checkpoint per seed (docs/RESULTS.md section 6.2: the
 method, the figures and the commands that redo them).
 
 Per seed, the sign BNN is pretrained once (`seed<N>/pretrain`), then each row of `ROWS`
@@ -53,7 +53,7 @@ MAIN_ROWS = {arm: Row(arm) for arm in ("sign", "bop", "mapped", "lns_rho0", "lns
 VARIANTS = {f"lns_clip-{clip}_aux-{'latent' if aux else 'mapper'}":
             Row("lns", {"clip": clip, "aux_to_latent": aux})
             for clip in ("hardtanh", "none") for aux in (True, False)}
-#: The 1-epoch ablations of docs/RESULTS.md section 1.2, over the tuned lns.
+#: The 1-epoch ablations of docs/RESULTS.md section 6.3, over the tuned lns.
 ABLATIONS = {
     "paper": Row("lns", PAPER),
     "mean": Row("lns", {**PAPER, "reduction": "mean"}),
@@ -67,7 +67,7 @@ COMPARISONS = [("lns", "sign"), ("lns", "bop"), ("bop", "sign"), ("sign", "basel
                ("mapped", "sign"), ("lns", "mapped"), ("lns", "lns_rho0"),
                *[(name, "lns") for name in (*VARIANTS, *ABLATIONS)]]
 
-#: The short-pretraining study of docs/RESULTS.md section 1 (Fashion-MNIST): its schedule,
+#: The short-pretraining study of docs/RESULTS.md section 6.2 (Fashion-MNIST): its schedule,
 #: and the settings tune.py found for each arm from its 3-epoch checkpoint.
 SHORT_PRETRAINING = {"pretrain_epochs": 3, "finetune_epochs": 3, "finetune_cosine": False}
 SHORT_PRETRAINING_TUNED = {

@@ -1,6 +1,6 @@
 """Does LNS improve a *converged* BNN? Fashion-MNIST, bnn_small, every arm tuned alike,
-paired samples over converged checkpoints (docs/RESULTS.md section 0: the method, the
-figures and the commands of both studies).
+paired samples over converged checkpoints (docs/RESULTS.md section 0; the 60-epoch study:
+section 6.1): the method, the figures and the commands of both studies.
 
 Stages under `--output-dir`, each a train.py or tune.py run that the same command resumes:
 1. pretraining (`pretrain/seed<S>_<E>ep`): each checkpoint S of `--checkpoints`, kept with
