@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the converter's C++ info l
 from harness import errors  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -39,7 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--benchmark", action="store_true",
                    help="time the binary and the float model with LCE's interpreter")
     p.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

@@ -32,10 +32,17 @@ OPTIONS = {
 }
 
 
-def parse_args(argv=None) -> TrainConfig:
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's flags: `TrainConfig`'s settings and `OPTIONS` (tests/test_docs.py parses
+    every documented command with it)."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, TrainConfig, after=OPTIONS)
+    return p
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = build_parser()
     values = vars(p.parse_args(argv))
     rho, hparams, quiet = (values.pop(name) for name in ("rho", "hparams", "quiet"))
     for side in ("rho_pos", "rho_neg"):

@@ -32,10 +32,16 @@ OPTIONS = {"pretrain_epochs": ("--pretrain-only", dict(
     action="store_true", help="find or make the pretrained checkpoint, print its path and exit"))}
 
 
-def parse_args(argv=None) -> tuple[tuning.TuneConfig, argparse.Namespace]:
+def build_parser() -> argparse.ArgumentParser:
+    """tune.py's flags: `TuneConfig`'s settings, `OPTIONS` and `--quiet`."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, tuning.TuneConfig, after=OPTIONS).add_argument("--quiet", action="store_true")
+    return p
+
+
+def parse_args(argv=None) -> tuple[tuning.TuneConfig, argparse.Namespace]:
+    p = build_parser()
     args = p.parse_args(argv)
     settings = {k: v for k, v in vars(args).items() if k not in ("pretrain_only", "quiet")}
     config = tuning.TuneConfig(**settings, verbose=0 if args.quiet else 1)

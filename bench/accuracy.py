@@ -1,5 +1,5 @@
 """Accuracy on real data, offline: every fine-tuning arm, each with its own tuned settings,
-over seeds paired on one pretrained checkpoint per seed (docs/RESULTS.md section 1: the
+over seeds paired on one pretrained checkpoint per seed (docs/RESULTS.md section 6.2: the
 method, the figures and the commands that redo them).
 
 Per seed, the sign BNN is pretrained once (`seed<N>/pretrain`), then each row of `ROWS`
@@ -53,7 +53,7 @@ MAIN_ROWS = {arm: Row(arm) for arm in ("sign", "bop", "mapped", "lns_rho0", "lns
 VARIANTS = {f"lns_clip-{clip}_aux-{'latent' if aux else 'mapper'}":
             Row("lns", {"clip": clip, "aux_to_latent": aux})
             for clip in ("hardtanh", "none") for aux in (True, False)}
-#: The 1-epoch ablations of docs/RESULTS.md section 1.2, over the tuned lns.
+#: The 1-epoch ablations of docs/RESULTS.md section 6.3, over the tuned lns.
 ABLATIONS = {
     "paper": Row("lns", PAPER),
     "mean": Row("lns", {**PAPER, "reduction": "mean"}),
@@ -67,7 +67,7 @@ COMPARISONS = [("lns", "sign"), ("lns", "bop"), ("bop", "sign"), ("sign", "basel
                ("mapped", "sign"), ("lns", "mapped"), ("lns", "lns_rho0"),
                *[(name, "lns") for name in (*VARIANTS, *ABLATIONS)]]
 
-#: The short-pretraining study of docs/RESULTS.md section 1 (Fashion-MNIST): its schedule,
+#: The short-pretraining study of docs/RESULTS.md section 6.2 (Fashion-MNIST): its schedule,
 #: and the settings tune.py found for each arm from its 3-epoch checkpoint.
 SHORT_PRETRAINING = {"pretrain_epochs": 3, "finetune_epochs": 3, "finetune_cosine": False}
 SHORT_PRETRAINING_TUNED = {
@@ -280,22 +280,24 @@ def report(runs, args, tuned: dict) -> dict:
 
     if args.plots:
         os.makedirs(args.plots, exist_ok=True)
-        on = f"{_resolved(next(iter(runs.values()))).model} on {args.dataset}"
+        pretrain = _resolved(next(iter(runs.values())))
+        on = (f"bench/accuracy.py, {args.output_dir}: {pretrain.model} on {args.dataset}, a "
+              f"{pretrain.pretrain_epochs}-epoch checkpoint per seed, {epochs} fine-tuning epochs")
         for names, kind, what in ((main_rows, "arms", "arms over seeds, each tuned"),
                                   (variants, "ablations", "LNS variants over seeds")):
             series = {title(n).replace("`", ""): [100 * r["test_accuracy"] for r in rows[n].values()]
                       for n in names if n in rows}
             strip_plot(series, os.path.join(args.plots, f"accuracy_{kind}_{args.dataset}.png"),
-                       f"{on}: {what}", "test accuracy %")
+                       f"{on}\n{what}", "test accuracy %")
         # Per-seed differences: the seed-to-seed spread of pretraining cancels out.
         strip_plot({f"{c['a']} - {c['b']}": c["diff"] for c in comparisons},
                    os.path.join(args.plots, f"accuracy_paired_{args.dataset}.png"),
-                   f"{on}: paired differences, same seed and checkpoint",
+                   f"{on}\npaired differences, same seed and checkpoint",
                    "test accuracy difference, points", zero_line=True)
     return summary
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist", choices=sorted(datasets.DATASETS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -318,6 +320,11 @@ def main(argv=None):
     p.add_argument("--steps-per-epoch", type=int, help="for smoke runs")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--verbose", type=int, default=0)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.finetune_epochs is not None and args.finetune_epochs < 1:
         p.error(f"--finetune-epochs {args.finetune_epochs} must be >= 1.")

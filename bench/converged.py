@@ -1,6 +1,6 @@
 """Does LNS improve a *converged* BNN? Fashion-MNIST, bnn_small, every arm tuned alike,
-paired samples over converged checkpoints (docs/RESULTS.md section 0: the method, the
-figures and the commands of both studies).
+paired samples over converged checkpoints (docs/RESULTS.md section 0; the 60-epoch study:
+section 6.1): the method, the figures and the commands of both studies.
 
 Stages under `--output-dir`, each a train.py or tune.py run that the same command resumes:
 1. pretraining (`pretrain/seed<S>_<E>ep`): each checkpoint S of `--checkpoints`, kept with
@@ -224,7 +224,7 @@ class Bench:
             self.pretrain(0, 2 * a.pretrain_epochs)  # the convergence check: its curve
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=os.path.join(ROOT, "bench_runs", "converged240_fashion_mnist"))
@@ -241,6 +241,11 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoints", nargs="+", type=int, default=[0])
     p.add_argument("--seeds", nargs="+", type=int, default=list(range(12)))
     p.add_argument("--report-only", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     bench = Bench(args)
     if not args.report_only:

@@ -152,7 +152,16 @@ def convergence(curves: dict, epochs: int, margin: float) -> dict | None:
             "gap_points": gap, "margin": margin, "converged": gap <= margin}
 
 
-def plot_pretraining(curves: dict, path: str) -> None:
+def study_title(state: dict, args) -> str:
+    """What a plot shows: the study (its state folder) and the checkpoints it fine-tunes."""
+    checkpoints = sorted({r["checkpoint"] for r in state["rows"]})
+    seeds = sorted({r["seed"] for r in state["rows"]})
+    stem = os.path.basename(os.path.normpath(args.state))
+    return (f"bench/converged.py, {stem}: {len(checkpoints)} x {args.pretrain_epochs}-epoch "
+            f"checkpoint{'s' * (len(checkpoints) > 1)}, {len(seeds)} fine-tuning seeds")
+
+
+def plot_pretraining(curves: dict, path: str, study: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     # Longest first: the shorter runs are drawn over it, and the legend reads by length.
     for name, curve in sorted(curves.items(), key=lambda kv: (kv[1]["seed"], -kv[1]["epochs"])):
@@ -163,13 +172,14 @@ def plot_pretraining(curves: dict, path: str) -> None:
     ax.set_ylim(80, None)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("bnn_small on Fashion-MNIST: sign pretraining, Adam 3e-3")
+    ax.set_title(f"{study}\nits pretraining runs: bnn_small on Fashion-MNIST, sign, Adam 3e-3",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_finetuning(curves: dict, path: str, long: str) -> None:
+def plot_finetuning(curves: dict, path: str, long: str, study: str) -> None:
     """`{label: [val acc by epoch, epoch 0 = the checkpoint]}`."""
     fig, ax = plt.subplots(figsize=(7, 4))
     arms = sorted({label.split(",")[0] for label in curves})
@@ -180,13 +190,14 @@ def plot_finetuning(curves: dict, path: str, long: str) -> None:
     ax.set_ylabel("validation accuracy %")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    ax.set_title("Fine-tuning from checkpoint 0, seed 0, each arm tuned")
+    ax.set_title(f"{study}\nfine-tuning from checkpoint 0 with seed 0, each arm tuned",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_differences(comparisons, path: str, margin: float) -> None:
+def plot_differences(comparisons, path: str, margin: float, study: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.55 * len(comparisons) + 1.6))
     for i, c in enumerate(comparisons):
         values = np.array(list(c["diffs"].values()))
@@ -200,6 +211,8 @@ def plot_differences(comparisons, path: str, margin: float) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("paired difference in test accuracy, points (dots: samples; diamond: mean, 95% CI)")
     ax.legend(loc="lower right", fontsize="small")
+    ax.set_title(f"{study}\npaired differences of test accuracy, {comparisons[0]['n']} samples",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -233,13 +246,15 @@ def report(state: dict, args) -> dict:
     with open(os.path.join(data, f"{stem}.md"), "w") as f:
         f.write("\n".join(text) + "\n")
     plot = stem.replace("_", "_{}_", 1) + ".png"  # converged_pretraining_fashion_mnist.png
+    study = study_title(state, args)
     if state.get("pretraining"):
-        plot_pretraining(state["pretraining"], os.path.join(args.docs, plot.format("pretraining")))
+        plot_pretraining(state["pretraining"], os.path.join(args.docs, plot.format("pretraining")),
+                         study)
     if state.get("finetuning_curves"):
         plot_finetuning(state["finetuning_curves"], os.path.join(args.docs, plot.format("finetuning")),
-                        f"{2 * args.finetune_epochs} epochs")
+                        f"{2 * args.finetune_epochs} epochs", study)
     if comparisons:
         plot_differences(comparisons, os.path.join(args.docs, plot.format("paired")),
-                         EQUIVALENCE_MARGIN)
+                         EQUIVALENCE_MARGIN, study)
     print("\n".join(text))
     return analysis

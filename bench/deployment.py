@@ -52,13 +52,18 @@ def row(label: str, threads: int, r: dict) -> str:
             f"(max abs diff {agreement['max_abs_diff']:.2g}) |")
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--run", help="also export this train.py run's lns arm (real test images)")
     p.add_argument("--threads", type=int, nargs="+", default=[1])
     p.add_argument("--json", help="also write the reports to this file")
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
     if args.run and "lns" not in RunDir(args.run).trained_arms():
         p.error(f"--run {args.run!r} has no finished lns arm (arms/lns/model.h5)")
 

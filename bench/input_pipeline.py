@@ -53,7 +53,7 @@ def model_throughput(args, batch_size: int, mapper: str | None) -> float:
     return images_per_second(model, data, batch_size, args.warmup, args.steps)
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist", choices=sorted(datasets.DATASETS))
     p.add_argument("--data-dir")
@@ -61,7 +61,12 @@ def main():
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--json", help="also write the figures to this file")
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
     batch_size = args.batch_size or get_protocol(args.dataset).batch_size
     pipeline = pipeline_throughput(args, batch_size)
     kinds = {kind: model_throughput(args, batch_size, None if kind == "sign" else kind)

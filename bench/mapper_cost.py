@@ -205,7 +205,7 @@ def imagenet_counts(kinds, aux_to_latent: bool = AUX_TO_LATENT) -> dict:
     return report
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
@@ -219,6 +219,11 @@ def main(argv=None):
                    "second pass on stop_gradient(W) (default: the quantizer's, %(default)s)")
     p.add_argument("--json", help="write the figures to this file (and resume from <json>.partial)")
     p.add_argument("--one", choices=KINDS, help=argparse.SUPPRESS)  # a single measurement
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(measure_pair(args.one, _shape(args.shapes[0], args), args.jit,

@@ -68,13 +68,18 @@ def run_job(n_workers: int, args) -> float:
     return min(last_json_line(output)["images_per_s"] for output in outputs)
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128, help="global batch")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
     if args.worker:
         return worker(args)
     one = run_job(1, args)
