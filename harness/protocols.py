@@ -97,7 +97,8 @@ _SMALL_IMAGES = Protocol(
         "sign": {"finetune_lr": 3.8434367657722956e-05},
         "bop": {"bop_threshold": 2.5705307467662047e-05, "bop_gamma": 0.0036132231065518243,
                 "finetune_lr": 3.3099922595184714e-05},
-        "lns": {"mapper": "linear", "alpha": 0.0019197103582628617,
+        # `sum`: the quantizer's default when it was searched (its alpha is sum's).
+        "lns": {"mapper": "linear", "reduction": "sum", "alpha": 0.0019197103582628617,
                 "rho_pos": 0.014958751374622149, "rho_neg": 0.014958751374622149,
                 "clip": "none", "aux_to_latent": True,
                 "finetune_lr": 0.0017931173640112436},

@@ -76,8 +76,10 @@ def test_the_protocol_fine_tunes_with_what_the_benchmark_tuned_from_its_checkpoi
         with open(os.path.join(state, f"tuned_{arm}.json")) as f:
             searched = json.load(f)
         assert {k: protocol.tuned[arm][k] for k in searched} == searched
-    # What the lns search did not search is the protocol's own: the linear mapper.
-    assert protocol.tuned["lns"].keys() - searched.keys() == {"mapper"}
+    # What the lns search did not search is the protocol's own: the linear mapper, and
+    # the sum reduction it searched alpha with (then the quantizer's default).
+    assert protocol.tuned["lns"].keys() - searched.keys() == {"mapper", "reduction"}
+    assert protocol.tuned["lns"]["reduction"] == "sum"
 
 
 def _tiny_bop_model():
