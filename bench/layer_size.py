@@ -9,8 +9,10 @@ size, so the ImageNet models run on Fashion-MNIST at 32x32 here. Stages:
    batches, SGD lr 0.01 momentum 0.9 (the cifar10 and imagenet2012 protocols' fine-tuning)
    unless the row says Adam: the fraction of binary weights flipped after 1, 3 and 10
    steps, the loss of step 1, and what one check of `FlipGuard` costs against a step;
-3. accuracy: `train.py` fine-tunes `sign`, `lns` (`--preset per_weight`) and `lns`
-   (`--preset paper --no-guard`) from the checkpoint on the same batches, 100 steps.
+3. accuracy: `train.py` fine-tunes `sign`, `lns` (`--preset per_weight`) and `lns` with
+   the paper's `sum` (`--preset paper --mapper separable --no-guard`: the paper's `cnn`
+   scrambles as much and costs 8x a step at ResNet-18's sizes) from the checkpoint on
+   the same batches, 100 steps of SGD lr 0.01.
 
     .venv/bin/python bench/layer_size.py               # about 1.5 h on 2 CPU cores; resumes
     .venv/bin/python bench/layer_size.py --report-only
@@ -104,12 +106,15 @@ def measure_flips(model_name: str, weights: str, rows: dict):
         model.load_weights(weights)
         return model
 
-    reference = baseline()
-    sizes = [l.kernel.shape.num_elements() for l in reference.layers
+    sizes = [l.kernel.shape.num_elements() for l in baseline().layers
              if getattr(getattr(l, "kernel_quantizer", None), "precision", None) == 1]
-    for name, (optimizer, options) in settings().items():
+    # The cnn rows last: at ResNet-18's sizes a cnn step takes 10-30 s on 2 cores.
+    order = sorted(settings().items(), key=lambda item: item[0].startswith("cnn"))
+    for name, (optimizer, options) in order:
         if name in rows:
             continue
+        tf.keras.backend.clear_session()  # each row's models freed (ResNet-18's mappers are large)
+        reference = baseline()
         tf.keras.utils.set_random_seed(0)
         model = baseline() if options is None else to_mapped(baseline(), **options)
         model.compile(tf.keras.optimizers.SGD(0.01, momentum=0.9) if optimizer == "sgd"
@@ -139,7 +144,8 @@ def measure_accuracy(model: str, weights: str) -> dict:
     """Stage 3 for one model: `{row: {val_accuracy, test_accuracy, flip_rate}}`, with the
     baseline's, from two `train.py` runs on the same checkpoint and batches."""
     runs = {"per_weight": ["--arms", "sign", "lns", "--preset", "per_weight"],
-            "paper": ["--arms", "lns", "--preset", "paper", "--no-guard"]}
+            "paper": ["--arms", "lns", "--preset", "paper", "--mapper", "separable",
+                      "--no-guard"]}
     rows = {}
     for preset, flags in runs.items():
         output = os.path.join(RUNS, f"{model}_finetune_{preset}")
@@ -157,14 +163,49 @@ def keep(state: dict) -> None:
     write_json(STATE, state)
 
 
+def tables(state: dict) -> str:
+    """The flips table (a column per model: % flipped after 1 / 3 / 10 steps, the loss of
+    step 1) and the accuracy table, in Markdown."""
+    flips = state.get("flips", {})
+    models = [m for m in MODELS if m in flips]
+    lines = ["| setting | " + " | ".join(
+        f"{m}: flipped % after 1 / 3 / 10 steps | loss" for m in models) + " |",
+        "|---|" + "---|---|" * len(models)]
+    for name in settings():
+        cells = []
+        for model in models:
+            row = flips[model].get(name)
+            cells += (["-", "-"] if row is None else [
+                " / ".join(f"{100 * row['flips'][str(s)]:.2f}" for s in STEPS),
+                f"{row['first_loss']:.3g}"])
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    accuracy = state.get("accuracy", {})
+    if accuracy:
+        rows = ["baseline", "sign", "lns (per_weight)", "lns (paper)"]
+        lines += ["", "| arm | " + " | ".join(f"{m}: val / test % | flipped %" for m in accuracy)
+                  + " |", "|---|" + "---|---|" * len(accuracy)]
+        for name in rows:
+            cells = []
+            for model in accuracy:
+                r = accuracy[model].get(name, {})
+                cells += [f"{100 * r['val_accuracy']:.2f} / {100 * r['test_accuracy']:.2f}"
+                          if r else "-",
+                          f"{100 * r['flip_rate']:.2f}" if "flip_rate" in r else "-"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report(state: dict, json_path: str, plot_path: str) -> None:
-    """docs/data/layer_size.json (every row) and the plot of flips per step."""
+    """docs/data/layer_size.json (every row) and .md (the tables), and the plot of flips
+    per step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     write_json(json_path, {**state, "command": "bench/layer_size.py"})
+    with open(os.path.splitext(json_path)[0] + ".md", "w") as f:
+        f.write(tables(state))
     names = list(settings())
     fig, axes = plt.subplots(1, len(MODELS), figsize=(15, 5), sharey=True)
     for ax, model in zip(axes, MODELS):
