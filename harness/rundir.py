@@ -168,8 +168,10 @@ class RunDir:
     """The output directory of a train.py run: every path in it, and its checks."""
 
     #: Settings a resumed run may change without changing results; `machine` too (a
-    #: preempted run may resume on another CPU: each arm's result.json says where it finished).
-    RESUMABLE = ("arms", "strategy", "verbose", "output_dir", "backup_every", "export", "machine")
+    #: preempted run may resume on another CPU: each arm's result.json says where it
+    #: finished), and the path of the `classes` file (what it lists is checked).
+    RESUMABLE = ("arms", "strategy", "verbose", "output_dir", "backup_every", "export", "machine",
+                 "classes")
 
     result = _phase_file("result.json")
     model = _phase_file("model.h5")  # an arm's baked, deployable model

@@ -65,7 +65,7 @@ def _compile(model, config: TrainConfig, lr: float, bop: bool = False) -> None:
         optimizer = lq.optimizers.CaseOptimizer(
             (lq.optimizers.Bop.is_binary_variable, flips), default_optimizer=optimizer)
     metrics = ["accuracy"]
-    if config.spec.num_classes >= 100:
+    if config.num_classes >= 100:
         metrics.append(tf.keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5"))
     model.compile(optimizer, tf.keras.losses.SparseCategoricalCrossentropy(), metrics=metrics,
                   jit_compile=config.jit)
@@ -75,7 +75,7 @@ def build_baseline(config: TrainConfig, weights: str | None = None):
     """The sign-binarized model, with `weights` (an .h5 file) loaded if given."""
     # The same layer names in every build, so that logs line up across phases and arms.
     tf.keras.backend.reset_uids()
-    model = models.build(config.model, config.input_shape, config.spec.num_classes,
+    model = models.build(config.model, config.input_shape, config.num_classes,
                          kernel_quantizer=config.kernel_quantizer)
     if weights:
         try:
