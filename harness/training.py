@@ -414,7 +414,11 @@ def run(config: TrainConfig) -> dict:
         progress = stack.enter_context(Progress(run_dir.root))
         if not cluster:
             stack.enter_context(run_dir.locked())
-        run_dir.check_settings(config.recorded(run_dir.saved_settings()))
+        # A run that stopped before its first checkpoint is replaced, its arms' records too.
+        saved = {} if run_dir.trained_nothing() else run_dir.saved_settings()
+        replaced = run_dir.check_settings(config.recorded(saved), replace_untrained=True)
+        if replaced and config.verbose:
+            print(replaced)
         stack.enter_context(run_environment(config))
         # The strategy first: multi-worker needs it before any other TensorFlow op.
         strategy = make_strategy(config.strategy)

@@ -279,6 +279,25 @@ def test_changed_settings_on_a_resumed_run_are_refused(full_run, capsys):
     assert not os.path.exists(os.path.join(full_run, "lock"))  # released after an error too
 
 
+def test_a_run_that_stopped_before_its_first_checkpoint_is_replaced(tmp_path, capsys):
+    """A run that trained nothing (its data was not found) does not block the corrected
+    command; once a run has written a result, other settings are refused again."""
+    out, nowhere = str(tmp_path / "run"), tmp_path / "no_data"
+    nowhere.mkdir()
+    # The shipped checkpoint and no arm: the baseline is evaluated, nothing trained.
+    evaluation = SMOKE + ["--arms", "--output-dir", out]
+    assert train.main(evaluation + ["--data-dir", str(nowhere)]) == 2
+    assert "fashion_mnist is not prepared" in capsys.readouterr().err
+    assert os.path.exists(os.path.join(out, "config.json"))
+    assert train.main([a for a in evaluation if a != "--quiet"]) == 0
+    assert (f"{out}: replacing the settings of a run that stopped before its first "
+            f"checkpoint (data_dir: {str(nowhere)!r} -> None).") in capsys.readouterr().out
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["data_dir"] is None
+    assert train.main(evaluation + ["--limit", "64"]) == 2
+    assert "holds a run with other settings (limit: 128 -> 64)" in capsys.readouterr().err
+
+
 def test_a_pretraining_only_run_resumes_under_new_tuned_settings(tmp_path, monkeypatch):
     # An arm's settings are checked once the arm has run with them: a checkpoint pretrained
     # before the protocol's tuned settings changed still fine-tunes with the new ones.
