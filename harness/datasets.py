@@ -3,11 +3,20 @@
 Every dataset fact lives in one `DatasetSpec` per dataset (`DATASETS`); `load()` turns a
 spec into a batched `tf.data.Dataset` of `(float32 NHWC image, int32 label)`.
 
-Splits: `"train"` is the official train split but its last `validation_size` examples,
-shuffled with the seed and augmented; `"validation"` is those last examples (tfds
-`train[-N:]`, already shuffled by tfds, or the last N of the IDX files, another order);
-`"test"` is the official test split (`spec.test_split`). Validation and test are the same
-for every seed, in the same order, with the evaluation transform only.
+Splits: `"train"` and `"validation"` divide the official train split, `"test"` is the
+official test split (`spec.test_split`). Of the official train split's first `limit`
+examples (all of them without a limit), the last `held_out(n)` are the validation split:
+`spec.validation_size`, or a fifth of a smaller copy (at least one). The sizes come from
+the copy on this machine (the prepared builder's info, or the IDX files) and tfds reads
+each split as an absolute slice (`train[:k]`, `train[k:n]`), so a copy of any size, or a
+limited one, has the three splits, and `split_sizes` counts what `load` yields. The
+training examples are shuffled with the seed and augmented; validation and test are the
+same for every seed, in the same order, with the evaluation transform only.
+
+Class subsets: `classes` (label names as tfds has them: synset ids for ImageNet, one a
+line in a file read by `read_classes`) keeps only those classes, relabelled 0..n-1 in
+their order, before the limit and the hold-out; finding where they are takes one read of
+the labels of each official split, once per process (minutes on the full ImageNet).
 
 Transforms: small images are scaled to [0, 1] and normalized per channel with the train
 set's `spec.mean` and `spec.std`; for training, first zero-padded by `spec.pad`, randomly
@@ -25,8 +34,9 @@ one order per seed. So a run resumed at epoch `first` (`load(..., epochs=(first,
 skip=n)`) reads exactly the batches an uninterrupted run reads.
 
 The data: `load()` never downloads (offline, a tfds download fails only after minutes of
-retries); `prepare()` does, on a machine with internet. mnist and fashion_mnist can also
-be read from their `IDX_FILES` (`spec.idx_dirs`, or `data_dir` when it is given).
+retries); `prepare()` does, on a machine with internet, and tfds' CLI prepares ImageNet
+from its tars (`_manual_download` says how). mnist and fashion_mnist can also be read
+from their `IDX_FILES` (`spec.idx_dirs`, or `data_dir` when it is given).
 """
 
 from __future__ import annotations
@@ -44,7 +54,8 @@ import tensorflow_datasets as tfds
 from larq_zoo.training import data as zoo_data
 
 __all__ = ["DATASETS", "IDX_FILES", "SPLITS", "DatasetSpec", "batches_per_epoch", "epoch_key",
-           "get_spec", "load", "prepare"]
+           "get_spec", "held_out", "label_names", "load", "prepare", "read_classes",
+           "split_sizes"]
 
 #: The split names `load()` accepts.
 SPLITS = ("train", "validation", "test")
@@ -64,9 +75,7 @@ class DatasetSpec:
     tfds_name: str  # the tfds builder name (with config), as tfds 4.8.3 calls it
     num_classes: int
     image_shape: tuple[int, int, int]  # (h, w, c) of the images the model gets by default
-    validation_size: int  # examples held out of the official train split
-    train_size: int  # examples in the official train split
-    test_size: int  # examples in the official test split
+    validation_size: int  # examples held out of the official train split (`held_out`)
     test_split: str = "test"  # the tfds split "test" reads ("validation" if none is labelled)
     mean: tuple[float, ...] = ()  # small images: per channel, after scaling to [0, 1]
     std: tuple[float, ...] = ()  # small images: per channel, after subtracting `mean`
@@ -79,40 +88,30 @@ class DatasetSpec:
     manual_files: tuple[str, ...] = ()  # what tfds needs in its manual download dir
     apt_package: str | None = None  # the Debian package that installs the IDX files
 
-    @property
-    def split_sizes(self) -> dict[str, int]:
-        """Number of examples of each of our splits."""
-        return {"train": self.train_size - self.validation_size,
-                "validation": self.validation_size, "test": self.test_size}
-
 
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in [
     DatasetSpec(
         "cifar10", "cifar10", num_classes=10, image_shape=(32, 32, 3),
-        validation_size=10_000, train_size=50_000, test_size=10_000,
-        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), pad=4, flip=True,
-        cache=True,
+        validation_size=10_000, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+        pad=4, flip=True, cache=True,
     ),
     DatasetSpec(
         "imagenet2012", "imagenet2012", num_classes=1000, image_shape=(224, 224, 3),
-        validation_size=10_000, train_size=1_281_167, test_size=50_000,
-        test_split="validation", jpeg=True, shuffle_buffer=10_000,
+        validation_size=10_000, test_split="validation", jpeg=True, shuffle_buffer=10_000,
         manual_files=("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
     ),
     DatasetSpec(
         "imagenette", "imagenette/320px-v2", num_classes=10, image_shape=(224, 224, 3),
-        validation_size=947, train_size=9_469, test_size=3_925,  # validation: 10% of train
+        validation_size=947,  # 10% of its 9,469 training images
         test_split="validation", jpeg=True, shuffle_buffer=10_000,
     ),
     DatasetSpec(
         "mnist", "mnist", num_classes=10, image_shape=(28, 28, 1),
-        validation_size=10_000, train_size=60_000, test_size=10_000,
-        mean=(0.1307,), std=(0.3081,), pad=2, cache=True, idx_dirs=(),
+        validation_size=10_000, mean=(0.1307,), std=(0.3081,), pad=2, cache=True, idx_dirs=(),
     ),
     DatasetSpec(
         "fashion_mnist", "fashion_mnist", num_classes=10, image_shape=(28, 28, 1),
-        validation_size=10_000, train_size=60_000, test_size=10_000,
-        mean=(0.2860,), std=(0.3530,), pad=2, flip=True, cache=True,
+        validation_size=10_000, mean=(0.2860,), std=(0.3530,), pad=2, flip=True, cache=True,
         idx_dirs=("/usr/share/datasets/fashion-mnist",), apt_package="dataset-fashion-mnist",
     ),
 ]}
@@ -136,22 +135,145 @@ def epoch_key(seed: int, epoch):
     return tf.cast(seed, tf.int64) * (1 << 20) + tf.cast(epoch, tf.int64)
 
 
-def batches_per_epoch(name: str, split: str, batch_size: int, limit: int | None = None) -> int:
+def held_out(spec: DatasetSpec, num_examples: int) -> int:
+    """Examples held out for validation of an official train split of `num_examples`
+    (limit applied): `spec.validation_size`, or a fifth of a smaller copy, at least one."""
+    return min(spec.validation_size, max(1, num_examples // 5))
+
+
+def split_sizes(name: str, *, data_dir: str | None = None, limit: int | None = None,
+                classes: tuple[str, ...] | None = None) -> dict[str, int]:
+    """Examples in each of our splits (`SPLITS`) of the copy of `name` on this machine, as
+    `load` reads them; `FileNotFoundError` if it is not here, as `load`."""
+    ranges = _ranges(get_spec(name), data_dir, limit, classes)
+    return {split: ranges[split].count for split in SPLITS}
+
+
+def batches_per_epoch(name: str, split: str, batch_size: int, limit: int | None = None, *,
+                      data_dir: str | None = None, classes: tuple[str, ...] | None = None) -> int:
     """Batches in one epoch of `split`, as `load` batches it."""
-    num_examples, drop_remainder = _epoch_size(get_spec(name), split, batch_size, limit)
-    return num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
+    num_examples = split_sizes(name, data_dir=data_dir, limit=limit, classes=classes)[split]
+    if _drops_remainder(split, num_examples, batch_size):
+        return num_examples // batch_size
+    return -(-num_examples // batch_size)
 
 
-def _epoch_size(spec, split, batch_size, limit) -> tuple[int, bool]:
-    """`(examples in one epoch of split, limit applied; whether its last incomplete batch
-    is dropped by default)`: training drops it, unless that would leave no batch."""
-    num_examples = spec.split_sizes[split] if limit is None else min(spec.split_sizes[split], limit)
-    return num_examples, split == "train" and num_examples >= batch_size
+def _drops_remainder(split: str, num_examples: int, batch_size: int) -> bool:
+    """Whether an epoch of `split` drops its last incomplete batch by default: training
+    does, unless that would leave no batch."""
+    return split == "train" and num_examples >= batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class _Range:
+    """Where one of our splits lies: `official[start:stop]`, `count` examples of it kept."""
+
+    official: str
+    start: int
+    stop: int
+    count: int
+
+
+def _ranges(spec, data_dir, limit, classes) -> dict[str, _Range]:
+    """Each of our splits as a slice of an official split (see "Splits")."""
+    def first(official):
+        """`(n, end)`: the examples kept of `official` (classes, then limit, applied)
+        and `end(k)`, the index just after the k-th of them."""
+        if classes is None:
+            n = _official_size(spec, official, data_dir)
+            return min(n, limit or n), lambda k: k
+        wanted = [label_names(spec.name).index(c) for c in classes]
+        positions = np.flatnonzero(np.isin(_official_labels(spec, official, data_dir), wanted))
+        positions = positions[:limit]
+        return len(positions), lambda k: int(positions[k - 1]) + 1 if k else 0
+
+    of_classes = f" of the {len(classes)} classes given" if classes else ""
+    n, end = first("train")
+    if n < 2:
+        raise ValueError(
+            f"{spec.name} has {n} training example(s){of_classes} here"
+            + (f" (limit {limit})" if limit else "")
+            + ": at least 2 are needed, one of them held out for validation.")
+    kept = n - held_out(spec, n)
+    m, end_test = first(spec.test_split)
+    if m == 0:
+        raise ValueError(f"{spec.name} has no example{of_classes} in its test split "
+                         f"({spec.test_split!r}) here: give classes that it has.")
+    return {"train": _Range("train", 0, end(kept), kept),
+            "validation": _Range("train", end(kept), end(n), n - kept),
+            "test": _Range(spec.test_split, 0, end_test(m), m)}
+
+
+def _official_size(spec, official, data_dir) -> int:
+    """Examples in the official split `official` of the copy on this machine."""
+    builder, idx_dir = _source(spec, data_dir)
+    if builder is None:
+        return len(_read_idx_pair(idx_dir, *IDX_FILES[official])[1])
+    if official not in builder.info.splits:
+        raise FileNotFoundError(
+            f"{spec.name} is prepared in {builder.data_path} without its {official!r} split: "
+            f"prepare it again with all of its files ({_prepare_hint(spec, builder)}).")
+    return builder.info.splits[official].num_examples
+
+
+@functools.lru_cache(maxsize=8)
+def _official_labels(spec, official, data_dir) -> np.ndarray:
+    """The labels of the official split `official`, in the order of its absolute indices
+    (one read of the split; its images are not decoded)."""
+    builder, idx_dir = _source(spec, data_dir)
+    if builder is None:
+        return _read_idx_pair(idx_dir, *IDX_FILES[official])[1]
+    _official_size(spec, official, data_dir)  # a missing split is named
+    examples = builder.as_dataset(
+        split=official, shuffle_files=False,
+        decoders=tfds.decode.PartialDecoding({"label": True}),
+        read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False),  # in order
+    )
+    batches = examples.map(lambda example: example["label"]).batch(65_536)
+    return np.concatenate([labels.numpy() for labels in batches])
+
+
+@functools.lru_cache(maxsize=None)
+def label_names(name: str) -> tuple[str, ...]:
+    """The class names of dataset `name`, in label order, as tfds has them (ImageNet's:
+    synset ids)."""
+    return tuple(tfds.builder(get_spec(name).tfds_name).info.features["label"].names)
+
+
+@functools.lru_cache(maxsize=8)
+def read_classes(name: str, path: str) -> tuple[str, ...]:
+    """The class names listed in the file `path` (one a line, blank lines ignored; e.g.
+    ImageNet-100's synset ids), checked against dataset `name`'s (`label_names`);
+    `ValueError` naming the file and the bad line otherwise."""
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ValueError(f"classes file {path!r} is unreadable ({reason}): give a text file "
+                         "of class names, one a line.") from None
+    known, seen = set(label_names(name)), {}
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        if line not in known:
+            raise ValueError(
+                f"classes file {path!r}, line {number}: {line!r} is no class of {name} "
+                f"(its {len(known)} classes are named as {label_names(name)[0]!r}).")
+        if line in seen:
+            raise ValueError(f"classes file {path!r}, line {number}: {line!r} is listed "
+                             f"twice (first on line {seen[line]}).")
+        seen[line] = number
+    if not seen:
+        raise ValueError(f"classes file {path!r} lists no class: give class names of "
+                         f"{name}, one a line.")
+    return tuple(seen)
 
 
 def load(
     name: str, split: str, batch_size: int, *, data_dir: str | None = None, seed: int = 0,
     image_size: int | None = None, limit: int | None = None,
+    classes: tuple[str, ...] | None = None,
     drop_remainder: bool | None = None, epochs: tuple[int, int] | None = None, skip: int = 0,
     steps_per_epoch: int | None = None,
 ) -> tuple[tf.data.Dataset, int]:
@@ -166,7 +288,9 @@ def load(
             given, the only place where mnist/fashion_mnist IDX files are looked for.
         seed: Seeds the training shuffle and augmentation; unused by validation/test.
         image_size: Spatial size of the images instead of the dataset's default.
-        limit: Use only the first `limit` examples of the split (smoke runs, tests).
+        limit: Use only the first `limit` examples of each official split (smoke runs,
+            tests); the validation split is held out of the first `limit` training ones.
+        classes: Keep only these classes (`label_names`), relabelled 0..n-1 in this order.
         drop_remainder: Drop the last incomplete batch. By default `True` for
             `"train"` when there is at least one full batch, `False` otherwise.
         epochs: Training only: `(first, stop)`, epochs `first .. stop - 1` back to back,
@@ -189,14 +313,15 @@ def load(
     if not training and (epochs is not None or skip or steps_per_epoch):
         raise ValueError(f"epochs, skip and steps_per_epoch apply to 'train', not {split!r}.")
 
-    num_examples, default_drop = _epoch_size(spec, split, batch_size, limit)
-    drop_remainder = default_drop if drop_remainder is None else drop_remainder
+    part = _ranges(spec, data_dir, limit, classes)[split]
+    num_examples = part.count
+    if drop_remainder is None:
+        drop_remainder = _drops_remainder(split, num_examples, batch_size)
     size = image_size or spec.image_shape[0]
 
-    # File shuffling would change which examples `limit` takes.
-    examples, in_memory = _read_examples(spec, split, data_dir, seed, training and limit is None)
-    if limit is not None:
-        examples = examples.take(limit)
+    examples, in_memory = _read_examples(spec, part, data_dir, seed, training)
+    if classes:
+        examples = _relabelled(examples, spec, classes)
     if spec.cache and not in_memory:
         examples = examples.cache()
 
@@ -267,38 +392,65 @@ def prepare(name: str, data_dir: str | None = None) -> None:
 # Sources: (uint8 image, label) examples of one split, or JPEG bytes for `jpeg` specs.
 
 
-def _read_examples(spec, split, data_dir, seed, shuffle_files):
-    """`(examples, in_memory)`: the unbatched `(image, label)` examples of `split`,
-    from prepared tfds records, or else from IDX files (then `in_memory` is True)."""
+def _read_examples(spec, part: _Range, data_dir, seed, shuffle_files):
+    """`(examples, in_memory)`: the unbatched `(image, label)` examples of `part`, from
+    prepared tfds records, or else from IDX files (then `in_memory` is True)."""
+    builder, idx_dir = _source(spec, data_dir)
+    if builder is None:
+        images, labels = _read_idx_pair(idx_dir, *IDX_FILES[part.official])
+        images, labels = images[part.start:part.stop], labels[part.start:part.stop]
+        return tf.data.Dataset.from_tensor_slices((images[..., np.newaxis], labels)), True
+    examples = builder.as_dataset(
+        # An absolute slice: shuffling its files changes their order, not which they are.
+        split=f"{part.official}[{part.start}:{part.stop}]", as_supervised=True,
+        shuffle_files=shuffle_files,
+        decoders={"image": tfds.decode.SkipDecoding()} if spec.jpeg else None,
+        # One file order per seed, the same every epoch (see "Reproducible epochs").
+        read_config=tfds.ReadConfig(
+            shuffle_seed=seed, shuffle_reshuffle_each_iteration=False, try_autocache=False
+        ),
+    )
+    return examples, False
+
+
+def _relabelled(examples, spec, classes):
+    """The examples of `classes` only, labelled by their position in it."""
+    index = np.full(spec.num_classes, -1, np.int64)
+    index[[label_names(spec.name).index(c) for c in classes]] = np.arange(len(classes))
+    index = tf.constant(index)
+
+    def position(label):
+        return tf.gather(index, tf.cast(label, tf.int64))
+
+    kept = examples.filter(lambda image, label: position(label) >= 0)
+    return kept.map(lambda image, label: (image, position(label)))
+
+
+def _source(spec, data_dir):
+    """`(builder, None)` if `spec`'s tfds records are prepared, else `(None, folder)` of
+    its IDX files; `FileNotFoundError` saying how to get the data otherwise."""
     builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
     if builder.data_path.exists():
-        tfds_split = {"train": f"train[:-{spec.validation_size}]",  # the held-out end it
-                      "validation": f"train[-{spec.validation_size}:]", "test": spec.test_split}
-        examples = builder.as_dataset(
-            split=tfds_split[split], as_supervised=True, shuffle_files=shuffle_files,
-            decoders={"image": tfds.decode.SkipDecoding()} if spec.jpeg else None,
-            # One file order per seed, the same every epoch (see "Reproducible epochs").
-            read_config=tfds.ReadConfig(
-                shuffle_seed=seed, shuffle_reshuffle_each_iteration=False, try_autocache=False
-            ),
-        )
-        return examples, False
+        return builder, None
     if spec.idx_dirs is not None:
-        return _read_idx_split(spec, split, data_dir, builder), True
+        return None, _idx_directory(spec, data_dir, builder)
+    raise FileNotFoundError(f"{spec.name} ({spec.tfds_name}) is not prepared in "
+                            f"{builder.data_path}. {_prepare_hint(spec, builder)}")
+
+
+def _prepare_hint(spec, builder) -> str:
+    """How to prepare `spec` (`_manual_download` for ImageNet)."""
     if spec.manual_files:
-        message = _manual_download(spec, builder)[1]
-        raise FileNotFoundError(f"{spec.name} is not prepared in {builder.data_path}. {message}")
-    raise FileNotFoundError(
-        f"{spec.name} ({spec.tfds_name}) is not prepared in {builder.data_path}. "
-        "load() does not download (without internet a tfds download fails only after "
-        f"minutes of retries): run `harness.datasets.prepare({spec.name!r})` once "
-        "on a machine with internet, then copy its tfds data dir "
-        "(~/tensorflow_datasets) here and pass it as data_dir (--data-dir)."
-    )
+        return _manual_download(spec, builder)[1]
+    return ("load() does not download (without internet a tfds download fails only after "
+            f"minutes of retries): run `harness.datasets.prepare({spec.name!r})` once on a "
+            "machine with internet, then copy its tfds data dir (~/tensorflow_datasets) "
+            "here and pass it as data_dir (--data-dir).")
 
 
-def _read_idx_split(spec, split, data_dir, builder):
-    """`split` read from the IDX files, as an in-memory dataset."""
+def _idx_directory(spec, data_dir, builder) -> str:
+    """The folder holding `spec`'s IDX files; `FileNotFoundError` naming where they were
+    looked for."""
     if data_dir is not None:  # the user's folder only: never silently other files
         candidates = [os.path.join(data_dir, spec.name.replace("_", "-")), data_dir]
     else:
@@ -316,12 +468,7 @@ def _read_idx_split(spec, split, data_dir, builder):
             f"the four files into data_dir (--data-dir), or run `harness.datasets.prepare("
             f"{spec.name!r})` on a machine with internet and copy its tfds data dir here."
         )
-    images, labels = _read_idx_pair(directory, *IDX_FILES["test" if split == "test" else "train"])
-    if split != "test":
-        held_out = len(images) - spec.validation_size
-        part = slice(None, held_out) if split == "train" else slice(held_out, None)
-        images, labels = images[part], labels[part]
-    return tf.data.Dataset.from_tensor_slices((images[..., np.newaxis], labels))
+    return directory
 
 
 @functools.lru_cache(maxsize=4)
@@ -435,19 +582,20 @@ def _normalize_small_image(spec: DatasetSpec, image, label, *, size: int):
 
 def _manual_download(spec, builder) -> tuple[bool, str]:
     """`(whether all spec.manual_files are in tfds 4.8.3's manual download dir, what to do
-    next)`."""
+    next)`: the one command that prepares them, tfds' CLI (ImageNet's, the one manual
+    download)."""
     # The tfds data dir holds the builder's `<name>[/<config>]/<version>` folder.
     root = pathlib.Path(builder.data_path).parents[2 if builder.builder_config else 1]
     manual_dir = root / "downloads" / "manual"
-    missing = [str(manual_dir / f) for f in spec.manual_files if not (manual_dir / f).is_file()]
-    prepare_call = f"`harness.datasets.prepare({spec.name!r}, data_dir={str(root)!r})`"
+    missing = [f for f in spec.manual_files if not (manual_dir / f).is_file()]
+    command = (f"`tfds build {spec.tfds_name} --manual_dir {manual_dir} --data_dir {root}` "
+               "(hours, with a progress bar; the records take ~155 GB of disk more), then "
+               f"train with --data-dir {root}")
     if not missing:
-        return True, (f"The ImageNet tars are in {manual_dir}: run {prepare_call} once to build "
-                      "the tfds records (hours).")
+        return True, f"The ImageNet tars are in {manual_dir}: prepare them once with {command}."
     return False, (
-        f"{spec.name} is a manual download: put {' and '.join(spec.manual_files)} into "
-        f"{manual_dir}/ (missing: {', '.join(missing)}). Get them from "
-        "https://image-net.org/download-images (free sign-up), then run "
-        f"{prepare_call} once (hours; ~300 GB of disk), or copy an already prepared tfds "
-        "data dir here and pass it as data_dir (--data-dir)."
+        f"{spec.name} is a manual download: put {' and '.join(spec.manual_files)} (138 GB and "
+        f"6.3 GB, from https://image-net.org/download-images, free sign-up) into "
+        f"{manual_dir}/ (missing: {', '.join(missing)}), and prepare them once with "
+        f"{command}; or copy a prepared tfds data dir here and pass it as --data-dir."
     )

@@ -168,9 +168,13 @@ class RunDir:
     """The output directory of a train.py run: every path in it, and its checks."""
 
     #: Settings a resumed run may change without changing results; `machine` too (a
-    #: preempted run may resume on another CPU: each arm's result.json says where it finished).
+    #: preempted run may resume on another CPU: each arm's result.json says where it
+    #: finished), and the path of the `classes` file (what it lists is checked).
     RESUMABLE = ("arms", "strategy", "verbose", "output_dir", "backup_every", "export", "machine",
-                 "guard")
+                 "classes", "guard")
+
+    #: The files of a run that hold no work (`trained_nothing`).
+    _NOT_WORK = ("config.json", "lock", "pretrained.json")
 
     result = _phase_file("result.json")
     model = _phase_file("model.h5")  # an arm's baked, deployable model
@@ -273,11 +277,13 @@ class RunDir:
     # ------------------------------------------------------------------ checks
 
     def check_settings(self, settings: dict, resumable=RESUMABLE, what: str = "a run",
-                       config: str | None = None, record: bool = True) -> None:
+                       config: str | None = None, record: bool = True,
+                       replace_untrained: bool = False) -> str | None:
         """Refuse to resume the run saved here with other settings than `settings`
         (those named in `resumable` may change); then record `settings` (in `config`,
-        by default config.json) unless `record` is false."""
-        path = config or self.config
+        by default config.json) unless `record` is false. With `replace_untrained`, a
+        run that `trained_nothing` is replaced instead: the line that says so is returned."""
+        path, note = config or self.config, None
         if os.path.exists(path):
             saved = read_json(
                 path, f"it records the settings of {what} in {self.root}; restore it, or "
@@ -291,12 +297,26 @@ class RunDir:
             }
             if changed:
                 diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
-                raise ValueError(
-                    f"{self.root!r} holds {what} with other settings ({diff}). Resume "
-                    "it with the same settings, or choose a new --output-dir."
-                )
+                if not (replace_untrained and self.trained_nothing()):
+                    raise ValueError(
+                        f"{self.root!r} holds {what} with other settings ({diff}). Resume "
+                        "it with the same settings, or choose a new --output-dir."
+                    )
+                note = (f"{self.root}: replacing the settings of {what} that stopped before "
+                        f"its first checkpoint ({diff}).")
         if record:
             write_json(path, settings)
+        return note
+
+    def trained_nothing(self) -> bool:
+        """Whether the run here has written no weights, backup or result (only its
+        settings, lock, lineage records and TensorBoard logs): it stopped before its first
+        checkpoint (on missing data, say), and starting it anew loses nothing."""
+        for folder, _, files in os.walk(self.root):
+            logs = os.path.relpath(folder, self.root).split(os.sep)[0] == "tensorboard"
+            if not logs and any(not f.startswith(".") and f not in self._NOT_WORK for f in files):
+                return False
+        return True
 
     def saved_settings(self) -> dict:
         """The settings config.json records; `{}` without a readable one."""

@@ -147,6 +147,10 @@ class TrainConfig:
 
     dataset: str = setting("fashion_mnist", group="what to run",
                            choices=sorted(datasets.DATASETS))
+    classes: str | None = setting(
+        None, "train on the classes listed in FILE only, one a line as tfds names them "
+        "(ImageNet: synset ids, as ImageNet-100's list), relabelled 0..n-1 in its order",
+        metavar="FILE")
     model: str | None = setting(None, "default: the dataset's", choices=sorted(models.MODELS))
     arms: tuple[str, ...] | None = setting(
         None, "fine-tuning arms (none given: pretraining only)", choices=tuple(ARMS))
@@ -171,7 +175,9 @@ class TrainConfig:
     warmup_epochs: int = setting(0, "train the mappers alone first (the paper's warm-up)",
                                  check=">= 0")
     steps_per_epoch: int | None = setting(None, "cap, for smoke runs", check=">= 1")
-    limit: int | None = setting(None, "examples per split, for smoke runs", check=">= 1")
+    limit: int | None = setting(
+        None, "examples read of each split, for smoke runs (validation: held out of the "
+        "training ones)", check=">= 1")
     batch_size: int | None = setting(None, "global batch size", check=">= 1")
     optimizer: str | None = setting(choices=("sgd", "adam"))
     lr: float | None = setting(None, "pretraining learning rate", check="> 0")
@@ -273,6 +279,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise `ValueError` for any bad value, before any expensive work."""
         check_fields(self)
+        if self.classes:  # a file that cannot be read or names no class of the dataset
+            datasets.read_classes(self.dataset, self.classes)
         if self.pretrain_here and self.pretrained:
             raise ValueError(f"pretrain_here (--pretrain) and pretrained={self.pretrained!r} "
                              "contradict each other: give one of them.")
@@ -310,6 +318,16 @@ class TrainConfig:
         return datasets.get_spec(self.dataset)
 
     @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The classes the run trains on (`classes`' file), `None` for all of them."""
+        return datasets.read_classes(self.dataset, self.classes) if self.classes else None
+
+    @property
+    def num_classes(self) -> int:
+        """Outputs of the model's head."""
+        return len(self.class_names) if self.classes else self.spec.num_classes
+
+    @property
     def input_shape(self) -> tuple:
         h, w, c = self.spec.image_shape
         return (self.image_size, self.image_size, c) if self.image_size else (h, w, c)
@@ -317,7 +335,8 @@ class TrainConfig:
     @property
     def steps_per_epoch_run(self) -> int:
         """Training steps in one epoch of this run (the split's batches, capped)."""
-        steps = datasets.batches_per_epoch(self.dataset, "train", self.batch_size, self.limit)
+        steps = datasets.batches_per_epoch(self.dataset, "train", self.batch_size, self.limit,
+                                           data_dir=self.data_dir, classes=self.class_names)
         return min(steps, self.steps_per_epoch) if self.steps_per_epoch else steps
 
     def load_split(self, split: str):
@@ -325,7 +344,7 @@ class TrainConfig:
         per iteration, see `train_stream` for a run's reproducible epochs)."""
         return datasets.load(self.dataset, split, self.batch_size, seed=self.seed,
                              data_dir=self.data_dir, image_size=self.image_size,
-                             limit=self.limit)[0]
+                             limit=self.limit, classes=self.class_names)[0]
 
     def train_stream(self, stream: str, epochs: int, position: int = 0):
         """Epochs `0 .. epochs - 1` of `stream` (one of `STREAMS`) from global step
@@ -334,7 +353,7 @@ class TrainConfig:
         return datasets.load(
             self.dataset, "train", self.batch_size, data_dir=self.data_dir,
             seed=self.seed * len(STREAMS) + STREAMS.index(stream), image_size=self.image_size,
-            limit=self.limit, epochs=(first, epochs), skip=skip,
+            limit=self.limit, classes=self.class_names, epochs=(first, epochs), skip=skip,
             steps_per_epoch=self.steps_per_epoch,
         )[0]
 
@@ -358,6 +377,8 @@ class TrainConfig:
         not fine-tuned yet is not recorded (a pretraining-only run resumes under new tuned
         settings); one recorded by an earlier run (`saved`, config.json) keeps its record."""
         record = {**self.to_json(), "machine": machine()}
+        if self.classes:  # what the file said, so that a resumed run is checked against it
+            record["class_names"] = list(self.class_names)
         for arm in ARMS:
             if arm in self.arms:
                 record.update({f"{arm}.{k}": v for k, v in self.arm_settings(arm).items()})
@@ -435,7 +456,7 @@ def checkpoint_mismatch(config: TrainConfig, weights: str, error: Exception) -> 
     if not differ:
         return (
             f"{weights} does not fit model {config.model!r} with input {config.input_shape} and "
-            f"{config.spec.num_classes} classes ({reason}): give a checkpoint of that model, or "
+            f"{config.num_classes} classes ({reason}): give a checkpoint of that model, or "
             "run with the --model and --dataset it was trained with."
         )
 

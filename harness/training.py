@@ -71,7 +71,7 @@ def _compile(model, config: TrainConfig, lr: float, bop: bool = False) -> None:
         optimizer = lq.optimizers.CaseOptimizer(
             (lq.optimizers.Bop.is_binary_variable, flips), default_optimizer=optimizer)
     metrics = ["accuracy"]
-    if config.spec.num_classes >= 100:
+    if config.num_classes >= 100:
         metrics.append(tf.keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5"))
     model.compile(optimizer, tf.keras.losses.SparseCategoricalCrossentropy(), metrics=metrics,
                   jit_compile=config.jit)
@@ -81,7 +81,7 @@ def build_baseline(config: TrainConfig, weights: str | None = None):
     """The sign-binarized model, with `weights` (an .h5 file) loaded if given."""
     # The same layer names in every build, so that logs line up across phases and arms.
     tf.keras.backend.reset_uids()
-    model = models.build(config.model, config.input_shape, config.spec.num_classes,
+    model = models.build(config.model, config.input_shape, config.num_classes,
                          kernel_quantizer=config.kernel_quantizer)
     if weights:
         try:
@@ -454,10 +454,15 @@ def run(config: TrainConfig) -> dict:
         progress = stack.enter_context(Progress(run_dir.root))
         if not cluster:
             stack.enter_context(run_dir.locked())
+        # A run that stopped before its first checkpoint is replaced, its arms' records too.
         # The settings an arm may have its own value of are checked in the arm's record
         # ("<arm>.<field>") once it has run: an arm the guard stopped runs again changed.
-        run_dir.check_settings(config.recorded(run_dir.saved_settings()),
-                               resumable=(*RunDir.RESUMABLE, *ARM_FIELDS, "preset", "tuned"))
+        saved = {} if run_dir.trained_nothing() else run_dir.saved_settings()
+        replaced = run_dir.check_settings(
+            config.recorded(saved), replace_untrained=True,
+            resumable=(*RunDir.RESUMABLE, *ARM_FIELDS, "preset", "tuned"))
+        if replaced and config.verbose:
+            print(replaced)
         stack.enter_context(run_environment(config))
         # The strategy first: multi-worker needs it before any other TensorFlow op.
         strategy = make_strategy(config.strategy)

@@ -90,11 +90,18 @@ def toy_data():
 def mocked_tfds(name, data_dir, num_examples):
     """tfds yielding random examples, as if `name` were prepared in `data_dir`.
 
-    The builder's metadata is written there, so `datasets.load` sees a prepared
-    dataset and the mocked run goes through the same code as a real one.
+    The builder's metadata is written there, its official splits of `num_examples`
+    examples each, so `datasets.load` sees a prepared dataset and the mocked run goes
+    through the same code as a real one. The mock yields `num_examples` examples for any
+    slice of a split: `load` yields more than it counts.
     """
-    builder = tfds.builder(get_spec(name).tfds_name, data_dir=str(data_dir))
+    spec = get_spec(name)
+    builder = tfds.builder(spec.tfds_name, data_dir=str(data_dir))
     builder.data_path.mkdir(parents=True)
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0)
+        for split in ("train", spec.test_split)
+    ]))
     builder.info.write_to_directory(builder.data_path)
     with tfds.testing.mock_data(
         num_examples=num_examples,

@@ -1,9 +1,10 @@
-"""Tests of `harness.datasets`: real Fashion-MNIST IDX files, mocked tfds else.
+"""Tests of `harness.datasets`: real Fashion-MNIST IDX files, mocked tfds for CIFAR-10.
 
 Fashion-MNIST is read from `/usr/share/datasets/fashion-mnist/` (Debian package
-`dataset-fashion-mnist`). CIFAR-10 and ImageNet go through the same `load()` with
+`dataset-fashion-mnist`). CIFAR-10 goes through the same `load()` with
 `tfds.testing.mock_data`, after writing the builder's metadata into a temporary data
-dir so that the dataset looks prepared there.
+dir so that the dataset looks prepared there. ImageNet and Imagenette, prepared by tfds
+from files in their real layout: tests/test_imagenet.py.
 """
 
 import dataclasses
@@ -20,7 +21,7 @@ from larq_zoo.training import data as zoo_data
 from conftest import mocked_tfds
 
 from harness import datasets
-from harness.datasets import DATASETS, get_spec, load, prepare
+from harness.datasets import DATASETS, get_spec, load, prepare, read_classes, split_sizes
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION = DATASETS["fashion_mnist"]
@@ -47,12 +48,13 @@ def normalized(images, spec=FASHION):
 def test_fashion_mnist_splits_hold_the_images_the_spec_counts_and_do_not_overlap():
     """The offline data, loaded: the validation split is held out of train (no image in
     both), and each split has as many images as the spec says (and as steps assume)."""
-    spec = get_spec("fashion_mnist")
+    sizes = split_sizes("fashion_mnist")
+    assert sizes == {"train": 50_000, "validation": 10_000, "test": 10_000}
     seen = {}
     for split in ("train", "validation", "test"):
         batches, _ = load("fashion_mnist", split, 1000)
         images = np.concatenate([x.numpy() for x, _ in batches])
-        assert len(images) == spec.split_sizes[split]
+        assert len(images) == sizes[split]
         seen[split] = {hash(image.tobytes()) for image in images[:2000]}
     assert not seen["train"] & seen["validation"]
 
@@ -134,7 +136,7 @@ def test_fashion_mnist_splits_add_up_and_are_disjoint():
     assert n_test == len(x) == 2000
     np.testing.assert_allclose(x, normalized(test_images[:2000]), atol=1e-5)
     np.testing.assert_array_equal(y, test_labels[:2000])
-    assert get_spec("fashion_mnist").split_sizes["test"] == len(test_images) == 10_000
+    assert split_sizes("fashion_mnist")["test"] == len(test_images) == 10_000
 
 
 def test_fashion_mnist_batches_have_model_shapes_and_ranges():
@@ -142,9 +144,9 @@ def test_fashion_mnist_batches_have_model_shapes_and_ranges():
         (0 - FASHION.mean[0]) / FASHION.std[0],
         (1 - FASHION.mean[0]) / FASHION.std[0],
     )
-    for split in ("train", "validation", "test"):
-        dataset, n = load("fashion_mnist", split, 32, limit=100)
-        assert n == 100
+    for split, size in (("train", 160), ("validation", 40), ("test", 200)):
+        dataset, n = load("fashion_mnist", split, 32, limit=200)
+        assert n == size
         x, y = next(iter(dataset))
         assert x.shape == (32, 28, 28, 1) and x.dtype == tf.float32
         assert y.shape == (32,) and y.dtype == tf.int32
@@ -155,14 +157,82 @@ def test_fashion_mnist_batches_have_model_shapes_and_ranges():
 
 
 def test_limit_batch_count_and_drop_remainder():
-    train, n = load("fashion_mnist", "train", 128, limit=300)
+    train, n = load("fashion_mnist", "train", 128, limit=375)  # 300 + 75 held out
     assert n == 300 and [len(y) for _, y in train] == [128, 128]  # drops the remainder
     evaluation, n = load("fashion_mnist", "test", 128, limit=300)
     assert n == 300 and [len(y) for _, y in evaluation] == [128, 128, 44]
     tiny, n = load(
-        "fashion_mnist", "train", 128, limit=50
+        "fashion_mnist", "train", 128, limit=60
     )  # less than a batch: keep it
-    assert n == 50 and [len(y) for _, y in tiny] == [50]
+    assert n == 48 and [len(y) for _, y in tiny] == [48]
+
+
+@pytest.mark.parametrize("limit, train, validation", [
+    (2, 1, 1), (9, 8, 1), (10, 8, 2), (333, 267, 66), (55_000, 45_000, 10_000),
+    (None, 50_000, 10_000),
+])
+def test_limit_comes_first_and_a_fifth_at_most_validation_size_is_held_out(limit, train,
+                                                                          validation):
+    """A copy of any size, or a limited one, holds out a validation split: the last fifth
+    of its first `limit` training examples (at least 1, at most `validation_size`)."""
+    assert split_sizes("fashion_mnist", limit=limit) == {
+        "train": train, "validation": validation, "test": min(limit or 10_000, 10_000)}
+
+
+@pytest.mark.parametrize("limit", [2, 10, 333])
+def test_load_yields_what_split_sizes_and_batches_per_epoch_count(limit):
+    """The splits are the train files' first `limit` examples, in order, without overlap;
+    each epoch has the batches `batches_per_epoch` counts."""
+    sizes, raw = split_sizes("fashion_mnist", limit=limit), raw_fashion("train")[1]
+    for split, start in (("train", 0), ("validation", sizes["train"])):
+        dataset, n = load("fashion_mnist", split, 100, limit=limit)
+        lengths = [len(y) for _, y in dataset]
+        assert n == sizes[split]
+        assert sum(lengths) == (n // 100 * 100 if split == "train" and n >= 100 else n)
+        assert len(lengths) == datasets.batches_per_epoch("fashion_mnist", split, 100, limit)
+        _, labels = batches(dataset)
+        if split == "validation":  # in file order (training shuffles)
+            np.testing.assert_array_equal(labels, raw[start:start + n])
+
+
+def test_a_single_example_cannot_be_split():
+    with pytest.raises(ValueError, match=r"fashion_mnist has 1 training example\(s\) here "
+                                         r"\(limit 1\): at least 2 are needed"):
+        load("fashion_mnist", "train", 8, limit=1)
+
+
+def test_classes_keep_only_those_relabelled_in_the_given_order(tmp_path):
+    """Fashion-MNIST's sandals and T-shirts, labelled 0 and 1: the limit counts their
+    examples, a fifth of them is held out."""
+    names = ("Sandal", "T-shirt/top")
+    sizes = split_sizes("fashion_mnist", classes=names, limit=1000)
+    assert sizes == {"train": 800, "validation": 200, "test": 1000}
+    raw_labels = raw_fashion("train")[1]
+    wanted = np.flatnonzero(np.isin(raw_labels, [5, 0]))[:1000]
+    for split, part in (("train", wanted[:800]), ("validation", wanted[800:])):
+        dataset, n = load("fashion_mnist", split, 100, classes=names, limit=1000,
+                          drop_remainder=False)
+        _, labels = batches(dataset)
+        assert n == len(labels) == len(part)
+        np.testing.assert_array_equal(np.sort(labels), np.sort((raw_labels[part] == 0) * 1))
+    _, test_labels = batches(load("fashion_mnist", "test", 500, classes=names)[0])
+    assert len(test_labels) == split_sizes("fashion_mnist", classes=names)["test"] == 2000
+    assert set(test_labels) == {0, 1}
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("Sandal\nSandals\n", "line 2: 'Sandals' is no class of fashion_mnist"),
+    ("Sandal\n\nBag\nSandal\n", "line 4: 'Sandal' is listed twice (first on line 1)"),
+    ("\n\n", "lists no class"),
+    (None, "is unreadable (No such file or directory)"),
+])
+def test_bad_classes_files_are_named_with_the_line(content, needle, tmp_path):
+    path = tmp_path / "classes.txt"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError) as error:
+        read_classes("fashion_mnist", str(path))
+    assert str(path) in str(error.value) and needle in str(error.value)
 
 
 def test_validation_and_test_are_deterministic():
@@ -190,9 +260,9 @@ def test_an_epoch_is_the_same_whatever_was_read_before_it():
     def batches(dataset):
         return [(x.numpy(), y.numpy()) for x, y in dataset]
 
-    common = dict(seed=3, limit=256)
+    common = dict(seed=3, limit=320)  # 256 training examples: 8 batches
     whole = batches(load("fashion_mnist", "train", 32, epochs=(0, 3), **common)[0])
-    assert len(whole) == 3 * datasets.batches_per_epoch("fashion_mnist", "train", 32, 256)
+    assert len(whole) == 3 * datasets.batches_per_epoch("fashion_mnist", "train", 32, 320)
     # A run resumed at epoch 1, batch 2 reads what the uninterrupted run read from there.
     resumed = batches(load("fashion_mnist", "train", 32, epochs=(1, 3), skip=2, **common)[0])
     assert len(resumed) == len(whole) - 8 - 2
@@ -254,7 +324,7 @@ def test_augmentation_crops_and_flips_reproducibly():
 
 
 def test_image_size_and_in_memory_sharding():
-    dataset, _ = load("fashion_mnist", "train", 16, image_size=32, limit=16)
+    dataset, _ = load("fashion_mnist", "train", 16, image_size=32, limit=20)
     x, _ = next(iter(dataset))
     assert x.shape == (16, 32, 32, 1)
     policy = dataset.options().experimental_distribute.auto_shard_policy
@@ -280,33 +350,18 @@ def test_idx_files_are_read_from_data_dir(tmp_path):
 
 def test_mocked_cifar10_pipeline(tmp_path):
     with mocked_tfds("cifar10", tmp_path, num_examples=24):
+        assert split_sizes("cifar10", data_dir=str(tmp_path), limit=16) == {
+            "train": 13, "validation": 3, "test": 16}
         for split in ("train", "validation", "test"):
-            dataset, n = load("cifar10", split, 8, data_dir=str(tmp_path), limit=16)
-            x, y = batches(dataset)
-            assert n == 16 and x.shape == (16, 32, 32, 3) and x.dtype == np.float32
+            dataset, _ = load("cifar10", split, 8, data_dir=str(tmp_path), limit=16)
+            x, y = batches(dataset)  # the mock ignores slices: 24 examples each
+            assert x.shape == (24, 32, 32, 3) and x.dtype == np.float32
             assert y.dtype == np.int32 and set(y) <= set(range(10))
             assert np.isfinite(x).all() and -2.1 < x.min() and x.max() < 2.2
         dataset, _ = load(
             "cifar10", "train", 4, data_dir=str(tmp_path), image_size=16, limit=4
         )
         assert next(iter(dataset))[0].shape == (4, 16, 16, 3)
-
-
-@pytest.mark.parametrize("name", ["imagenet2012", "imagenette"])
-def test_mocked_imagenet_style_pipeline(tmp_path, name):
-    with mocked_tfds(name, tmp_path, num_examples=8):
-        for split in ("train", "test"):
-            dataset, n = load(
-                name, split, 4, data_dir=str(tmp_path), image_size=32, limit=8
-            )
-            x, y = batches(dataset)
-            assert n == 8 and x.shape == (8, 32, 32, 3) and x.dtype == np.float32
-            assert y.dtype == np.int32 and set(y) <= set(
-                range(get_spec(name).num_classes)
-            )
-            # ImageNet mean/std of 0-255 pixels: [-2.12, 2.64], plus bicubic overshoot.
-            assert np.isfinite(x).all() and -3.5 < x.min() and x.max() < 3.5
-            assert np.mean((-2.12 <= x) & (x <= 2.64)) > 0.95
 
 
 def test_imagenet_evaluation_is_larq_zoos_preprocessing_of_the_same_jpegs(tmp_path):

@@ -37,7 +37,7 @@ def trained_small():
     tf.keras.utils.set_random_seed(0)
     mapped = larq_noisy.to_mapped(models.build("bnn_small", FASHION_SHAPE, 10), start="warmup")
     mapped.compile("adam", "sparse_categorical_crossentropy", run_eagerly=True)  # no tracing
-    train, _ = datasets.load("fashion_mnist", "train", 64, limit=128)
+    train, _ = datasets.load("fashion_mnist", "train", 64, limit=160)  # 128 to train on
     mapped.fit(train, epochs=1, verbose=0)
     assert _flip_rate(mapped) > 0.01  # the mapper departs from sign(W)
     return mapped

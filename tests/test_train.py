@@ -1,4 +1,5 @@
-"""train.py end to end: all arms, resume, mocked CIFAR-10/ImageNet, bad inputs.
+"""train.py end to end: all arms, resume, mocked CIFAR-10, bad inputs (ImageNet:
+tests/test_imagenet.py).
 
 A run killed mid-phase and resumed: tests/test_distributed.py."""
 
@@ -211,26 +212,20 @@ def test_hparams_per_arm_set_that_arm_and_the_arms_tuned_as_it(tmp_path, capsys)
         assert needle in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize(
-    "dataset, model, size",
-    [("cifar10", "resnet_e18", 32), ("imagenet2012", "birealnet18", 32)],
-)
-def test_mocked_tfds_pipelines_with_larq_zoo_models(dataset, model, size, tmp_path):
-    out = str(tmp_path / dataset)
+def test_mocked_cifar10_with_a_larq_zoo_model(tmp_path):
+    """The tfds pipeline of small images and a larq-zoo model, end to end (ImageNet's, on
+    real files: tests/test_imagenet.py)."""
+    out = str(tmp_path / "cifar10")
     argv = [
-        # The sign arm: these check the tfds pipelines and larq-zoo models end to end;
-        # an 18-layer mapper (82M parameters) would only add minutes here.
-        "--dataset", dataset, "--model", model, "--image-size", str(size), "--arms", "sign",
+        # The sign arm: an 18-layer mapper (82M parameters) would only add minutes here.
+        "--dataset", "cifar10", "--model", "resnet_e18", "--image-size", "32", "--arms", "sign",
         "--pretrain-epochs", "1", "--finetune-epochs", "1", "--steps-per-epoch", "2",
         "--limit", "16", "--batch-size", "8", "--optimizer", "adam",
         "--quiet", "--output-dir", out, "--data-dir", str(tmp_path / "tfds"),
     ]
-    with mocked_tfds(dataset, tmp_path / "tfds", num_examples=64):
+    with mocked_tfds("cifar10", tmp_path / "tfds", num_examples=64):
         assert train.main(argv) == 0
-    results = _results(out)
-    assert results["model"] == model
-    if dataset == "imagenet2012":
-        assert "test_top5" in results["arms"]["sign"]
+    assert _results(out)["model"] == "resnet_e18"
 
 
 @pytest.mark.parametrize(
@@ -279,6 +274,25 @@ def test_changed_settings_on_a_resumed_run_are_refused(full_run, capsys):
     recorded = get_protocol("fashion_mnist").tuned["lns"]["alpha"]  # what the arm used
     assert f"lns.alpha: {recorded} -> 3.0" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(full_run, "lock"))  # released after an error too
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_is_replaced(tmp_path, capsys):
+    """A run that trained nothing (its data was not found) does not block the corrected
+    command; once a run has written a result, other settings are refused again."""
+    out, nowhere = str(tmp_path / "run"), tmp_path / "no_data"
+    nowhere.mkdir()
+    # The shipped checkpoint and no arm: the baseline is evaluated, nothing trained.
+    evaluation = SMOKE + ["--arms", "--output-dir", out]
+    assert train.main(evaluation + ["--data-dir", str(nowhere)]) == 2
+    assert "fashion_mnist is not prepared" in capsys.readouterr().err
+    assert os.path.exists(os.path.join(out, "config.json"))
+    assert train.main([a for a in evaluation if a != "--quiet"]) == 0
+    assert (f"{out}: replacing the settings of a run that stopped before its first "
+            f"checkpoint (data_dir: {str(nowhere)!r} -> None).") in capsys.readouterr().out
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["data_dir"] is None
+    assert train.main(evaluation + ["--limit", "64"]) == 2
+    assert "holds a run with other settings (limit: 128 -> 64)" in capsys.readouterr().err
 
 
 def test_a_pretraining_only_run_resumes_under_new_tuned_settings(tmp_path, monkeypatch):
