@@ -108,22 +108,23 @@ def test_train_py_runs_imagenet_end_to_end_and_exports_each_arm(ilsvrc, tmp_path
     out = tmp_path / "imagenet"
     # 96 pixels: birealnet18's LCE flatbuffer follows Keras there (at 32, 64 and 128 its
     # third stage differs, by up to 0.2 in the outputs).
-    code = _imagenet_run(ilsvrc, out, "--arms", "sign", "lns", "--export", "--image-size", "96")
-    if code == 1 and "export failed, nothing written: LCE's interpreter and the Keras model " \
-            "agree on the top-1 class of only" in capsys.readouterr().err:
-        pytest.xfail("export verification refuses the near-tie outputs of a barely trained "
-                     "1000-class model (larq_noisy/export.py, being fixed elsewhere)")
-    assert code == 0
+    assert _imagenet_run(ilsvrc, out, "--arms", "sign", "lns", "--export",
+                         "--image-size", "96") == 0
     with open(out / "results.json") as f:
         results = json.load(f)
     assert list(results["arms"]) == ["sign", "lns"] and results["model"] == "birealnet18"
+    # The protocol's LNS (PER_WEIGHT) keeps the checkpoint's binary weights: the guard did
+    # not stop it (the paper's sum flips half of them in a step, RESULTS 1).
+    assert not results["stopped"] and results["arms"]["lns"]["flip_rate"] < 0.05
     for arm, result in results["arms"].items():
         assert "test_top5" in result
         with open(result["tflite"] + ".json") as f:
             agreement = json.load(f)["agreement"]
         # Verified on the fixture's test images (export.py reads all of them, up to 256).
         assert agreement["inputs"] == f"{len(ilsvrc['validation'])} imagenet2012 test images"
-        assert agreement["top1_agreement"] >= agreement["min_agreement"]
+        # The near-tie outputs of a barely trained 1000-class model: accepted on the
+        # images LCE reproduces to rounding (larq_noisy/export.py, METHOD 7).
+        assert agreement["exact_images"] >= agreement["min_exact"] >= 1
 
 
 def test_classes_train_a_head_of_that_many_classes(ilsvrc, tmp_path):
