@@ -43,15 +43,20 @@ DEFAULTS = dict(dataset="imagenet2012", arms=("sign", "lns"), finetune_epochs=2,
                 steps_per_epoch=200, verbose=2)
 
 
-def parse_args(argv=None) -> tuple[TrainConfig, str]:
-    """`(the run's resolved config, the JSON's path)`; one-line errors for bad values,
-    and for a run that would pretrain for a whole protocol."""
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, TrainConfig)
     p.add_argument("--json", help="where to write the summary (default: gpu_check.json in "
                    "the output dir)")
     p.set_defaults(**DEFAULTS)
+    return p
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, str]:
+    """`(the run's resolved config, the JSON's path)`; one-line errors for bad values,
+    and for a run that would pretrain for a whole protocol."""
+    p = build_parser()
     values = vars(p.parse_args(argv))
     path = values.pop("json")
     values["output_dir"] = values["output_dir"] or f"bench_runs/gpu_check/{values['dataset']}"

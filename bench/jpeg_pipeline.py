@@ -120,7 +120,7 @@ def crop_windows(jpegs: list[bytes], draws: int) -> dict:
     return {name: summary(rows) for name, rows in sizes.items()}
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="imagenet2012", choices=[
         name for name, spec in datasets.DATASETS.items() if spec.jpeg])
@@ -133,7 +133,11 @@ def main():
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--crop-draws", type=int, default=500, help="crops drawn per JPEG shape")
     p.add_argument("--json", help="also write the figures to this file")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
     args.batch_size = args.batch_size or get_protocol(args.dataset).batch_size
     size = datasets.get_spec(args.dataset).image_shape[0]
     cores = len(os.sched_getaffinity(0))

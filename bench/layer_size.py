@@ -232,7 +232,7 @@ def report(state: dict, json_path: str, plot_path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -241,7 +241,11 @@ def main(argv=None) -> None:
     p.add_argument("--report-only", action="store_true", help="redo the report from the state")
     p.add_argument("--json", default=os.path.join(ROOT, "docs", "data", "layer_size.json"))
     p.add_argument("--plot", default=os.path.join(ROOT, "docs", "layer_size_flips.png"))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     state = read_json(STATE, "delete it to measure again") if os.path.exists(STATE) else {}
     state.setdefault("machine", machine())
     if not args.report_only:

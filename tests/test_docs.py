@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 PYTHONS = {"python", "python3", ".venv/bin/python"}
 #: Programs a documented command may run that are no script of this repository.
-OTHER_PROGRAMS = {"pip", "export", "git", "tensorboard", "lce_benchmark_model"}
+OTHER_PROGRAMS = {"pip", "export", "git", "tensorboard", "lce_benchmark_model", "mkdir", "mv",
+                  ".venv/bin/tfds", "tfds"}
 #: The options whose value a script writes (a directory or a file).
 OUTPUT_OPTIONS = ("output_dir", "json", "out", "state", "plots", "docs")
 _FENCE = re.compile(r"^( *)```(\w*)\n(.*?)^\1```", re.S | re.M)
