@@ -71,8 +71,8 @@ def _float_input_bnn():
 
 
 def _unbaked_bnn():
-    """A mapped BNN whose binarized conv has a 3x3x64x64 kernel: left unbaked, the mapper
-    stays in the graph and LCE makes it a float conv."""
+    """A mapped BNN whose binarized conv has a 3x3x64x64 kernel: left unbaked, the cnn
+    mapper stays in the graph and LCE makes it a float conv."""
     inputs = tf.keras.Input((6, 6, 3))
     x = tf.keras.layers.Conv2D(64, 3, padding="same")(inputs)
     x = tf.keras.layers.BatchNormalization()(x)
@@ -80,7 +80,7 @@ def _unbaked_bnn():
     x = tf.keras.layers.BatchNormalization()(x)
     x = tf.keras.layers.GlobalAveragePooling2D()(x)
     outputs = tf.keras.layers.Dense(10, activation="softmax")(x)
-    return larq_noisy.to_mapped(tf.keras.Model(inputs, outputs))
+    return larq_noisy.to_mapped(tf.keras.Model(inputs, outputs), mapper="cnn")
 
 
 def _sign_of_latent(mapped):

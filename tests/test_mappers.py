@@ -207,7 +207,8 @@ def test_bench_resumes_from_its_partial_file(bench, tmp_path, monkeypatch):
         return {**done, "ratio_to_sign": 1.01}
 
     monkeypatch.setattr(bench, "_measure_in_subprocess", measure)
-    bench.main(["--shapes", "cifar", "--kinds", "cnn", "separable", "--json", str(out)])
+    bench.main(["--shapes", "cifar", "--kinds", "cnn", "separable", "--no-aux-to-latent",
+                "--json", str(out)])
     report = json.loads(out.read_text())
     kinds = report["steps"]["cifar"]["kinds"]
     assert kinds["cnn"] == done and kinds["separable"]["ratio_to_sign"] == 1.01

@@ -22,8 +22,10 @@ KERNEL = [  # a dense kernel (4 inputs, 3 outputs): |W| <= 1, well conditioned
 
 
 def _dense(kernel=KERNEL, **options):
-    # aux_to_latent=True (the paper's): the auxiliary loss's gradient on W is what is studied.
-    options = {"alpha": 1.0, "rho_pos": RHO, "rho_neg": RHO, "aux_to_latent": True, **options}
+    # The paper's sum and aux_to_latent=True: the auxiliary loss's gradient on each W is
+    # what is studied.
+    options = {"alpha": 1.0, "rho_pos": RHO, "rho_neg": RHO, "aux_to_latent": True,
+               "reduction": "sum", **options}
     kernel = np.asarray(kernel, "float32")
     layer = lq.layers.QuantDense(
         kernel.shape[1], **{**BINARY, "kernel_quantizer": NoisyMappedQuantizer(**options)}
