@@ -1,4 +1,4 @@
-"""LNS at every layer size (docs/RESULTS.md section 7): does a setting of LNS keep a
+"""LNS at every layer size (docs/RESULTS.md section 1): does a setting of LNS keep a
 pretrained BNN's binary weights, from ResNet-20's 2,304-weight convs to ResNet-18's
 2.36 M-weight ones? A model's binarized kernels have the same shapes whatever its input
 size, so the ImageNet models run on Fashion-MNIST at 32x32 here. Stages:

@@ -75,7 +75,7 @@ class Protocol:
     # over `finetune_lr` and the quantizer's and Bop's defaults. Flags and --hparams win.
     tuned: dict = dataclasses.field(default_factory=dict)
     # The model `tuned` was measured on (None: any). Another model takes the `per_weight`
-    # preset, measured at every layer size (docs/RESULTS.md section 7).
+    # preset, measured at every layer size (docs/RESULTS.md section 1).
     tuned_model: str | None = None
     # A pretrained checkpoint of `tuned_model` in models/weights/ (its .json: SHA-256, the
     # command that made it), fine-tuned unless the run pretrains or changes the baseline.
@@ -112,7 +112,7 @@ _SMALL_IMAGES = Protocol(
 # 70/90/110; fine-tune 45 epochs, lr 0.01 x0.1 every 15. Bi-Real Net baseline. The paper
 # gives no LNS values for ImageNet; its CIFAR-10 ones (`--preset paper`) flip half of
 # Bi-Real Net 18's binary weights in one step: LNS takes `per_weight`, measured on
-# birealnet18 and resnet_e18 with this fine-tuning optimizer (docs/RESULTS.md section 7).
+# birealnet18 with this fine-tuning optimizer (docs/RESULTS.md section 1).
 _IMAGENET = Protocol(
     model="birealnet18", pretrain_epochs=120, finetune_epochs=45, batch_size=256,
     optimizer="sgd", lr=0.1, pretrain_milestones=(70 / 120, 90 / 120, 110 / 120),
@@ -137,7 +137,7 @@ PROTOCOLS = {
         optimizer="sgd", lr=0.1, pretrain_cosine=True,
         finetune_lr=0.01, finetune_milestones=(0.25, 0.5, 0.75),
         # The paper's alpha 1 with `sum` flips 41% of ResNet-20's binary weights in one
-        # step of this fine-tuning (docs/RESULTS.md section 7): `per_weight`, measured here.
+        # step of this fine-tuning (docs/RESULTS.md section 1): `per_weight`, measured here.
         tuned={"lns": PER_WEIGHT}, tuned_model="resnet20",
         note="paper, Sec. 5.1; LNS per_weight, measured on resnet20 [project decision]",
     ),

@@ -484,7 +484,7 @@ def settings_note(c: TrainConfig) -> str:
     if protocol.tuned_model not in (None, c.model) and c.preset == "per_weight":
         return (f"Fine-tuning settings: per_weight (--preset per_weight), as {c.dataset}'s "
                 f"tuned settings belong to {protocol.tuned_model}, not {c.model}; per_weight "
-                "holds at every layer size measured (docs/RESULTS.md section 7).")
+                "holds at every layer size measured (docs/RESULTS.md section 1).")
     if c.preset:
         return f"Fine-tuning settings: the preset {c.preset!r}, one learning rate for every arm."
     if protocol.tuned_model:

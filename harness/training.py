@@ -322,9 +322,9 @@ def finetune(session: Session, arm: str, weights: str, reference) -> dict:
 
 def guard_advice(options: dict | None) -> str:
     """What to change when `FlipGuard` stops an arm with quantizer `options` (None: sign
-    weights), as measured in docs/RESULTS.md section 7."""
+    weights), as measured in docs/RESULTS.md section 1."""
     if options and options.get("reduction") == "sum":
-        fix = "set --preset per_weight (or --reduction mean)"
+        fix = "set --preset per_weight (the loss averaged per weight, the separable mapper)"
     elif options and options.get("mapper") == "cnn":
         fix = "set --mapper separable, or a lower --finetune-lr"
     else:

@@ -127,7 +127,7 @@ class FlipGuard(tf.keras.callbacks.Callback):
     (`flip_rates`, over all binarized layers) and raises `GuardStopped` when it exceeds
     `max_flip_rate`, or at once when the loss is not finite. Healthy fine-tuning flips
     well under 5% in 10 steps; the paper's `sum` reduction flips about half of a ResNet's
-    binary weights in one (docs/RESULTS.md section 7). Put it first in the callback
+    binary weights in one (docs/RESULTS.md section 1). Put it first in the callback
     list, so that it raises before anything saves the scrambled weights.
 
     !!! example
