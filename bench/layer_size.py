@@ -1,7 +1,8 @@
 """LNS at every layer size (docs/RESULTS.md section 1): does a setting of LNS keep a
 pretrained BNN's binary weights, from ResNet-20's 2,304-weight convs to ResNet-18's
 2.36 M-weight ones? A model's binarized kernels have the same shapes whatever its input
-size, so the ImageNet models run on Fashion-MNIST at 32x32 here. Stages:
+size, so the ImageNet models run on Fashion-MNIST at 32x32 (ResNet-E 18 at 16x16) here.
+Stages:
 
 1. pretrain: each model with sign weights (`train.py --pretrain-epochs 4 --limit 20000`,
    SGD lr 0.1), into bench_runs/layer_size/<model>/;
@@ -35,8 +36,9 @@ sys.path.insert(0, ROOT)
 from bench.common import machine  # noqa: E402  (before TensorFlow)
 from harness.rundir import read_json, write_json  # noqa: E402
 
-#: The models and the input size they run at here.
-MODELS = {"resnet20": 28, "birealnet18": 32, "resnet_e18": 32}
+#: The models and the input size they run at here (larq-zoo's ResNet-E 18 does not
+#: downsample in its stem below 64x64: at 16x16 it computes 4x Bi-Real Net 18's at 32x32).
+MODELS = {"resnet20": 28, "birealnet18": 32, "resnet_e18": 16}
 STATE = os.path.join(ROOT, "bench", "state", "layer_size", "rows.json")
 RUNS = os.path.join(ROOT, "bench_runs", "layer_size")
 STEPS = (1, 3, 10)

@@ -31,7 +31,7 @@ PAPER = {
 #: The setting that holds at every layer size (docs/METHOD.md section 3.6): the loss
 #: averaged per weight, so that alpha means the same on a 2,304-weight and a 2.36 M-weight
 #: layer, and the `separable` mapper, whose step does not grow with the layer under SGD.
-#: Measured on ResNet-20 and Bi-Real Net 18 (docs/RESULTS.md section 1); the
+#: Measured on ResNet-20, Bi-Real Net 18 and ResNet-E 18 (docs/RESULTS.md section 1); the
 #: paper's `sum` flips about half of their binary weights in one step.
 PER_WEIGHT = {**PAPER, "mapper": "separable", "reduction": "mean"}
 #: The quantizer's defaults (docs/METHOD.md section 8).
