@@ -4,14 +4,16 @@ section 6.1): the method, the figures and the commands of both studies.
 
 Stages under `--output-dir`, each a train.py or tune.py run that the same command resumes:
 1. pretraining (`pretrain/seed<S>_<E>ep`): each checkpoint S of `--checkpoints`, kept with
-   its SHA-256 in `--state`, and seed 0 for 2E epochs (is E converged?);
+   its SHA-256 in `--state`, and each seed S for 2E epochs too (is E converged?);
 2. tuning (`tune/<arm>`): the same random search for sign, bop and lns from checkpoint 0;
 3. samples (`samples/ckpt<S>_seed<T>`): `SAMPLE_ARMS` tuned and lns `--preset paper`, from
    checkpoint S with seed T; the first sample's tuned arms also twice as long;
 4. the report (converged_report.py) in `--docs`: verdicts against `EQUIVALENCE_MARGIN`.
 
 Every finished run's rows go to `<state>/rows.json` with their machine: commit `--state`
-and a fresh work tree resumes there. Rows from different CPUs are never paired.
+and a fresh work tree resumes there. Rows from different CPUs are never paired. A
+pretraining longer than a session: stop the bench, `--save-unfinished` keeps what
+train.py resumes from in `<state>/unfinished/`; commit it, and the bench goes on there.
 
     .venv/bin/python bench/converged.py     # --report-only: only the report
 """
@@ -24,13 +26,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from harness.rundir import read_history_rows as read_history  # noqa: E402
-from harness.rundir import machine, read_json, write_json  # noqa: E402
+from harness.rundir import RunDir, atomic_path, machine, read_json, write_json  # noqa: E402
 
 #: Declared before any sample ran: a paired difference whose 95% CI lies inside
 #: +-0.25 points is "equivalent"; the test accuracy of one seed moves by about that much.
@@ -111,11 +114,36 @@ class Bench:
 
     def pretrain(self, seed: int, epochs: int) -> None:
         run = self.pretrain_run(seed, epochs)
+        unfinished = self.unfinished(seed, epochs)
         if not os.path.exists(os.path.join(run, "results.json")) or not os.path.exists(
                 os.path.join(run, "pretrain", "weights.h5")):
+            if os.path.exists(unfinished) and not os.path.exists(run):  # an earlier session's
+                with tarfile.open(unfinished) as tar:
+                    tar.extractall(os.path.dirname(run), filter="data")
             call(f"pretraining seed {seed}, {epochs} epochs -> {run}", "train.py", run,
                  ["--pretrain-epochs", epochs, "--arms", "--seed", seed, "--verbose", 2])
         self.keep_curve(seed, epochs, run)
+        if os.path.exists(unfinished):  # finished: its curve is in rows.json now
+            os.remove(unfinished)
+
+    def unfinished(self, seed: int, epochs: int) -> str:
+        return os.path.join(self.state, "unfinished", pretraining_name(seed, epochs) + ".tar.gz")
+
+    def save_unfinished(self) -> None:
+        """Each unfinished pretraining run here, as train.py resumes it (its backup,
+        history and settings; not its TensorBoard logs), into `<state>/unfinished/`."""
+        root = os.path.join(self.out, "pretrain")
+        for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+            run = RunDir(os.path.join(root, name))
+            if os.path.exists(run.path("results.json")):
+                continue
+            seed, _, epochs = name.partition("_")
+            archive = self.unfinished(int(seed[4:]), int(epochs[:-2]))
+            os.makedirs(os.path.dirname(archive), exist_ok=True)
+            with run.locked(), atomic_path(archive) as tmp, tarfile.open(tmp, "w:gz") as tar:
+                tar.add(run.root, name, filter=lambda member: None if os.path.basename(
+                    member.name) in ("lock", "tensorboard") else member)  # locked: not running
+            print(f"kept {run.root} in {os.path.relpath(archive, ROOT)}: commit it")
 
     def keep_curve(self, seed: int, epochs: int, run: str) -> None:
         history = read_history(os.path.join(run, "pretrain", "history.csv"))
@@ -220,8 +248,9 @@ class Bench:
                 self.sample(ckpt, seed, checkpoint, hparams)
                 if (ckpt, seed) == (a.checkpoints[0], a.seeds[0]):
                     self.length_check(checkpoint, hparams)
-        if pretraining_name(0, 2 * a.pretrain_epochs) not in self.rows.get("pretraining", {}):
-            self.pretrain(0, 2 * a.pretrain_epochs)  # the convergence check: its curve
+        for seed in a.checkpoints:  # the convergence check of each: its curve
+            if pretraining_name(seed, 2 * a.pretrain_epochs) not in self.rows.get("pretraining", {}):
+                self.pretrain(seed, 2 * a.pretrain_epochs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,9 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-epoch", type=int, default=390, help="tune.py's trials: full epochs")
     p.add_argument("--trials", type=int, default=16)
     p.add_argument("--lr-range", nargs=2, default=["1e-5", "3e-3"])
-    p.add_argument("--checkpoints", nargs="+", type=int, default=[0])
+    p.add_argument("--checkpoints", nargs="+", type=int, default=[0, 1])
     p.add_argument("--seeds", nargs="+", type=int, default=list(range(12)))
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--save-unfinished", action="store_true",
+                   help="keep each unfinished pretraining in --state/unfinished (stop the bench "
+                        "first), then report")
     return p
 
 
@@ -248,7 +280,9 @@ def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     bench = Bench(args)
-    if not args.report_only:
+    if args.save_unfinished:
+        bench.save_unfinished()
+    elif not args.report_only:
         bench.run()
     bench.keep_curves()
     from converged_report import report  # noqa: E402

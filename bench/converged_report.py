@@ -61,20 +61,30 @@ def verdict(low: float, high: float, margin: float) -> str:
 
 
 def variance_split(diffs: dict) -> dict | None:
-    """One-way random effects over checkpoints: the variance of `diffs` ({(ckpt, seed):
-    value}) between checkpoints and between fine-tuning seeds of one checkpoint."""
+    """One-way random effects over checkpoints (the ANOVA estimator, groups of any size):
+    the variance of `diffs` ({(ckpt, seed): value}) between checkpoints and between
+    fine-tuning seeds of one checkpoint, each checkpoint's mean, and the F test's p that
+    the checkpoints' means are equal."""
+    from scipy import stats
+
     groups = {}
-    for (ckpt, _), value in diffs.items():
+    for (ckpt, _), value in sorted(diffs.items()):
         groups.setdefault(ckpt, []).append(value)
-    sizes = {len(v) for v in groups.values()}
-    if len(groups) < 2 or len(sizes) != 1 or min(sizes) < 2:
+    sizes = np.array([len(v) for v in groups.values()])
+    k, total = len(groups), int(sizes.sum())
+    if k < 2 or sizes.min() < 2:
         return None
-    n = sizes.pop()
     means = np.array([np.mean(v) for v in groups.values()])
-    within = float(np.mean([np.var(v, ddof=1) for v in groups.values()]))
-    between = max(0.0, (n * float(np.var(means, ddof=1)) - within) / n)  # from the mean square
-    return {"checkpoints": len(groups), "seeds": n, "within_checkpoint_var": within,
-            "between_checkpoint_var": between}
+    grand = float(np.mean(list(diffs.values())))
+    within = float(sum((n - 1) * np.var(v, ddof=1) for n, v in zip(sizes, groups.values()))
+                   / (total - k))  # mean square within
+    mean_square_between = float((sizes * (means - grand) ** 2).sum() / (k - 1))
+    n0 = (total - (sizes ** 2).sum() / total) / (k - 1)  # the group size, if unequal
+    f_p = float(stats.f.sf(mean_square_between / within, k - 1, total - k)) if within > 0 else None
+    return {"checkpoints": k, "seeds": sizes.tolist(), "within_checkpoint_var": within,
+            "between_checkpoint_var": max(0.0, (mean_square_between - within) / n0),
+            "checkpoint_means": {str(c): float(m) for c, m in zip(groups, means)},
+            "checkpoints_differ_p": f_p}
 
 
 def paired(rows, a: str, b: str, margin: float) -> dict | None:
@@ -133,23 +143,31 @@ def comparison_table(comparisons) -> str:
 
 def split_table(comparisons) -> str:
     lines = ["| comparison | sd of the difference | between checkpoints (var) "
-             "| between seeds of one checkpoint (var) |", "|---|---|---|---|"]
+             "| between seeds of one checkpoint (var) | mean by checkpoint "
+             "| p (checkpoints differ) |", "|---|---|---|---|---|---|"]
     for c in comparisons:
         s = c["split"]
         if s:
+            means = ", ".join(f"{m:+.2f}" for m in s["checkpoint_means"].values())
+            p = "-" if s["checkpoints_differ_p"] is None else f"{s['checkpoints_differ_p']:.3f}"
             lines.append(f"| `{c['a']}` - `{c['b']}` | {c['sd']:.2f} | "
-                         f"{s['between_checkpoint_var']:.3f} | {s['within_checkpoint_var']:.3f} |")
-    return "\n".join(lines)
+                         f"{s['between_checkpoint_var']:.3f} | {s['within_checkpoint_var']:.3f} "
+                         f"| {means} | {p} |")
+    return "\n".join(lines) if len(lines) > 2 else ""  # one checkpoint: no split
 
 
-def convergence(curves: dict, epochs: int, margin: float) -> dict | None:
-    short, long = curves.get(f"seed0_{epochs}ep"), curves.get(f"seed0_{2 * epochs}ep")
-    if not (short and long):
-        return None
-    gap = 100 * (max(long["val_accuracy_by_epoch"]) - short["val_accuracy"])
-    return {"epochs": epochs, "final_val": 100 * short["val_accuracy"],
-            "best_val_twice_as_long": 100 * max(long["val_accuracy_by_epoch"]),
-            "gap_points": gap, "margin": margin, "converged": gap <= margin}
+def convergence(curves: dict, epochs: int, margin: float) -> list[dict]:
+    """The convergence rule, for each seed pretrained for `epochs` and for twice as long."""
+    checks = []
+    for name, short in sorted(curves.items()):
+        long = curves.get(f"seed{short['seed']}_{2 * epochs}ep")
+        if short["epochs"] == epochs and long:
+            gap = 100 * (max(long["val_accuracy_by_epoch"]) - short["val_accuracy"])
+            checks.append({"seed": short["seed"], "epochs": epochs,
+                           "final_val": 100 * short["val_accuracy"],
+                           "best_val_twice_as_long": 100 * max(long["val_accuracy_by_epoch"]),
+                           "gap_points": gap, "margin": margin, "converged": gap <= margin})
+    return checks
 
 
 def study_title(state: dict, args) -> str:
@@ -238,11 +256,11 @@ def report(state: dict, args) -> dict:
             f"(bench/converged.py)", "",
             row_table(rows, TITLES, args.pretrain_epochs), "", comparison_table(comparisons), "",
             split_table(comparisons), ""]
-    if check:
-        text.append(f"Convergence: {check['epochs']} epochs end at {check['final_val']:.2f}% "
-                    f"validation accuracy; the best of the run twice as long is "
-                    f"{check['best_val_twice_as_long']:.2f}% (gap {check['gap_points']:+.2f} "
-                    f"points; converged means <= {check['margin']}).")
+    for c in check:
+        text.append(f"Convergence of seed {c['seed']}: {c['epochs']} epochs end at "
+                    f"{c['final_val']:.2f}% validation accuracy; the best of the run twice as "
+                    f"long is {c['best_val_twice_as_long']:.2f}% (gap {c['gap_points']:+.2f} "
+                    f"points; converged means <= {c['margin']}).")
     with open(os.path.join(data, f"{stem}.md"), "w") as f:
         f.write("\n".join(text) + "\n")
     plot = stem.replace("_", "_{}_", 1) + ".png"  # converged_pretraining_fashion_mnist.png

@@ -194,6 +194,17 @@ def test_the_variance_splits_between_checkpoints_and_seeds(report):
     assert split["between_checkpoint_var"] == pytest.approx(1.0 - 0.5 / 2)
 
 
+def test_the_variance_split_takes_checkpoints_with_different_numbers_of_seeds(report):
+    diffs = {(0, 0): 0.0, (0, 1): 1.0, (0, 2): 2.0, (1, 0): 3.0, (1, 1): 5.0}
+    split = report.variance_split(diffs)
+    # Mean squares: within (2 * 1 + 1 * 2) / 3, between 3 * 1.2^2 + 2 * 1.8^2 = 10.8;
+    # the group size of an unequal design, n0 = 5 - (3^2 + 2^2) / 5 = 2.4.
+    assert split["within_checkpoint_var"] == pytest.approx(4 / 3)
+    assert split["between_checkpoint_var"] == pytest.approx((10.8 - 4 / 3) / 2.4)
+    assert split["checkpoint_means"] == {"0": 1.0, "1": 4.0} and split["seeds"] == [3, 2]
+    assert split["checkpoints_differ_p"] == pytest.approx(0.0653, abs=1e-3)  # F(1, 3) = 8.1
+
+
 def test_rows_from_different_machines_are_not_paired(report):
     rows = _rows({(0, 0): 0.3, (0, 1): 0.1, (1, 0): 0.2})
     rows[-1]["machine"] = {"cpu": "other", "vector": "avx512f"}  # lns of sample (1, 0)
@@ -224,3 +235,55 @@ def test_converged_py_refuses_a_shipped_checkpoint_of_another_length(tmp_path, c
         converged.main(["--pretrain-epochs", "60", "--state", str(state),
                         "--output-dir", str(tmp_path / "out"), "--report-only"])
     assert not state.exists()  # nothing written
+
+
+def test_converged_py_keeps_an_unfinished_pretraining_for_the_next_session(tmp_path, monkeypatch):
+    """--save-unfinished keeps what train.py resumes from (not TensorBoard's logs, not
+    while train.py runs there); the next session's bench restores it before it calls
+    train.py, and drops it once the run has finished."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import converged
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    out, state = tmp_path / "out", tmp_path / "state"
+    args = ["--output-dir", str(out), "--state", str(state), "--ship", "",
+            "--pretrain-epochs", "2", "--docs", str(tmp_path / "docs")]
+    run = out / "pretrain" / "seed1_4ep"
+    for name, text in [("config.json", "{}"), ("pretrain/backup/chief/checkpoint", "ckpt"),
+                       ("pretrain/history.csv", "epoch,val_accuracy\n0,0.5\n"),
+                       ("tensorboard/pretrain/events", "logs"),
+                       ("lock", json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname()}))]:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    from harness.rundir import RunInUse
+
+    with pytest.raises(RunInUse, match="in use by process"):  # train.py runs there
+        converged.main([*args, "--save-unfinished"])
+    (run / "lock").unlink()
+    converged.main([*args, "--save-unfinished"])
+    archive = state / "unfinished" / "seed1_4ep.tar.gz"
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        kept = sorted(tar.getnames())
+    assert "seed1_4ep/pretrain/backup/chief/checkpoint" in kept and "seed1_4ep/config.json" in kept
+    assert not [name for name in kept if "tensorboard" in name or name.endswith("lock")]
+
+    import shutil
+
+    shutil.rmtree(out)  # a fresh work tree
+    seen = []
+
+    def train(what, script, run_dir, argv):  # what train.py finds, then it finishes
+        seen.append((run / "pretrain" / "backup" / "chief" / "checkpoint").read_text())
+        (run / "pretrain" / "weights.h5").write_text("")
+        (run / "pretrain" / "history.csv").write_text("epoch,val_accuracy\n0,0.5\n1,0.6\n")
+        (run / "results.json").write_text(json.dumps(
+            {"baseline": {"val_accuracy": 0.6, "test_accuracy": 0.59}}))
+
+    monkeypatch.setattr(converged, "call", train)
+    bench = converged.Bench(converged.build_parser().parse_args(args))
+    bench.pretrain(1, 4)
+    assert seen == ["ckpt"] and not archive.exists()
+    assert bench.rows["pretraining"]["seed1_4ep"]["val_accuracy_by_epoch"] == [0.5, 0.6]
