@@ -6,6 +6,7 @@ once per session; then `harness.datasets` and `train.py --dataset imagenet2012` 
 them as they read the real set.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -95,6 +96,24 @@ def test_a_small_copy_has_all_three_splits_and_every_image_loads(ilsvrc):
         assert all(x.shape[1:] == (32, 32, 3) for x in images)
         if split != "test":
             assert set(labels) <= classes
+
+
+def test_the_jpeg_benchmark_reads_the_prepared_images(ilsvrc, tmp_path, monkeypatch):
+    """bench/jpeg_pipeline.py --data-dir, at its smallest: the fixture's test JPEGs
+    (48x64), not generated ones (ImageNet's sizes)."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_jpeg_pipeline", os.path.join(ROOT, "bench", "jpeg_pipeline.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = tmp_path / "jpeg.json"
+    monkeypatch.setattr(sys, "argv", [
+        "jpeg_pipeline.py", "--data-dir", ilsvrc["data_dir"], "--images", "4",
+        "--batch-size", "2", "--batches", "1", "--warmup", "0", "--repeats", "1",
+        "--crop-draws", "1", "--json", str(report)])
+    bench.main()
+    jpegs = json.loads(report.read_text())["jpegs"]
+    assert jpegs["source"] == ilsvrc["data_dir"] and jpegs["count"] == 4
+    assert (jpegs["mean_height"], jpegs["mean_width"]) == (48, 64)
 
 
 def _imagenet_run(ilsvrc, out, *flags):
