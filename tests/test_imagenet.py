@@ -161,6 +161,21 @@ def test_classes_train_a_head_of_that_many_classes(ilsvrc, tmp_path):
     assert model.output_shape == (None, 2)
     with open(out / "config.json") as f:
         assert json.load(f)["class_names"] == ["n02105855", "n01440764"]
+    # What that run read: the 8 training images of the two synsets, a fifth held out,
+    # and the test split's one image of them, its synset listed first: label 0.
+    names, data_dir = ("n02105855", "n01440764"), ilsvrc["data_dir"]
+    sizes = datasets.split_sizes("imagenet2012", data_dir=data_dir, limit=8, classes=names)
+    assert sizes == {"train": 7, "validation": 1, "test": 1}
+
+    def test_split(**kwargs):
+        dataset, _ = datasets.load("imagenet2012", "test", 4, data_dir=data_dir,
+                                   image_size=32, **kwargs)
+        return [(x.tobytes(), y) for images, labels in dataset
+                for x, y in zip(images.numpy(), labels.numpy())]
+
+    synsets = {image: ilsvrc_fixture.LABELS[label] for image, label in test_split()}
+    assert [(synsets[image], label) for image, label in test_split(classes=names)] == [
+        ("n02105855", 0)]
 
 
 def test_an_unknown_synset_is_named_before_any_work(ilsvrc, tmp_path, capsys):
