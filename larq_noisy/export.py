@@ -381,8 +381,9 @@ def export_model(model, out_path, *, verify_images=None, threads: int = 2,
             "float": _latency(float_flatbuffer, threads),
         } if benchmark else None,
     }
+    text = json.dumps(report, indent=2, allow_nan=False)  # NaN raises before any write
     _write_atomically(out_path, flatbuffer)
-    _write_atomically(out_path + ".json", json.dumps(report, indent=2, allow_nan=False).encode())
+    _write_atomically(out_path + ".json", text.encode())
     if verbose:
         print(_format_report(report))
     return report
