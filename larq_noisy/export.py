@@ -420,16 +420,15 @@ def _verification_inputs(model, verify_images, verify_source):
 
 
 def _write_atomically(path: str, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it: never half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp",
-                               prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "wb") as file:
+    """Write `data` to a new file in a new folder beside `path`, then rename it: never
+    half a file, and the mode of any new file (mkstemp's is 0600). As harness.rundir's
+    `atomic_path`, which the library cannot import."""
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path) or ".",
+                                     prefix=f".{os.path.basename(path)}.") as directory:
+        tmp = os.path.join(directory, os.path.basename(path))
+        with open(tmp, "wb") as file:
             file.write(data)
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _format_report(report: dict) -> str:
