@@ -19,6 +19,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the converter's C++ info logs
 
 from harness import errors  # noqa: E402
+from harness.exporting import DEFAULT_VERIFY_IMAGES, export_arm, export_file  # noqa: E402
+from harness.rundir import RunDir  # noqa: E402
+from larq_noisy.export import DEFAULT_MIN_EXACT, DEFAULT_THREADS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,17 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a train.py run directory, or a .h5 / SavedModel")
     p.add_argument("--out", help="the .tflite to write (default: next to the model)")
     p.add_argument("--arm", default="lns", help="the arm of a run directory (default: lns)")
-    p.add_argument("--verify", type=int, default=256,
-                   help="test images to check LCE against Keras on (0: skip; default 256)")
+    p.add_argument("--verify", type=int, default=DEFAULT_VERIFY_IMAGES,
+                   help="test images to check LCE against Keras on (0: skip; default "
+                   "%(default)s)")
     p.add_argument("--dataset", help="test data for a model file (default: the run's, "
                    "or random inputs)")
     p.add_argument("--data-dir", help="tfds data dir for --dataset")
-    p.add_argument("--min-exact", type=int, default=1,
+    p.add_argument("--min-exact", type=int, default=DEFAULT_MIN_EXACT,
                    help="fewest test images on which LCE must reproduce Keras to float32 "
-                   "rounding (0: report only; default 1)")
+                   "rounding (0: report only; default %(default)s)")
     p.add_argument("--benchmark", action="store_true",
                    help="time the binary and the float model with LCE's interpreter")
-    p.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="interpreter threads (default %(default)s)")
     return p
 
 
@@ -54,10 +59,6 @@ def main(argv=None) -> int:
 
 def export_source(args) -> dict:
     """Export `args.source`: an arm of a train.py run, or a saved Keras model."""
-    # TensorFlow and LCE after the arguments are checked.
-    from harness.exporting import export_arm, export_file
-    from harness.rundir import RunDir
-
     source = args.source
     options = dict(verify=args.verify, dataset=args.dataset, data_dir=args.data_dir,
                    threads=args.threads, benchmark=args.benchmark, min_exact=args.min_exact)

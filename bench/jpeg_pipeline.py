@@ -55,7 +55,9 @@ def generated_jpegs(n: int, seed: int = 0) -> list[bytes]:
 
 def real_jpegs(name: str, data_dir: str, n: int) -> list[bytes]:
     """The first `n` JPEGs of the prepared dataset's test split, as train.py reads them."""
-    examples, _ = datasets._read_examples(datasets.get_spec(name), "test", data_dir, 0, False)
+    spec = datasets.get_spec(name)
+    test = datasets._ranges(spec, data_dir, None, None)["test"]
+    examples, _ = datasets._read_examples(spec, test, data_dir, 0, False)
     return [jpeg.numpy() for jpeg, _ in examples.take(n)]
 
 

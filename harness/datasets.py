@@ -295,7 +295,8 @@ def load(
             `"train"` when there is at least one full batch, `False` otherwise.
         epochs: Training only: `(first, stop)`, epochs `first .. stop - 1` back to back,
             epoch `e` drawn from `(seed, e)` alone; `None`: a new epoch each iteration.
-        skip: Training with `epochs` only: batches left out at the start of epoch `first`.
+        skip: Training with `epochs` only: batches left out at the start of epoch `first`
+            (they count towards its `steps_per_epoch`, as a resumed `fit`'s steps do).
         steps_per_epoch: Training only: the first `steps_per_epoch` batches of each epoch.
 
     # Raises
@@ -337,29 +338,33 @@ def load(
 
     buffer_size = min(num_examples, spec.shuffle_buffer)
 
-    def one_epoch(key, skip_examples):
+    def one_epoch(key, skip_batches):
         # The epoch depends on its key alone, not on the global seed of the moment
         # (which would also make `shuffle` test a tensor seed as a Python bool).
         tf.compat.v1.set_random_seed(None)  # the seed of this traced function's graph
         shuffled = examples.shuffle(buffer_size, seed=key, reshuffle_each_iteration=False)
-        indexed = shuffled.enumerate().skip(skip_examples)
+        indexed = shuffled.enumerate().skip(skip_batches * batch_size)
         epoch = batched(indexed, _train_example(spec, key, size))
-        return epoch.take(steps_per_epoch) if steps_per_epoch else epoch
+        # Keras ends a resumed epoch after its remaining `steps_per_epoch - skip` steps.
+        return epoch.take(steps_per_epoch - skip_batches) if steps_per_epoch else epoch
 
     if epochs is None:
+        if skip:
+            raise ValueError(f"skip={skip!r} needs epochs=(first, stop): it counts batches "
+                             "of epoch first.")
         # A new key each time the dataset is iterated, in a sequence fixed by `seed`.
         keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
         dataset = keys.flat_map(lambda key: one_epoch(key, tf.constant(0, tf.int64)))
     else:
         first, stop = epochs
-        if not 0 <= first <= stop or skip < 0:
-            raise ValueError(
-                f"epochs={epochs!r}, skip={skip!r}: need 0 <= first <= stop, skip >= 0."
-            )
-        skip_examples = tf.constant(skip * batch_size, tf.int64)
+        if not 0 <= first <= stop or not 0 <= skip < (steps_per_epoch or skip + 1):
+            cap = f" < steps_per_epoch={steps_per_epoch}" if steps_per_epoch else ""
+            raise ValueError(f"epochs={epochs!r}, skip={skip!r}: need 0 <= first <= stop "
+                             f"and 0 <= skip{cap}.")
+        skip_batches = tf.constant(skip, tf.int64)
         dataset = tf.data.Dataset.range(first, stop).flat_map(
             lambda e: one_epoch(
-                epoch_key(seed, e), tf.where(e == first, skip_examples, tf.constant(0, tf.int64))
+                epoch_key(seed, e), tf.where(e == first, skip_batches, tf.constant(0, tf.int64))
             )
         )
     return _shard_by_example(dataset).prefetch(tf.data.AUTOTUNE), num_examples

@@ -13,7 +13,10 @@ from harness.errors import first_line
 from harness.rundir import RunDir, RunFileError, is_arm_model
 from larq_noisy import export
 
-__all__ = ["dataset_images", "export_arm", "export_file", "load_model"]
+__all__ = ["DEFAULT_VERIFY_IMAGES", "dataset_images", "export_arm", "export_file", "load_model"]
+
+#: Test images an export is verified on (the whole test split of a smaller one).
+DEFAULT_VERIFY_IMAGES = 256
 
 
 def export_arm(run_dir, arm: str, out_path=None, *, dataset: str | None = None,
@@ -29,7 +32,7 @@ def export_arm(run_dir, arm: str, out_path=None, *, dataset: str | None = None,
                        data_dir=data_dir or config.get("data_dir"), **options)
 
 
-def export_file(model_path: str, out_path: str, *, verify: int = 256,
+def export_file(model_path: str, out_path: str, *, verify: int = DEFAULT_VERIFY_IMAGES,
                 dataset: str | None = None, data_dir: str | None = None, **options) -> dict:
     """Export the Keras model saved at `model_path` to `out_path`, verified on `verify` test
     images of `dataset` (`dataset_images`); `larq_noisy.export.export_model`'s report."""

@@ -54,19 +54,14 @@ class RunInUse(ValueError):
 
 @contextlib.contextmanager
 def atomic_path(path: str):
-    """Yield a temporary path to write, with `path`'s extension (Keras picks the format
-    from it); it replaces `path` only if the block succeeds."""
-    directory = os.path.dirname(path) or "."
-    extension = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                               suffix=f".tmp{extension}")
-    os.close(fd)
-    try:
+    """Yield a temporary path to write, named as `path` (Keras picks the format from its
+    extension) in a new folder beside it; it replaces `path` only if the block succeeds.
+    Its writer creates the file, so it gets the mode of any new file (mkstemp's is 0600)."""
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path) or ".",
+                                     prefix=f".{os.path.basename(path)}.") as directory:
+        tmp = os.path.join(directory, os.path.basename(path))
         yield tmp
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_json(path: str, data) -> None:

@@ -34,7 +34,8 @@ from larq_noisy.conversion import (
 )
 
 __all__ = [
-    "BINARY_CONV_OP", "TOLERANCE", "VerificationError", "binarized_convs", "check_agreement",
+    "BINARY_CONV_OP", "DEFAULT_MIN_EXACT", "DEFAULT_THREADS", "TOLERANCE", "VerificationError",
+    "binarized_convs", "check_agreement",
     "check_exportable", "check_writable", "export_model", "measure_agreement",
     "prepare_for_export", "threshold_hits",
 ]
@@ -43,6 +44,11 @@ __all__ = [
 BINARY_CONV_OP = "LceBconv2d"
 #: Random inputs used to verify a model when no test images are given.
 DEFAULT_RANDOM_INPUTS = 64
+#: Fewest verified images LCE must reproduce Keras on: one shows the conversion is right
+#: (a wrong kernel or op changes every image, docs/METHOD.md section 7).
+DEFAULT_MIN_EXACT = 1
+#: Interpreter threads of the agreement check and the benchmark.
+DEFAULT_THREADS = 2
 #: The largest difference between LCE's and Keras' outputs that float32 rounding explains,
 #: relative to the outputs' scale: 2^-13, 2^11 units of float32 rounding (2^-24); the
 #: derivation and the measurements are in docs/METHOD.md section 7.
@@ -218,7 +224,8 @@ def _compared_values(outputs, probabilities: bool) -> np.ndarray:
     return np.log(np.maximum(values, _LEAST_PROBABILITY)) if probabilities else values
 
 
-def measure_agreement(model, flatbuffer: bytes, images, *, threads: int = 2) -> dict:
+def measure_agreement(model, flatbuffer: bytes, images, *,
+                      threads: int = DEFAULT_THREADS) -> dict:
     """How closely `flatbuffer`, run by LCE's interpreter, follows `model` (Keras) on
     `images`, image by image (docs/METHOD.md section 7).
 
@@ -264,7 +271,7 @@ def measure_agreement(model, flatbuffer: bytes, images, *, threads: int = 2) -> 
     }
 
 
-def check_agreement(agreement: dict, min_exact: int = 1) -> None:
+def check_agreement(agreement: dict, min_exact: int = DEFAULT_MIN_EXACT) -> None:
     """Raise `VerificationError` if fewer than `min_exact` images are exact (reproduced
     to float32 rounding, `measure_agreement`), naming the exact ties at binary inputs
     (`threshold_hits`) where there were any."""
@@ -319,8 +326,8 @@ def check_writable(out_path) -> str:
     return out_path
 
 
-def export_model(model, out_path, *, verify_images=None, threads: int = 2,
-                 benchmark: bool = False, min_exact: int = 1,
+def export_model(model, out_path, *, verify_images=None, threads: int = DEFAULT_THREADS,
+                 benchmark: bool = False, min_exact: int = DEFAULT_MIN_EXACT,
                  verify_source: str | None = None, verbose: bool = True) -> dict:
     """Convert `model` to a verified LCE flatbuffer at `out_path`; the report.
 
@@ -381,8 +388,9 @@ def export_model(model, out_path, *, verify_images=None, threads: int = 2,
             "float": _latency(float_flatbuffer, threads),
         } if benchmark else None,
     }
+    text = json.dumps(report, indent=2, allow_nan=False)  # NaN raises before any write
     _write_atomically(out_path, flatbuffer)
-    _write_atomically(out_path + ".json", json.dumps(report, indent=2, allow_nan=False).encode())
+    _write_atomically(out_path + ".json", text.encode())
     if verbose:
         print(_format_report(report))
     return report
@@ -419,16 +427,15 @@ def _verification_inputs(model, verify_images, verify_source):
 
 
 def _write_atomically(path: str, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it: never half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp",
-                               prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "wb") as file:
+    """Write `data` to a new file in a new folder beside `path`, then rename it: never
+    half a file, and the mode of any new file (mkstemp's is 0600). As harness.rundir's
+    `atomic_path`, which the library cannot import."""
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path) or ".",
+                                     prefix=f".{os.path.basename(path)}.") as directory:
+        tmp = os.path.join(directory, os.path.basename(path))
+        with open(tmp, "wb") as file:
             file.write(data)
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _format_report(report: dict) -> str:

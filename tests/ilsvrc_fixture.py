@@ -103,20 +103,19 @@ def write_ilsvrc2012(manual_dir, synsets=("n01440764", "n01443537", "n01484850")
             "val_tar": val_tar}
 
 
-def write_imagenette(manual_dir, train_per_class: int = 3, val_per_class: int = 2,
-                     size: int = 48) -> dict:
+def write_imagenette(manual_dir, train_per_class: int = 3, size: int = 48) -> dict:
     """Write `imagenette2-320.tgz` (`imagenette2-320/{train,val}/<synset>/*.JPEG`, the
     archive tfds' `imagenette/320px-v2` downloads) into `manual_dir`; returns `{"train",
-    "validation": {file name: synset}, "archive": path}`."""
+    "validation": {file name: synset}, "archive": path}`. The k-th synset has k + 1
+    validation images: each label's count says which synset it is."""
     os.makedirs(manual_dir, exist_ok=True)
     rng = np.random.default_rng(0)
     files = {"train": {}, "validation": {}}
     archive = os.path.join(manual_dir, "imagenette2-320.tgz")
     with tarfile.open(archive, "w:gz") as tar:
-        for split, folder, count in (("train", "train", train_per_class),
-                                     ("validation", "val", val_per_class)):
-            for synset in IMAGENETTE_SYNSETS:
-                for i in range(count):
+        for split, folder in (("train", "train"), ("validation", "val")):
+            for k, synset in enumerate(IMAGENETTE_SYNSETS):
+                for i in range(train_per_class if split == "train" else k + 1):
                     name = f"{synset}_{folder}{i}.JPEG"
                     image = _draw(LABELS.index(synset), size, rng)
                     _add(tar, f"imagenette2-320/{folder}/{synset}/{name}", _encode(image))

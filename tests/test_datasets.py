@@ -279,6 +279,30 @@ def test_an_epoch_is_the_same_whatever_was_read_before_it():
     np.testing.assert_array_equal(capped[3][0], whole[8][0])  # epoch 1 starts alike
 
 
+def test_a_capped_epoch_resumed_inside_reads_the_batches_the_uninterrupted_run_read():
+    """Keras resumes a capped epoch at step k with `steps_per_epoch - k` steps left: the
+    resumed stream is the uninterrupted one from batch k on, the same examples."""
+    def batches(dataset):
+        return [(x.numpy(), y.numpy()) for x, y in dataset]
+
+    common = dict(seed=3, limit=320, epochs=(0, 2), steps_per_epoch=5)  # 8 batches, 5 read
+    whole = batches(load("fashion_mnist", "train", 32, **common)[0])
+    resumed = batches(load("fashion_mnist", "train", 32, skip=2, **common)[0])
+    assert len(whole) == 10 and len(resumed) == 8
+    for (x, y), (x2, y2) in zip(whole[2:], resumed):
+        np.testing.assert_array_equal(y, y2)
+        assert x.tobytes() == x2.tobytes()
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(skip=2), "skip=2 needs epochs"),
+    (dict(skip=5, epochs=(0, 2), steps_per_epoch=5), "skip < steps_per_epoch=5"),
+])
+def test_a_skip_that_cannot_be_resumed_is_refused(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        load("fashion_mnist", "train", 32, limit=320, **kwargs)
+
+
 def _write(path, data):
     with open(path, "wb") as f:
         f.write(data)

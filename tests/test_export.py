@@ -137,6 +137,15 @@ def test_a_binarized_conv_left_in_float_fails_loudly_and_writes_nothing(tmp_path
     assert not out.exists() and not (tmp_path / "model.tflite.json").exists()
 
 
+def test_a_report_with_nan_is_refused_before_the_flatbuffer_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "measure_agreement",
+                        lambda *args, **kwargs: {"exact_images": 4, "max_abs_diff": np.nan})
+    out = tmp_path / "model.tflite"
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        export_model(tiny_bnn(), out, verify_images=4, verbose=False)
+    assert not out.exists() and not (tmp_path / "model.tflite.json").exists()
+
+
 def test_exact_zeros_at_binary_inputs_are_counted_and_named():
     """larq's sign maps 0 (and -0.0) to +1; LCE's fused BatchNorm threshold may not
     (docs/METHOD.md section 7). An untrained BatchNorm passes the integer sums of a

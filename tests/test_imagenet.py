@@ -6,6 +6,8 @@ once per session; then `harness.datasets` and `train.py --dataset imagenet2012` 
 them as they read the real set.
 """
 
+import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 import ilsvrc_fixture
 import train
@@ -74,10 +77,11 @@ def test_tfds_labels_the_images_and_fixes_the_odd_files(ilsvrc):
             encoded[name] = example["image"].numpy()
     assert len(encoded) == len(labels)
     odd = ilsvrc["odd"]
-    channels = {name: tf.io.decode_image(encoded[name]).shape[-1] for name in odd.values()}
     # The PNG and the CMYK JPEG are RGB JPEGs now; the grayscale one is kept as it is.
-    assert encoded[odd["png"]][:2] == b"\xff\xd8" and channels[odd["png"]] == 3
-    assert channels[odd["cmyk"]] == 3 and channels[odd["grayscale"]] == 1
+    # (PIL, as TF's decoder would make a CMYK JPEG RGB itself.)
+    modes = {kind: Image.open(io.BytesIO(encoded[name])).mode for kind, name in odd.items()}
+    assert modes == {"png": "RGB", "cmyk": "RGB", "grayscale": "L"}
+    assert encoded[odd["png"]][:2] == b"\xff\xd8"
 
 
 def test_a_small_copy_has_all_three_splits_and_every_image_loads(ilsvrc):
@@ -95,6 +99,24 @@ def test_a_small_copy_has_all_three_splits_and_every_image_loads(ilsvrc):
         assert all(x.shape[1:] == (32, 32, 3) for x in images)
         if split != "test":
             assert set(labels) <= classes
+
+
+def test_the_jpeg_benchmark_reads_the_prepared_images(ilsvrc, tmp_path, monkeypatch):
+    """bench/jpeg_pipeline.py --data-dir, at its smallest: the fixture's test JPEGs
+    (48x64), not generated ones (ImageNet's sizes)."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_jpeg_pipeline", os.path.join(ROOT, "bench", "jpeg_pipeline.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = tmp_path / "jpeg.json"
+    monkeypatch.setattr(sys, "argv", [
+        "jpeg_pipeline.py", "--data-dir", ilsvrc["data_dir"], "--images", "4",
+        "--batch-size", "2", "--batches", "1", "--warmup", "0", "--repeats", "1",
+        "--crop-draws", "1", "--json", str(report)])
+    bench.main()
+    jpegs = json.loads(report.read_text())["jpegs"]
+    assert jpegs["source"] == ilsvrc["data_dir"] and jpegs["count"] == 4
+    assert (jpegs["mean_height"], jpegs["mean_width"]) == (48, 64)
 
 
 def _imagenet_run(ilsvrc, out, *flags):
@@ -139,6 +161,21 @@ def test_classes_train_a_head_of_that_many_classes(ilsvrc, tmp_path):
     assert model.output_shape == (None, 2)
     with open(out / "config.json") as f:
         assert json.load(f)["class_names"] == ["n02105855", "n01440764"]
+    # What that run read: the 8 training images of the two synsets, a fifth held out,
+    # and the test split's one image of them, its synset listed first: label 0.
+    names, data_dir = ("n02105855", "n01440764"), ilsvrc["data_dir"]
+    sizes = datasets.split_sizes("imagenet2012", data_dir=data_dir, limit=8, classes=names)
+    assert sizes == {"train": 7, "validation": 1, "test": 1}
+
+    def test_split(**kwargs):
+        dataset, _ = datasets.load("imagenet2012", "test", 4, data_dir=data_dir,
+                                   image_size=32, **kwargs)
+        return [(x.tobytes(), y) for images, labels in dataset
+                for x, y in zip(images.numpy(), labels.numpy())]
+
+    synsets = {image: ilsvrc_fixture.LABELS[label] for image, label in test_split()}
+    assert [(synsets[image], label) for image, label in test_split(classes=names)] == [
+        ("n02105855", 0)]
 
 
 def test_an_unknown_synset_is_named_before_any_work(ilsvrc, tmp_path, capsys):
@@ -163,5 +200,6 @@ def test_imagenette_is_prepared_offline_from_its_archive(tmp_path):
     dataset, _ = datasets.load("imagenette", "test", 20, data_dir=str(tmp_path / "tfds"),
                                image_size=32)
     labels = np.concatenate([y.numpy() for _, y in dataset])
+    # Each synset has its own number of images: a label on another synset's changes them.
     assert sorted(labels) == sorted(ilsvrc_fixture.IMAGENETTE_SYNSETS.index(s)
                                     for s in files["validation"].values())

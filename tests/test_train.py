@@ -446,6 +446,20 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path):
     assert os.listdir(tmp_path) == ["result.json"]  # no temporary file left behind
 
 
+def test_atomically_written_files_get_the_mode_the_umask_gives(tmp_path):
+    from harness.rundir import write_json
+    from larq_noisy.export import _write_atomically
+
+    umask = os.umask(0o027)
+    try:
+        write_json(str(tmp_path / "result.json"), {})
+        _write_atomically(str(tmp_path / "model.tflite"), b"")
+    finally:
+        os.umask(umask)
+    modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in os.listdir(tmp_path)}
+    assert modes == {"result.json": 0o640, "model.tflite": 0o640}  # not mkstemp's 0600
+
+
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     from harness.rundir import save_weights
 
