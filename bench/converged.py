@@ -42,7 +42,7 @@ CONVERGENCE_MARGIN = 0.2  # points of validation accuracy (docs/METHOD.md 6.3)
 SAMPLE_ARMS = ("sign", "bop", "mapped", "lns", "lns_rho0")
 COMPARISONS = [("lns", "sign"), ("lns", "bop"), ("bop", "sign"), ("lns", "mapped"),
                ("lns", "lns_rho0"), ("paper", "sign"), ("sign", "baseline"),
-               ("lns", "baseline"), ("bop", "baseline")]
+               ("lns", "baseline"), ("paper", "baseline"), ("bop", "baseline")]
 
 
 def sha256(path: str) -> str:
