@@ -170,6 +170,13 @@ def convergence(curves: dict, epochs: int, margin: float) -> list[dict]:
     return checks
 
 
+def unchecked(curves: dict, epochs: int, checks: list[dict]) -> list[int]:
+    """The seeds pretrained for `epochs` whose convergence check has not run."""
+    checked = {c["seed"] for c in checks}
+    return sorted(c["seed"] for c in curves.values()
+                  if c["epochs"] == epochs and c["seed"] not in checked)
+
+
 def study_title(state: dict, args) -> str:
     """What a plot shows: the study (its state folder) and the checkpoints it fine-tunes."""
     checkpoints = sorted({r["checkpoint"] for r in state["rows"]})
@@ -261,6 +268,9 @@ def report(state: dict, args) -> dict:
                     f"{c['final_val']:.2f}% validation accuracy; the best of the run twice as "
                     f"long is {c['best_val_twice_as_long']:.2f}% (gap {c['gap_points']:+.2f} "
                     f"points; converged means <= {c['margin']}).")
+    for seed in unchecked(state.get("pretraining", {}), args.pretrain_epochs, check):
+        text.append(f"Convergence of seed {seed}: not checked yet (no "
+                    f"{2 * args.pretrain_epochs}-epoch run).")
     with open(os.path.join(data, f"{stem}.md"), "w") as f:
         f.write("\n".join(text) + "\n")
     plot = stem.replace("_", "_{}_", 1) + ".png"  # converged_pretraining_fashion_mnist.png

@@ -308,8 +308,12 @@ class RunDir:
         settings, lock, lineage records and TensorBoard logs): it stopped before its first
         checkpoint (on missing data, say), and starting it anew loses nothing."""
         for folder, _, files in os.walk(self.root):
-            logs = os.path.relpath(folder, self.root).split(os.sep)[0] == "tensorboard"
-            if not logs and any(not f.startswith(".") and f not in self._NOT_WORK for f in files):
+            parts = os.path.relpath(folder, self.root).split(os.sep)
+            logs = parts[0] == "tensorboard"
+            # `.<name>.*` folders: an interrupted `atomic_path` write, not a written file.
+            partial = any(p.startswith(".") and p != "." for p in parts)
+            if not (logs or partial) and any(not f.startswith(".") and f not in self._NOT_WORK
+                                             for f in files):
                 return False
         return True
 

@@ -205,6 +205,20 @@ def test_the_variance_split_takes_checkpoints_with_different_numbers_of_seeds(re
     assert split["checkpoints_differ_p"] == pytest.approx(0.0653, abs=1e-3)  # F(1, 3) = 8.1
 
 
+def test_the_convergence_rule_reads_each_seeds_run_twice_as_long(report):
+    def curve(seed, epochs, values):
+        return {"seed": seed, "epochs": epochs, "val_accuracy_by_epoch": values,
+                "val_accuracy": values[-1]}
+
+    curves = {"seed0_2ep": curve(0, 2, [0.90, 0.92]), "seed0_4ep": curve(0, 4, [.9, .921, .919, .91]),
+              "seed1_2ep": curve(1, 2, [0.90, 0.91]), "seed1_4ep": curve(1, 4, [.9, .91, .915, .91]),
+              "seed2_2ep": curve(2, 2, [0.90, 0.91])}
+    checks = report.convergence(curves, 2, 0.2)
+    assert [(c["seed"], c["converged"]) for c in checks] == [(0, True), (1, False)]
+    assert checks[1]["gap_points"] == pytest.approx(0.5)  # 91.5 best of 4 epochs - 91.0
+    assert report.unchecked(curves, 2, checks) == [2]
+
+
 def test_rows_from_different_machines_are_not_paired(report):
     rows = _rows({(0, 0): 0.3, (0, 1): 0.1, (1, 0): 0.2})
     rows[-1]["machine"] = {"cpu": "other", "vector": "avx512f"}  # lns of sample (1, 0)

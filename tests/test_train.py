@@ -460,6 +460,19 @@ def test_atomically_written_files_get_the_mode_the_umask_gives(tmp_path):
     assert modes == {"result.json": 0o640, "model.tflite": 0o640}  # not mkstemp's 0600
 
 
+def test_an_interrupted_atomic_write_is_not_work_done(tmp_path):
+    """A write killed midway leaves `.<name>.*/<name>`: a run with only that trained nothing."""
+    from harness.rundir import RunDir
+
+    (tmp_path / "config.json").write_text("{}")
+    partial = tmp_path / "pretrain" / ".checkpoint.h5.x1y2"
+    partial.mkdir(parents=True)
+    (partial / "checkpoint.h5").write_text("half")
+    assert RunDir(str(tmp_path)).trained_nothing()
+    (tmp_path / "pretrain" / "checkpoint.h5").write_text("whole")
+    assert not RunDir(str(tmp_path)).trained_nothing()
+
+
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     from harness.rundir import save_weights
 
