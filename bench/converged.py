@@ -54,6 +54,12 @@ def pretraining_name(seed: int, epochs: int) -> str:
     return f"seed{seed}_{epochs}ep"
 
 
+def parse_pretraining_name(name: str) -> tuple[int, int]:
+    """`(seed, epochs)` of a `pretraining_name`."""
+    seed, _, epochs = name.partition("_")
+    return int(seed[4:]), int(epochs[:-2])
+
+
 def call(what: str, script: str, run: str, args: list) -> None:
     """Say `what` runs, then run `script` (train.py or tune.py) with `args` and
     `--output-dir run`; its output goes to `<run>/log.txt`."""
@@ -137,8 +143,7 @@ class Bench:
             run = RunDir(os.path.join(root, name))
             if os.path.exists(run.path("results.json")):
                 continue
-            seed, _, epochs = name.partition("_")
-            archive = self.unfinished(int(seed[4:]), int(epochs[:-2]))
+            archive = self.unfinished(*parse_pretraining_name(name))
             os.makedirs(os.path.dirname(archive), exist_ok=True)
             with run.locked(), atomic_path(archive) as tmp, tarfile.open(tmp, "w:gz") as tar:
                 tar.add(run.root, name, filter=lambda member: None if os.path.basename(
@@ -160,10 +165,9 @@ class Bench:
         root = os.path.join(self.out, "pretrain")
         for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
             run = os.path.join(root, name)
-            seed, _, epochs = name.partition("_")
             if (name not in self.rows.get("pretraining", {})
                     and os.path.exists(os.path.join(run, "results.json"))):
-                self.keep_curve(int(seed[4:]), int(epochs[:-2]), run)
+                self.keep_curve(*parse_pretraining_name(name), run)
 
     # 2. Tuning ------------------------------------------------------------------
 
