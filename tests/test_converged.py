@@ -216,7 +216,15 @@ def test_the_convergence_rule_reads_each_seeds_run_twice_as_long(report):
     checks = report.convergence(curves, 2, 0.2)
     assert [(c["seed"], c["converged"]) for c in checks] == [(0, True), (1, False)]
     assert checks[1]["gap_points"] == pytest.approx(0.5)  # 91.5 best of 4 epochs - 91.0
+    # The second reading: each run's last tenth (here its last epoch) against the other's.
+    assert [c["converged_by_last_tenth"] for c in checks] == [True, True]
+    assert checks[0]["last_tenth_gap_points"] == pytest.approx(-1.0)  # 91 - 92
     assert report.unchecked(curves, 2, checks) == [2]
+
+
+def test_the_last_tenth_averages_a_tenth_of_the_epochs_at_least_one(report):
+    assert report.last_tenth({"val_accuracy_by_epoch": [0.5] * 18 + [0.8, 0.9]}) == pytest.approx(0.85)
+    assert report.last_tenth({"val_accuracy_by_epoch": [0.5, 0.7]}) == pytest.approx(0.7)
 
 
 def test_rows_from_different_machines_are_not_paired(report):
