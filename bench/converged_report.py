@@ -171,14 +171,14 @@ def convergence(curves: dict, epochs: int, margin: float) -> list[dict]:
     for name, short in sorted(curves.items()):
         long = curves.get(f"seed{short['seed']}_{2 * epochs}ep")
         if short["epochs"] == epochs and long:
-            gap = 100 * (max(long["val_accuracy_by_epoch"]) - short["val_accuracy"])
-            tenth_gap = 100 * (last_tenth(long) - last_tenth(short))
+            best, tenth, long_tenth = (100 * max(long["val_accuracy_by_epoch"]),
+                                       100 * last_tenth(short), 100 * last_tenth(long))
+            gap, tenth_gap = best - 100 * short["val_accuracy"], long_tenth - tenth
             checks.append({"seed": short["seed"], "epochs": epochs,
                            "final_val": 100 * short["val_accuracy"],
-                           "best_val_twice_as_long": 100 * max(long["val_accuracy_by_epoch"]),
+                           "best_val_twice_as_long": best,
                            "gap_points": gap, "margin": margin, "converged": gap <= margin,
-                           "last_tenth_val": 100 * last_tenth(short),
-                           "last_tenth_val_twice_as_long": 100 * last_tenth(long),
+                           "last_tenth_val": tenth, "last_tenth_val_twice_as_long": long_tenth,
                            "last_tenth_gap_points": tenth_gap,
                            "converged_by_last_tenth": tenth_gap <= margin})
     return checks
