@@ -1,6 +1,7 @@
 """The converged protocol: the shipped checkpoint, settings that belong to their model,
 fine-tuning's cosine (Bop's gamma with it), and bench/converged.py's statistics."""
 
+import argparse
 import hashlib
 import json
 import math
@@ -220,6 +221,35 @@ def test_the_convergence_rule_reads_each_seeds_run_twice_as_long(report):
     assert [c["converged_by_last_tenth"] for c in checks] == [True, True]
     assert checks[0]["last_tenth_gap_points"] == pytest.approx(-1.0)  # 91 - 92
     assert report.unchecked(curves, 2, checks) == [2]
+
+
+def test_the_verdicts_over_only_the_converged_checkpoints_stand_beside_those_over_all(
+        report, tmp_path):
+    def curve(seed, epochs, values):
+        return {"seed": seed, "epochs": epochs, "val_accuracy_by_epoch": values,
+                "val_accuracy": values[-1]}
+
+    rows = _rows({(0, 0): 0.3, (0, 1): 0.1, (0, 2): 0.2, (1, 0): -0.4, (1, 1): -0.6,
+                  (2, 0): 0.5, (2, 1): 0.7})
+    pretraining = {"seed0_2ep": curve(0, 2, [.90, .92]), "seed0_4ep": curve(0, 4, [.9, .92, .92, .92]),
+                   "seed1_2ep": curve(1, 2, [.90, .91]), "seed1_4ep": curve(1, 4, [.9, .92, .92, .92]),
+                   "seed2_2ep": curve(2, 2, [.90, .91])}  # 1 fails the rule, 2 is unchecked
+    args = argparse.Namespace(state=str(tmp_path / "study"), docs=str(tmp_path), pretrain_epochs=2,
+                              finetune_epochs=1)
+    analysis = report.report({"rows": rows, "pretraining": pretraining}, args)
+    assert analysis["converged_checkpoints"] == [0]
+    (every,), (converged,) = analysis["comparisons"], analysis["comparisons_of_converged_checkpoints"]
+    assert (every["n"], converged["n"]) == (7, 3)
+    assert converged["mean"] == pytest.approx(0.2) and set(converged["diffs"]) == {
+        "ckpt0_seed0", "ckpt0_seed1", "ckpt0_seed2"}
+    assert "Only the checkpoints the convergence rule calls converged ([0])" in (
+        tmp_path / "data" / "study.md").read_text()
+    # All converged: one set of verdicts.
+    pretraining["seed1_4ep"]["val_accuracy_by_epoch"] = [.9, .91, .91, .91]
+    rows = [r for r in rows if r["checkpoint"] != 2]
+    analysis = report.report({"rows": rows, "pretraining": pretraining}, args)
+    assert analysis["converged_checkpoints"] == [0, 1]
+    assert analysis["comparisons_of_converged_checkpoints"] == []
 
 
 def test_the_last_tenth_averages_a_tenth_of_the_epochs_at_least_one(report):
