@@ -292,8 +292,11 @@ def report(state: dict, args) -> dict:
             row_table(rows, TITLES, args.pretrain_epochs), "", comparison_table(comparisons), "",
             split_table(comparisons), ""]
     if of_converged:
-        text += [f"Only the checkpoints the convergence rule calls converged ({converged}):", "",
-                 comparison_table(of_converged), ""]
+        text += [f"Only the checkpoints checked and converged by the rule "
+                 f"({', '.join(map(str, converged))}):", "", comparison_table(of_converged), ""]
+    elif rows and not converged:
+        text += ["No sampled checkpoint is yet checked and converged by the rule: every "
+                 "verdict above is from unconverged or unchecked checkpoints.", ""]
     for c in check:
         text.append(f"Convergence of seed {c['seed']}: {c['epochs']} epochs end at "
                     f"{c['final_val']:.2f}% validation accuracy; the best of the run twice as "

@@ -242,8 +242,15 @@ def test_the_verdicts_over_only_the_converged_checkpoints_stand_beside_those_ove
     assert (every["n"], converged["n"]) == (7, 3)
     assert converged["mean"] == pytest.approx(0.2) and set(converged["diffs"]) == {
         "ckpt0_seed0", "ckpt0_seed1", "ckpt0_seed2"}
-    assert "Only the checkpoints the convergence rule calls converged ([0])" in (
+    assert "Only the checkpoints checked and converged by the rule (0)" in (
         tmp_path / "data" / "study.md").read_text()
+    # None converged: said.
+    pretraining["seed0_4ep"]["val_accuracy_by_epoch"] = [.9, .95, .95, .95]
+    analysis = report.report({"rows": rows, "pretraining": pretraining}, args)
+    assert analysis["converged_checkpoints"] == [] == analysis["comparisons_of_converged_checkpoints"]
+    assert "No sampled checkpoint is yet checked and converged" in (
+        tmp_path / "data" / "study.md").read_text()
+    pretraining["seed0_4ep"]["val_accuracy_by_epoch"] = [.9, .92, .92, .92]
     # All converged: one set of verdicts.
     pretraining["seed1_4ep"]["val_accuracy_by_epoch"] = [.9, .91, .91, .91]
     rows = [r for r in rows if r["checkpoint"] != 2]

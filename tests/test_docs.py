@@ -174,8 +174,14 @@ def test_the_readme_opens_with_the_two_commands_and_the_verdict():
         for c in analysis.get(key, []):
             if (c["a"], c["b"]) == ("lns", "sign"):
                 low, high = c["ci95"]
+                word = {"better": "beats", "worse": "loses"}.get(c["verdict"].split()[0],
+                                                                  c["verdict"].split()[0])
                 assert f"{c['n']} paired samples" in flat, key
-                assert f"95% CI [{low:+.2f}, {high:+.2f}]" in flat, key
+                # The verdict's word, then its mean and interval.
+                mean, interval = f"{c['mean']:+.2f}", f"95% CI [{low:+.2f}, {high:+.2f}]"
+                pattern = (rf"\*\*{word}\*\*[^\[]{{0,80}}{re.escape(mean)}[^\[]{{0,40}}"
+                           + re.escape(interval))
+                assert re.search(pattern, flat), (key, word, mean, interval)
                 checked.append(key)
     assert "comparisons" in checked
 
