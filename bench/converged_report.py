@@ -167,9 +167,11 @@ def convergence(curves: dict, epochs: int, margin: float) -> list[dict]:
     """The convergence rule, for each seed pretrained for `epochs` and for twice as long:
     its final epoch against the best epoch of twice as long; and, read beside it (declared
     2026-12-07, before seed 1's long run ended), its last tenth against twice as long's."""
+    from converged import pretraining_name
+
     checks = []
     for name, short in sorted(curves.items()):
-        long = curves.get(f"seed{short['seed']}_{2 * epochs}ep")
+        long = curves.get(pretraining_name(short["seed"], 2 * epochs))
         if short["epochs"] == epochs and long:
             best, tenth, long_tenth = (100 * max(long["val_accuracy_by_epoch"]),
                                        100 * last_tenth(short), 100 * last_tenth(long))
