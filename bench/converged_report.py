@@ -193,12 +193,12 @@ def unchecked(curves: dict, epochs: int, checks: list[dict]) -> list[int]:
                   if c["epochs"] == epochs and c["seed"] not in checked)
 
 
-def converged_checkpoints(rows, checks: list[dict]) -> list[int]:
-    """The sampled checkpoints the convergence rule calls converged (checkpoint S is seed
+def converged_checkpoints(sampled: list[int], checks: list[dict]) -> list[int]:
+    """The `sampled` checkpoints the convergence rule calls converged (checkpoint S is seed
     S's pretraining). Where it leaves some out, the report gives the verdicts over these
     beside those over all (declared 2026-12-07, when checkpoint 1 failed the rule, before
     any sample of checkpoint 2 ran)."""
-    return sorted({r["checkpoint"] for r in rows} & {c["seed"] for c in checks if c["converged"]})
+    return sorted(set(sampled) & {c["seed"] for c in checks if c["converged"]})
 
 
 def study_title(state: dict, args) -> str:
@@ -274,8 +274,9 @@ def report(state: dict, args) -> dict:
     comparisons = [c for a, b in COMPARISONS
                    if (c := paired(rows, a, b, EQUIVALENCE_MARGIN)) is not None]
     check = convergence(state.get("pretraining", {}), args.pretrain_epochs, CONVERGENCE_MARGIN)
-    converged, of_converged = converged_checkpoints(rows, check), []
-    if converged != sorted({r["checkpoint"] for r in rows}):
+    sampled = sorted({r["checkpoint"] for r in rows})
+    converged, of_converged = converged_checkpoints(sampled, check), []
+    if converged != sampled:
         kept = [r for r in rows if r["checkpoint"] in converged]
         of_converged = [c for a, b in COMPARISONS
                         if (c := paired(kept, a, b, EQUIVALENCE_MARGIN)) is not None]
